@@ -1,0 +1,120 @@
+//! Error reasons (PROTOCOL.md §2), shared by HTTP error bodies and WebSocket/MQTT error frames.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The machine-readable reason of an error, written in `UPPER_SNAKE_CASE` on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Reason {
+    /// The body is not JSON or not the expected shape.
+    InvalidJson,
+    /// A key breaks the key rule.
+    InvalidKey,
+    /// A value is `null`, missing, or nested too deep.
+    InvalidValue,
+    /// Any other bad field or query parameter.
+    InvalidParameter,
+    /// Missing, unknown or revoked token.
+    UnauthenticatedClient,
+    /// Known token without the right.
+    PermissionDenied,
+    /// No such device.
+    DeviceNotFound,
+    /// No such home.
+    HomeNotFound,
+    /// No such key.
+    KeyNotFound,
+    /// No such project API key.
+    ApiKeyNotFound,
+    /// No such route.
+    NotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// The device is already in the home it was asked to join.
+    DeviceAlreadyInHome,
+    /// A conditional write's precondition failed.
+    RevisionMismatch,
+    /// A value is over the size limit.
+    ValueTooLarge,
+    /// A store is at its key limit.
+    TooManyKeys,
+    /// A request body or message is over the size limit.
+    PayloadTooLarge,
+    /// Too many live sync sessions for one device.
+    TooManyConnections,
+    /// The caller is over its request rate.
+    RateLimitExceeded,
+    /// Something failed inside the server.
+    InternalError,
+    /// The server cannot serve right now (starting, stopping, storage unreachable).
+    Unavailable,
+}
+
+impl Reason {
+    /// The wire spelling, e.g. `"INVALID_KEY"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidJson => "INVALID_JSON",
+            Reason::InvalidKey => "INVALID_KEY",
+            Reason::InvalidValue => "INVALID_VALUE",
+            Reason::InvalidParameter => "INVALID_PARAMETER",
+            Reason::UnauthenticatedClient => "UNAUTHENTICATED_CLIENT",
+            Reason::PermissionDenied => "PERMISSION_DENIED",
+            Reason::DeviceNotFound => "DEVICE_NOT_FOUND",
+            Reason::HomeNotFound => "HOME_NOT_FOUND",
+            Reason::KeyNotFound => "KEY_NOT_FOUND",
+            Reason::ApiKeyNotFound => "API_KEY_NOT_FOUND",
+            Reason::NotFound => "NOT_FOUND",
+            Reason::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Reason::DeviceAlreadyInHome => "DEVICE_ALREADY_IN_HOME",
+            Reason::RevisionMismatch => "REVISION_MISMATCH",
+            Reason::ValueTooLarge => "VALUE_TOO_LARGE",
+            Reason::TooManyKeys => "TOO_MANY_KEYS",
+            Reason::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Reason::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            Reason::RateLimitExceeded => "RATE_LIMIT_EXCEEDED",
+            Reason::InternalError => "INTERNAL_ERROR",
+            Reason::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
+impl Reason {
+    /// The HTTP status that goes with the reason (PROTOCOL.md §2).
+    pub const fn http_status(self) -> u16 {
+        match self {
+            Reason::InvalidJson | Reason::InvalidKey | Reason::InvalidValue | Reason::InvalidParameter => 400,
+            Reason::UnauthenticatedClient => 401,
+            Reason::PermissionDenied => 403,
+            Reason::DeviceNotFound | Reason::HomeNotFound | Reason::KeyNotFound | Reason::ApiKeyNotFound | Reason::NotFound => 404,
+            Reason::MethodNotAllowed => 405,
+            Reason::DeviceAlreadyInHome => 409,
+            Reason::RevisionMismatch => 412,
+            Reason::ValueTooLarge | Reason::TooManyKeys | Reason::PayloadTooLarge => 413,
+            Reason::TooManyConnections | Reason::RateLimitExceeded => 429,
+            Reason::InternalError => 500,
+            Reason::Unavailable => 503,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_spelling_matches_as_str() {
+        for r in [Reason::InvalidJson, Reason::UnauthenticatedClient, Reason::DeviceAlreadyInHome, Reason::TooManyKeys] {
+            let json = serde_json::to_string(&r).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Sync messages (PROTOCOL.md §4): what the server sends a device's live session, and what a device
+//! may send back. The same JSON travels over WebSocket text frames and MQTT payloads.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{Key, KeyError, Reason, Rev, Timestamp, Value, ValueError};
+
+/// One item of a store, as listed by REST and carried by `reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Item {
+    /// The item's key.
+    pub key: Key,
+    /// The item's value.
+    pub value: Value,
+    /// When the item was last written.
+    pub modification_time: Timestamp,
+}
+
+/// A message from the server to a sync session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum ServerMessage {
+    /// The whole store at `rev`; replaces everything the device holds.
+    #[serde(rename_all = "camelCase")]
+    Reload {
+        /// The store's rev at the snapshot.
+        rev: Rev,
+        /// `items.len()`, for MODE clients that read it.
+        num_items: usize,
+        /// Every item, sorted by key.
+        items: Vec<Item>,
+    },
+    /// **(extension)** The session resumes after `rev`: the changes after it follow.
+    Resume {
+        /// The rev the device said it holds.
+        rev: Rev,
+    },
+    /// A key was set at `rev`.
+    Set {
+        /// The store's rev at this change.
+        rev: Rev,
+        /// The key.
+        key: Key,
+        /// Its new value.
+        value: Value,
+    },
+    /// A key was deleted at `rev`.
+    Delete {
+        /// The store's rev at this change.
+        rev: Rev,
+        /// The key.
+        key: Key,
+    },
+    /// **(extension)** A frame from the device could not be applied; the session stays open.
+    Error {
+        /// Why.
+        reason: Reason,
+        /// A human sentence.
+        message: String,
+        /// The key the frame named, when it named one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+    },
+}
+
+/// A request from a device (or a watching app) over its sync session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// Set `key` to `value`.
+    Set {
+        /// The key.
+        key: Key,
+        /// The value.
+        value: Value,
+    },
+    /// Delete `key`.
+    Delete {
+        /// The key.
+        key: Key,
+    },
+}
+
+/// Why a device frame was refused; carried back in an `error` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    /// The reason for the `error` message.
+    pub reason: Reason,
+    /// A human sentence.
+    pub message: String,
+    /// The key, when the frame named one.
+    pub key: Option<String>,
+}
+
+impl FrameError {
+    fn new(reason: Reason, message: impl Into<String>, key: Option<String>) -> FrameError {
+        FrameError { reason, message: message.into(), key }
+    }
+
+    /// The `error` message that reports this to the device.
+    pub fn to_message(&self) -> ServerMessage {
+        ServerMessage::Error { reason: self.reason, message: self.message.clone(), key: self.key.clone() }
+    }
+}
+
+/// The loose shape of a device frame. Fields that older MODE SDKs send (`rev`, `numItems`,
+/// `items`, `"value":null` on delete) are accepted and ignored.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    action: Option<String>,
+    key: Option<String>,
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+}
+
+impl DeviceRequest {
+    /// Parses a frame sent by a device.
+    pub fn parse(text: &[u8]) -> Result<DeviceRequest, FrameError> {
+        let raw: RawFrame<'_> = serde_json::from_slice(text)
+            .map_err(|e| FrameError::new(Reason::InvalidJson, format!("frame is not a JSON object: {e}"), None))?;
+        let key_text = raw.key;
+        let key = |k: Option<String>| -> Result<Key, FrameError> {
+            let k = k.ok_or_else(|| FrameError::new(Reason::InvalidKey, "frame has no \"key\"", None))?;
+            Key::new(&k).map_err(|e: KeyError| FrameError::new(Reason::InvalidKey, e.to_string(), Some(k)))
+        };
+        match raw.action.as_deref() {
+            Some("set") => {
+                let k = key(key_text.clone())?;
+                let value = match raw.value {
+                    None => Err(ValueError::Null),
+                    Some(v) => Value::from_raw(v),
+                }
+                .map_err(|e| FrameError::new(Reason::InvalidValue, e.to_string(), key_text))?;
+                Ok(DeviceRequest::Set { key: k, value })
+            }
+            Some("delete") => Ok(DeviceRequest::Delete { key: key(key_text)? }),
+            Some(other) => Err(FrameError::new(
+                Reason::InvalidParameter,
+                format!("unknown action {other:?}; devices send \"set\" or \"delete\""),
+                key_text,
+            )),
+            None => Err(FrameError::new(Reason::InvalidParameter, "frame has no \"action\"", key_text)),
+        }
+    }
+
+    /// The key the request names.
+    pub fn key(&self) -> &Key {
+        match self {
+            DeviceRequest::Set { key, .. } | DeviceRequest::Delete { key } => key,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_messages_have_the_mode_shape() {
+        let reload = ServerMessage::Reload {
+            rev: Rev(82),
+            num_items: 1,
+            items: vec![Item {
+                key: Key::new("foo").expect("key"),
+                value: Value::parse("22399").expect("value"),
+                modification_time: Timestamp(1_511_263_758_000),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&reload).expect("json"),
+            r#"{"action":"reload","rev":82,"numItems":1,"items":[{"key":"foo","value":22399,"modificationTime":"2017-11-21T11:29:18.000Z"}]}"#
+        );
+        let set = ServerMessage::Set { rev: Rev(83), key: Key::new("xyz").expect("key"), value: Value::parse("\"hi\"").expect("v") };
+        assert_eq!(serde_json::to_string(&set).expect("json"), r#"{"action":"set","rev":83,"key":"xyz","value":"hi"}"#);
+        let del = ServerMessage::Delete { rev: Rev(85), key: Key::new("xyz").expect("key") };
+        assert_eq!(serde_json::to_string(&del).expect("json"), r#"{"action":"delete","rev":85,"key":"xyz"}"#);
+        let back: ServerMessage = serde_json::from_str(r#"{"action":"delete","rev":85,"key":"xyz"}"#).expect("parse");
+        assert_eq!(back, del);
+    }
+
+    #[test]
+    fn device_frames_from_old_mode_sdks_are_accepted() {
+        let set = DeviceRequest::parse(br#"{"action":"set","rev":0,"key":"k","value":1.10,"numItems":0,"items":null}"#);
+        assert_eq!(set, Ok(DeviceRequest::Set { key: Key::new("k").expect("key"), value: Value::parse("1.10").expect("v") }));
+        let del = DeviceRequest::parse(br#"{"action":"delete","rev":0,"key":"k","value":null}"#);
+        assert_eq!(del, Ok(DeviceRequest::Delete { key: Key::new("k").expect("key") }));
+    }
+
+    #[test]
+    fn bad_frames_get_precise_reasons() {
+        let reason = |t: &[u8]| DeviceRequest::parse(t).map_err(|e| e.reason).err();
+        assert_eq!(reason(b"not json"), Some(Reason::InvalidJson));
+        assert_eq!(reason(b"[1]"), Some(Reason::InvalidJson));
+        assert_eq!(reason(br#"{"action":"set","key":"a/b","value":1}"#), Some(Reason::InvalidKey));
+        assert_eq!(reason(br#"{"action":"set","key":"a","value":null}"#), Some(Reason::InvalidValue));
+        assert_eq!(reason(br#"{"action":"set","key":"a"}"#), Some(Reason::InvalidValue));
+        assert_eq!(reason(br#"{"action":"explode","key":"a"}"#), Some(Reason::InvalidParameter));
+        let err = DeviceRequest::parse(br#"{"action":"delete","key":"bad key"}"#).expect_err("bad key");
+        assert_eq!(err.key.as_deref(), Some("bad key"));
+    }
+}

@@ -1,0 +1,251 @@
+//! Values of a key-value store: any JSON except `null`, kept as exact text.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+/// Deepest nesting of arrays and objects a value may have.
+pub const MAX_DEPTH: usize = 32;
+
+/// Why a JSON text is not a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// The value is JSON `null` (or absent).
+    #[error("value must not be null")]
+    Null,
+    /// Arrays and objects nest deeper than [`MAX_DEPTH`].
+    #[error("value nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// The text is not a single JSON value.
+    #[error("value is not valid JSON: {0}")]
+    Invalid(String),
+}
+
+/// A value: any JSON number, string, boolean, array or object, never `null`.
+///
+/// The value is kept as its JSON text with insignificant white space removed and nothing else
+/// changed, so numbers come back exactly as sent (`12345678901234567890`, `1.10`, `-0.0`). Cloning
+/// is cheap (the text is shared).
+#[derive(Clone)]
+pub struct Value(Arc<RawValue>);
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Value) -> bool {
+        self.as_json() == other.as_json()
+    }
+}
+
+impl Eq for Value {}
+
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_json().hash(state);
+    }
+}
+
+impl Value {
+    /// Parses one JSON text (surrounding white space allowed) into a value.
+    pub fn parse(text: &str) -> Result<Value, ValueError> {
+        let raw: &RawValue = serde_json::from_str(text).map_err(|e| {
+            if e.to_string().contains("recursion limit") {
+                ValueError::TooDeep
+            } else {
+                ValueError::Invalid(e.to_string())
+            }
+        })?;
+        Self::from_raw(raw)
+    }
+
+    /// The value of an already-parsed JSON text (from a larger document).
+    pub fn from_raw(raw: &RawValue) -> Result<Value, ValueError> {
+        let minified = minify(raw.get())?;
+        if minified == "null" {
+            return Err(ValueError::Null);
+        }
+        let raw = RawValue::from_string(minified).map_err(|e| ValueError::Invalid(e.to_string()))?;
+        Ok(Value(Arc::from(raw)))
+    }
+
+    /// Reads back a value's text from storage, where only texts made by [`Value::parse`] are kept.
+    /// Checks the text once more, so corrupted storage gives an error rather than bad JSON.
+    pub fn from_stored(text: String) -> Result<Value, ValueError> {
+        let raw = RawValue::from_string(text).map_err(|e| ValueError::Invalid(e.to_string()))?;
+        if raw.get() == "null" {
+            return Err(ValueError::Null);
+        }
+        Ok(Value(Arc::from(raw)))
+    }
+
+    /// The value's JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Length of the JSON text in bytes (what the value size limit counts).
+    pub fn len(&self) -> usize {
+        self.as_json().len()
+    }
+
+    /// Never true: the shortest value is one byte long (`0`). Here for API completeness.
+    pub fn is_empty(&self) -> bool {
+        self.as_json().is_empty()
+    }
+
+    /// The value as a `serde_json::Value` (numbers lose their exact text beyond f64/u64/i64).
+    pub fn to_json_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.as_json()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The value's text as a raw JSON value, for embedding in a larger document.
+    pub fn as_raw(&self) -> &RawValue {
+        &self.0
+    }
+}
+
+/// Removes white space outside strings and checks the nesting depth. `text` must be valid JSON.
+fn minify(text: &str) -> Result<String, ValueError> {
+    let mut out = String::with_capacity(text.len());
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            ' ' | '\t' | '\n' | '\r' => continue,
+            '"' => in_string = true,
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(ValueError::TooDeep);
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.as_raw().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        Value::from_raw(&raw).map_err(D::Error::custom)
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_json())
+    }
+}
+
+impl fmt::Debug for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Value({})", self.as_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn numbers_keep_their_exact_text() {
+        for n in ["12345678901234567890", "1.10", "-0.0", "1e400", "0.1000000000000000000001"] {
+            assert_eq!(Value::parse(n).expect("valid").as_json(), n);
+        }
+    }
+
+    #[test]
+    fn white_space_outside_strings_is_removed() {
+        let v = Value::parse(" { \"a b\" : [ 1 , 2.50 ] ,\n\"c\":\"x  y\" } ").expect("valid");
+        assert_eq!(v.as_json(), r#"{"a b":[1,2.50],"c":"x  y"}"#);
+        let v = Value::parse(r#""quote \" and \\ backslash ""#).expect("valid");
+        assert_eq!(v.as_json(), r#""quote \" and \\ backslash ""#);
+    }
+
+    #[test]
+    fn null_is_rejected_but_nested_null_is_fine() {
+        assert_eq!(Value::parse("null"), Err(ValueError::Null));
+        assert_eq!(Value::parse(" null "), Err(ValueError::Null));
+        assert!(Value::parse(r#"{"a":null}"#).is_ok());
+    }
+
+    #[test]
+    fn depth_limit_is_32() {
+        let ok = format!("{}1{}", "[".repeat(32), "]".repeat(32));
+        assert!(Value::parse(&ok).is_ok());
+        let deep = format!("{}1{}", "[".repeat(33), "]".repeat(33));
+        assert_eq!(Value::parse(&deep), Err(ValueError::TooDeep));
+        let very_deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+        assert_eq!(Value::parse(&very_deep), Err(ValueError::TooDeep));
+    }
+
+    #[test]
+    fn invalid_json_is_rejected() {
+        for bad in ["", "{", "[1,]", "tru", "1 2", "'x'"] {
+            assert!(matches!(Value::parse(bad), Err(ValueError::Invalid(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn serializes_raw_inside_a_document() {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            key: &'a str,
+            value: &'a Value,
+        }
+        let v = Value::parse("1.10").expect("valid");
+        let doc = serde_json::to_string(&Item { key: "k", value: &v }).expect("serialize");
+        assert_eq!(doc, r#"{"key":"k","value":1.10}"#);
+    }
+
+    proptest! {
+        /// Minifying keeps the meaning: the minified text parses to the same JSON as the input.
+        #[test]
+        fn minify_preserves_meaning(v in arb_json()) {
+            let pretty = serde_json::to_string_pretty(&v).expect("serialize");
+            let parsed = Value::parse(&pretty).expect("valid");
+            let back: serde_json::Value = serde_json::from_str(parsed.as_json()).expect("reparse");
+            prop_assert_eq!(back, v.clone());
+            prop_assert!(!parsed.as_json().contains('\n'));
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[ a-z\"\\\\\n]{0,8}".prop_map(serde_json::Value::from),
+        ];
+        let inner = leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z ]{0,4}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        });
+        inner.prop_filter("not null", |v| !v.is_null())
+    }
+}

@@ -1,0 +1,89 @@
+//! Server settings. The binary fills these from flags and `DDP_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `ddp serve` can be told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory for the database, the admin key and the lock file.
+    pub data_dir: PathBuf,
+    /// Where the REST and WebSocket API listens.
+    pub http_listen: SocketAddr,
+    /// The admin key; `None` reads (or on first start generates) `admin.key` in the data directory.
+    pub admin_key: Option<String>,
+    /// Size and count limits.
+    pub limits: Limits,
+    /// Request rates per key.
+    pub rate_limits: RateLimits,
+    /// How much change history each store keeps for resuming sessions.
+    pub history: History,
+    /// Read connections to the embedded database.
+    pub db_readers: usize,
+}
+
+impl Config {
+    /// Defaults, with data in `data_dir` and HTTP on `http_listen`.
+    pub fn new(data_dir: impl Into<PathBuf>, http_listen: SocketAddr) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            http_listen,
+            admin_key: None,
+            limits: Limits::default(),
+            rate_limits: RateLimits::default(),
+            history: History::default(),
+            db_readers: 4,
+        }
+    }
+}
+
+/// Size and count limits (PROTOCOL.md §3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest value, in bytes of its (minified) JSON text.
+    pub max_value_bytes: usize,
+    /// Most keys in one store.
+    pub max_keys_per_store: usize,
+    /// Largest HTTP request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_value_bytes: 64 * 1024, max_keys_per_store: 1000, max_body_bytes: 1024 * 1024 }
+    }
+}
+
+/// Request rates per key; 0 turns a limit off. The admin key is never limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Requests per second for each device key (bursts of twice that are allowed).
+    pub device_per_sec: u32,
+    /// Requests per second for each project API key (bursts of twice that are allowed).
+    pub project_per_sec: u32,
+}
+
+impl Default for RateLimits {
+    fn default() -> RateLimits {
+        RateLimits { device_per_sec: 100, project_per_sec: 0 }
+    }
+}
+
+/// Change-history retention: a store keeps at least its last `keep_changes` changes and every
+/// change younger than `keep_age`, whichever is more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// Changes kept per store regardless of age.
+    pub keep_changes: u64,
+    /// Age below which changes are kept regardless of number.
+    pub keep_age: Duration,
+    /// How often old history is trimmed.
+    pub trim_every: Duration,
+}
+
+impl Default for History {
+    fn default() -> History {
+        History { keep_changes: 10_000, keep_age: Duration::from_secs(24 * 3600), trim_every: Duration::from_secs(300) }
+    }
+}

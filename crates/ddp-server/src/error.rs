@@ -1,0 +1,111 @@
+//! The one error type of the service, shared by every transport.
+//!
+//! It carries a [`Reason`] (which fixes the HTTP status), a human message, and optional
+//! machine-readable `data`. Internal causes are logged where they happen and never put in the
+//! message.
+
+use ddp_protocol::Reason;
+use ddp_store::StoreError;
+
+/// An error answered to a client: `{"reason","message","data"?}` over HTTP, an `error` frame
+/// over WebSocket, a reason code or a log line over MQTT.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Error {
+    /// What went wrong, machine-readable.
+    pub reason: Reason,
+    /// What went wrong, for humans.
+    pub message: String,
+    /// Details, e.g. the limit that was exceeded.
+    pub data: Option<serde_json::Value>,
+    /// For 429/503: seconds after which a retry may succeed.
+    pub retry_after: Option<u64>,
+}
+
+/// Results of the service.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An error with `reason` and `message`.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Error {
+        Error { reason, message: message.into(), data: None, retry_after: None }
+    }
+
+    /// Adds machine-readable details.
+    pub fn with_data(mut self, data: serde_json::Value) -> Error {
+        self.data = Some(data);
+        self
+    }
+
+    /// Adds a retry hint in seconds.
+    pub fn with_retry_after(mut self, seconds: u64) -> Error {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// `401 UNAUTHENTICATED_CLIENT`.
+    pub fn unauthenticated(message: impl Into<String>) -> Error {
+        Error::new(Reason::UnauthenticatedClient, message)
+    }
+
+    /// `403 PERMISSION_DENIED`.
+    pub fn denied(message: impl Into<String>) -> Error {
+        Error::new(Reason::PermissionDenied, message)
+    }
+
+    /// `400 INVALID_PARAMETER`.
+    pub fn invalid_parameter(message: impl Into<String>) -> Error {
+        Error::new(Reason::InvalidParameter, message)
+    }
+
+    /// `400 INVALID_JSON`.
+    pub fn invalid_json(message: impl Into<String>) -> Error {
+        Error::new(Reason::InvalidJson, message)
+    }
+
+    /// `500 INTERNAL_ERROR`; the cause goes to the log, not to the client.
+    pub fn internal(cause: impl std::fmt::Display) -> Error {
+        tracing::error!(error = %cause, "internal error");
+        Error::new(Reason::InternalError, "the server failed to handle the request; it has been logged")
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> u16 {
+        self.reason.http_status()
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        match e {
+            StoreError::DeviceNotFound(id) => Error::new(Reason::DeviceNotFound, format!("device {id} does not exist")),
+            StoreError::HomeNotFound(id) => Error::new(Reason::HomeNotFound, format!("home {id} does not exist")),
+            StoreError::ApiKeyNotFound(id) => Error::new(Reason::ApiKeyNotFound, format!("API key {id} does not exist")),
+            StoreError::KeyNotFound => Error::new(Reason::KeyNotFound, "the key does not exist in this store"),
+            StoreError::RevisionMismatch { current } => Error::new(
+                Reason::RevisionMismatch,
+                match current {
+                    Some(rev) => format!("the precondition failed: the key is at rev {rev}"),
+                    None => "the precondition failed: the key does not exist".to_owned(),
+                },
+            )
+            .with_data(serde_json::json!({ "rev": current.map(|r| r.0) })),
+            StoreError::TooManyKeys { limit } => {
+                Error::new(Reason::TooManyKeys, format!("the store already holds its limit of {limit} keys"))
+                    .with_data(serde_json::json!({ "limit": limit }))
+            }
+            StoreError::DeviceAlreadyInHome { device, home } => {
+                Error::new(Reason::DeviceAlreadyInHome, format!("device {device} is already in home {home}"))
+            }
+            StoreError::Closed => Error::new(Reason::Unavailable, "the server is shutting down").with_retry_after(1),
+            StoreError::Backend(cause) => Error::internal(format_args!("storage: {cause}")),
+        }
+    }
+}

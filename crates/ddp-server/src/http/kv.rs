@@ -1,0 +1,212 @@
+//! `/devices/{id}/kv…` and `/homes/{id}/kv…` (PROTOCOL.md §3).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
+use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ddp_protocol::{DeviceId, HomeId, Reason, Rev, Timestamp, Value, ValueError};
+use ddp_store::{Condition, StoreRef};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{Body, Caller};
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::kv::{Transport, parse_key};
+
+/// The store (and key) named by a kv route's path.
+pub struct KvPath {
+    store: StoreRef,
+    key: Option<String>,
+}
+
+impl FromRequestParts<Arc<App>> for KvPath {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<KvPath> {
+        let Path(mut params) = Path::<HashMap<String, String>>::from_request_parts(parts, app).await?;
+        let is_home = parts.extensions.get::<MatchedPath>().is_some_and(|p| p.as_str().starts_with("/homes/"));
+        let id = params.remove("id").unwrap_or_default();
+        let store = if is_home {
+            StoreRef::Home(id.parse::<HomeId>().map_err(|e| Error::invalid_parameter(format!("home {e}")))?)
+        } else {
+            StoreRef::Device(id.parse::<DeviceId>().map_err(|e| Error::invalid_parameter(format!("device {e}")))?)
+        };
+        Ok(KvPath { store, key: params.remove("key") })
+    }
+}
+
+/// One item as REST shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ItemJson<'a> {
+    key: &'a str,
+    value: &'a Value,
+    modification_time: Timestamp,
+}
+
+fn etag(rev: Rev) -> HeaderValue {
+    HeaderValue::from_str(&rev.etag()).unwrap_or_else(|_| HeaderValue::from_static("\"0\""))
+}
+
+/// Whether an `If-None-Match` header on a GET matches `rev` (then the answer is 304).
+fn not_modified(headers: &HeaderMap, rev: Rev) -> bool {
+    headers
+        .get_all(IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| tag.trim() == "*" || parse_etag(tag) == Some(rev))
+}
+
+/// `"5"`, `W/"5"` or a bare `5`.
+fn parse_etag(tag: &str) -> Option<Rev> {
+    let tag = tag.trim();
+    let tag = tag.strip_prefix("W/").unwrap_or(tag);
+    let tag = tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(tag);
+    if tag.is_empty() || !tag.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    tag.parse().ok().map(Rev)
+}
+
+/// The precondition of a PUT (`create_only_allowed`) or DELETE (PROTOCOL.md §3.2).
+fn condition(headers: &HeaderMap, create_only_allowed: bool) -> Result<Condition> {
+    let text = |name| -> Result<Option<String>> {
+        let values: Vec<&str> = headers
+            .get_all(&name)
+            .iter()
+            .map(|v| v.to_str().map_err(|_| Error::invalid_parameter(format!("{name} is not readable text"))))
+            .collect::<Result<_>>()?;
+        Ok(if values.is_empty() { None } else { Some(values.join(",")) })
+    };
+    match (text(IF_MATCH)?, text(IF_NONE_MATCH)?) {
+        (None, None) => Ok(Condition::None),
+        (Some(_), Some(_)) => Err(Error::invalid_parameter("send either If-Match or If-None-Match, not both")),
+        (Some(m), None) if m.trim() == "*" => Ok(Condition::Exists),
+        (Some(m), None) => {
+            let revs = m
+                .split(',')
+                .map(|t| parse_etag(t).ok_or_else(|| Error::invalid_parameter(format!("If-Match must hold revs like \"5\", got {t:?}"))))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Condition::RevIn(revs))
+        }
+        (None, Some(n)) if n.trim() == "*" && create_only_allowed => Ok(Condition::Absent),
+        (None, Some(_)) if create_only_allowed => Err(Error::invalid_parameter("a write accepts only If-None-Match: *")),
+        (None, Some(_)) => Err(Error::invalid_parameter("DELETE does not take If-None-Match")),
+    }
+}
+
+/// `GET …/kv[?keyPrefix=p]`
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    path: KvPath,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let snapshot = app.kv.snapshot(&who, path.store, query.get("keyPrefix").map(String::as_str)).await?;
+    if not_modified(&headers, snapshot.rev) {
+        return Ok((StatusCode::NOT_MODIFIED, [(ETAG, etag(snapshot.rev))]).into_response());
+    }
+    let items: Vec<ItemJson<'_>> = snapshot
+        .items
+        .iter()
+        .map(|i| ItemJson { key: i.key.as_str(), value: &i.value, modification_time: i.modified })
+        .collect();
+    Ok(([(ETAG, etag(snapshot.rev))], axum::Json(items)).into_response())
+}
+
+/// `GET …/kv/{key}`
+pub async fn get(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath, headers: HeaderMap) -> Result<Response> {
+    let key = parse_key(path.key.as_deref().unwrap_or_default())?;
+    let item = app.kv.get(&who, path.store, key).await?;
+    if not_modified(&headers, item.rev) {
+        return Ok((StatusCode::NOT_MODIFIED, [(ETAG, etag(item.rev))]).into_response());
+    }
+    let body = ItemJson { key: item.key.as_str(), value: &item.value, modification_time: item.modified };
+    Ok(([(ETAG, etag(item.rev))], axum::Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+struct PutBody<'a> {
+    #[serde(borrow)]
+    value: Option<&'a RawValue>,
+}
+
+/// Parses `{"value": <json>}`.
+fn parse_put_body(body: &[u8]) -> Result<Value> {
+    let parsed: PutBody<'_> = serde_json::from_slice(body).map_err(|e| {
+        if e.to_string().contains("recursion limit") {
+            Error::new(Reason::InvalidValue, ValueError::TooDeep.to_string())
+        } else {
+            Error::invalid_json(format!("the body must be a JSON object {{\"value\": <json>}}: {e}"))
+        }
+    })?;
+    let raw = parsed.value.ok_or_else(|| Error::new(Reason::InvalidValue, "the body has no \"value\", or it is null"))?;
+    Value::from_raw(raw).map_err(|e| Error::new(Reason::InvalidValue, e.to_string()))
+}
+
+/// `PUT …/kv/{key}` with `{"value": <json>}`
+pub async fn put(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath, headers: HeaderMap, Body(body): Body) -> Result<Response> {
+    let key = parse_key(path.key.as_deref().unwrap_or_default())?;
+    let condition = condition(&headers, true)?;
+    let value = parse_put_body(&body)?;
+    let change = app.kv.set(&who, Transport::Rest, path.store, key, value, condition).await?;
+    Ok((StatusCode::NO_CONTENT, [(ETAG, etag(change.rev))]).into_response())
+}
+
+/// `DELETE …/kv/{key}`
+pub async fn delete(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath, headers: HeaderMap) -> Result<Response> {
+    let key = parse_key(path.key.as_deref().unwrap_or_default())?;
+    let condition = condition(&headers, false)?;
+    let change = app.kv.delete(&who, Transport::Rest, path.store, key, condition).await?;
+    Ok((StatusCode::NO_CONTENT, [(ETAG, etag(change.rev))]).into_response())
+}
+
+/// `…/kv/` with an empty key.
+pub async fn empty_key(Caller(_who): Caller) -> Error {
+    Error::new(Reason::InvalidKey, "key must not be empty")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn preconditions_parse() {
+        assert_eq!(condition(&headers(&[]), true), Ok(Condition::None));
+        assert_eq!(condition(&headers(&[("if-match", "\"3\"")]), true), Ok(Condition::RevIn(vec![Rev(3)])));
+        assert_eq!(condition(&headers(&[("if-match", "\"3\", W/\"4\"")]), true), Ok(Condition::RevIn(vec![Rev(3), Rev(4)])));
+        assert_eq!(condition(&headers(&[("if-match", "*")]), false), Ok(Condition::Exists));
+        assert_eq!(condition(&headers(&[("if-none-match", "*")]), true), Ok(Condition::Absent));
+        for bad in [&[("if-none-match", "*")][..], &[("if-match", "\"x\"")], &[("if-match", "1"), ("if-none-match", "*")]] {
+            assert!(condition(&headers(bad), false).is_err(), "{bad:?}");
+        }
+        assert!(condition(&headers(&[("if-none-match", "\"3\"")]), true).is_err());
+    }
+
+    #[test]
+    fn put_bodies_parse() {
+        assert_eq!(parse_put_body(br#"{"value": 1.10}"#).map(|v| v.as_json().to_owned()), Ok("1.10".to_owned()));
+        let reason = |b: &[u8]| parse_put_body(b).err().map(|e| e.reason);
+        assert_eq!(reason(b"{"), Some(Reason::InvalidJson));
+        assert_eq!(reason(b"[1]"), Some(Reason::InvalidJson));
+        assert_eq!(reason(b"{}"), Some(Reason::InvalidValue));
+        assert_eq!(reason(br#"{"value":null}"#), Some(Reason::InvalidValue));
+        let deep = format!("{{\"value\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(reason(deep.as_bytes()), Some(Reason::InvalidValue));
+    }
+}

@@ -1,0 +1,39 @@
+//! The Device Data Proxy service as a library.
+//!
+//! [`Server::bind`] opens storage and binds the listeners; [`Server::run`] serves until its
+//! shutdown future completes. The `ddp` binary is a thin wrapper around these two calls.
+//!
+//! Every transport decodes and authenticates, then calls the one write/read path
+//! ([`kv::Kv`]). Storage hands every commit, in commit order, to [`fanout::Fanout`], which is
+//! where live sessions, events and caches learn about changes.
+//!
+//! # Layout
+//! - [`server`]: start-up (data directory, lock, admin key, storage, listeners) and shutdown.
+//! - [`config`]: every setting.
+//! - [`app`]: the state all transports share.
+//! - [`http`]: the REST API (axum).
+//! - [`kv`]: the one write path and read path: authorization, validation, limits.
+//! - [`auth`]: tokens to principals, with a cache that admin changes clear.
+//! - [`secret`]: generating and hashing keys.
+//! - [`ratelimit`]: per-key request rates.
+//! - [`presence`]: live sync sessions per device.
+//! - [`fanout`]: the store's commit sink.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`error`]: the one error type, with its `Reason`.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod fanout;
+pub mod http;
+pub mod kv;
+pub mod metrics;
+pub mod presence;
+pub mod ratelimit;
+pub mod secret;
+pub mod server;
+
+pub use config::{Config, History, Limits, RateLimits};
+pub use error::Error;
+pub use server::{Server, StartError};

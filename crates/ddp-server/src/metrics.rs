@@ -1,0 +1,41 @@
+//! Prometheus metrics (`GET /metrics`).
+//!
+//! The `metrics` facade is process-wide, so the recorder is installed once per process and shared
+//! by every server in it (tests start several). Metric names:
+//! - `ddp_http_requests_total{method,route,status}`, `ddp_http_request_seconds{method,route}`
+//! - `ddp_writes_total{transport,op,outcome}`
+//! - `ddp_store_batch_size`, `ddp_store_commit_seconds` (group commit)
+//! - `ddp_sessions{transport}` (live sync sessions), `ddp_sync_messages_sent_total{transport}`,
+//!   `ddp_lag_reloads_total{transport}`
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process's Prometheus handle, installing the recorder on first use.
+pub fn handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed; /metrics will be empty");
+            }
+            // Histograms must be drained periodically or they grow without bound.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new().name("ddp-metrics-upkeep".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+            }
+            handle
+        })
+        .clone()
+}

@@ -1,0 +1,253 @@
+//! Starting and stopping: [`Server::bind`] prepares everything and binds the listeners (so tests
+//! can bind port 0 and read the address), [`Server::run`] serves until the shutdown future
+//! completes, then finishes in-flight writes and closes storage.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::serve::ListenerExt;
+use ddp_store::{SqliteOptions, SqliteStore, Store, StoreError};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::auth::{AuthCache, Authenticator};
+use crate::config::Config;
+use crate::fanout::Fanout;
+use crate::kv::Kv;
+use crate::presence::Presence;
+use crate::ratelimit::RateLimiter;
+use crate::secret::{self, SecretKind};
+use crate::{http, metrics};
+
+/// The file in the data directory that holds the generated admin key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// The embedded database file in the data directory.
+pub const DATABASE_FILE: &str = "ddp.sqlite3";
+/// The lock file that keeps two servers off one data directory.
+pub const LOCK_FILE: &str = "ddp.lock";
+
+/// Listen backlog: a reconnect storm of thousands of devices must not overflow the accept queue.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Why the server could not start. Every message names the setting to change.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be created or used.
+    #[error("cannot use the data directory {path} (--data-dir / DDP_DATA_DIR): {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Another server holds the data directory.
+    #[error("the data directory {0} is in use by another `ddp serve`; stop it or choose another --data-dir")]
+    Locked(PathBuf),
+    /// The admin key is unusable.
+    #[error("admin key: {0}")]
+    AdminKey(String),
+    /// Storage cannot be opened.
+    #[error("cannot open storage {path}: {source}")]
+    Storage {
+        /// The database.
+        path: PathBuf,
+        /// The cause.
+        source: StoreError,
+    },
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr} (change it with {flag}): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The flag and variable that set it.
+        flag: &'static str,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    app: Arc<App>,
+    http: TcpListener,
+    http_addr: SocketAddr,
+    admin_key: String,
+    admin_key_created: Option<PathBuf>,
+    _lock: std::fs::File,
+}
+
+impl Server {
+    /// Prepares the data directory, the admin key and storage, and binds the listeners.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let data_dir = config.data_dir.clone();
+        create_data_dir(&data_dir)?;
+        let lock = lock_data_dir(&data_dir)?;
+        let (admin_key, admin_key_created) = admin_key(&config)?;
+
+        let auth_cache = Arc::new(AuthCache::default());
+        let fanout = Arc::new(Fanout::new(auth_cache.clone()));
+        let db_path = data_dir.join(DATABASE_FILE);
+        let mut options = SqliteOptions::new(&db_path);
+        options.readers = config.db_readers.max(1);
+        let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || SqliteStore::open(options, fanout))
+            .await
+            .map_err(|e| StartError::Storage { path: db_path.clone(), source: StoreError::Backend(e.to_string()) })?
+            .map(Arc::new)
+            .map_err(|source| StartError::Storage { path: db_path, source })?;
+
+        let http = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
+        let http_addr = http
+            .local_addr()
+            .map_err(|source| StartError::Listen { addr: config.http_listen, flag: "--http-listen / DDP_HTTP_LISTEN", source })?;
+
+        let app = Arc::new(App {
+            auth: Authenticator::new(&admin_key, store.clone(), auth_cache),
+            kv: Kv::new(store.clone(), config.limits),
+            limiter: RateLimiter::new(config.rate_limits),
+            presence: Presence::default(),
+            metrics: metrics::handle(),
+            shutdown: CancellationToken::new(),
+            store,
+            config,
+        });
+        Ok(Server { app, http, http_addr, admin_key, admin_key_created, _lock: lock })
+    }
+
+    /// Where the REST and WebSocket API listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The admin key in force.
+    pub fn admin_key(&self) -> &str {
+        &self.admin_key
+    }
+
+    /// The file the admin key was written to, when this start generated it.
+    pub fn admin_key_created(&self) -> Option<&Path> {
+        self.admin_key_created.as_deref()
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting, finishes in-flight requests and
+    /// writes, closes live sessions and storage, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let Server { app, http, http_addr, _lock, .. } = self;
+        tracing::info!(addr = %http_addr, transport = "http", data_dir = %app.config.data_dir.display(), "listening");
+        let trimmer = tokio::spawn(trim_history(app.clone()));
+        let cancel = app.shutdown.clone();
+        let signal = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = cancel.cancelled() => {}
+            }
+            tracing::info!("shutting down: no new connections; finishing in-flight requests");
+            cancel.cancel();
+        };
+        let listener = http.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        let served = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(signal).await;
+        trimmer.abort();
+        app.store.close().await;
+        tracing::info!("stopped; every acknowledged write is on disk");
+        served
+    }
+}
+
+fn create_data_dir(path: &Path) -> Result<(), StartError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(path).map_err(|source| StartError::DataDir { path: path.to_owned(), source })
+}
+
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StartError::DataDir { path: path.clone(), source })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Locked(dir.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(StartError::DataDir { path, source }),
+    }
+}
+
+/// The admin key: given, stored, or generated now (then written mode 0600 and reported).
+fn admin_key(config: &Config) -> Result<(String, Option<PathBuf>), StartError> {
+    let check = |key: &str, from: &str| {
+        if key.len() < 16 || key.chars().any(char::is_whitespace) {
+            Err(StartError::AdminKey(format!("the admin key from {from} must be at least 16 characters with no spaces")))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(key) = &config.admin_key {
+        check(key, "--admin-key / DDP_ADMIN_KEY")?;
+        return Ok((key.clone(), None));
+    }
+    let path = config.data_dir.join(ADMIN_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = text.trim().to_owned();
+            check(&key, &path.display().to_string())?;
+            Ok((key, None))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = secret::generate(SecretKind::Admin);
+            write_private(&path, &format!("{key}\n"))
+                .map_err(|e| StartError::AdminKey(format!("cannot write {}: {e}", path.display())))?;
+            Ok((key, Some(path)))
+        }
+        Err(e) => Err(StartError::AdminKey(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+/// Writes a new file readable by its owner only, and makes it durable.
+fn write_private(path: &Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
+fn listen(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+    let fail = |source| StartError::Listen { addr, flag, source };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(LISTEN_BACKLOG).map_err(fail)
+}
+
+/// Trims change history now and then, until shutdown.
+async fn trim_history(app: Arc<App>) {
+    let history = app.config.history;
+    let mut every = tokio::time::interval(history.trim_every);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = app.shutdown.cancelled() => return,
+        }
+        let age_ms = i64::try_from(history.keep_age.as_millis()).unwrap_or(i64::MAX);
+        match app.store.trim_history(history.keep_changes, age_ms).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "trimmed change history"),
+            Err(e) => tracing::warn!(error = %e, "trimming change history failed"),
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The backend-independent test suite. Every [`Store`] implementation runs [`run_all`] against a
+//! fresh instance opened with a [`Recorder`] as its sink; a failing check panics with its name.
+//!
+//! ```ignore
+//! let recorder = Arc::new(Recorder::default());
+//! let store = SqliteStore::open(options, recorder.clone())?;
+//! ddp_store::conformance::run_all(&store, &recorder).await;
+//! ```
+
+use std::sync::Mutex;
+
+use ddp_protocol::{DeviceId, HomeId, Key, Rev, Value};
+
+use crate::model::*;
+use crate::{CommitSink, Store, StoreError};
+
+/// A [`CommitSink`] that remembers everything it was given, in order.
+#[derive(Default)]
+pub struct Recorder {
+    seen: Mutex<Vec<Committed>>,
+}
+
+impl Recorder {
+    /// Everything committed so far.
+    pub fn all(&self) -> Vec<Committed> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The key-value changes committed so far to `store`, in the order the sink got them.
+    pub fn changes_of(&self, store: StoreRef) -> Vec<Change> {
+        self.all()
+            .into_iter()
+            .filter_map(|c| match c {
+                Committed::Kv(ch) if ch.store == store => Some(ch),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The admin changes committed so far.
+    pub fn admin_changes(&self) -> Vec<AdminChange> {
+        self.all()
+            .into_iter()
+            .filter_map(|c| match c {
+                Committed::Admin(a) => Some(a),
+                Committed::Kv(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl CommitSink for Recorder {
+    fn committed(&self, batch: &[Committed]) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.extend_from_slice(batch);
+        }
+    }
+}
+
+/// Runs every check against `store`, whose sink is `recorder`.
+pub async fn run_all(store: &dyn Store, recorder: &Recorder) {
+    kv_roundtrip_and_revs(store, recorder).await;
+    values_keep_their_text(store).await;
+    conditional_writes(store).await;
+    key_limit(store).await;
+    missing_stores(store).await;
+    change_history(store).await;
+    homes_and_devices(store, recorder).await;
+    api_keys_and_scopes(store, recorder).await;
+    ids_are_never_reused(store).await;
+    change_records_home_at_commit(store).await;
+    concurrent_writers_get_contiguous_revs(store, recorder).await;
+}
+
+fn key(s: &str) -> Key {
+    Key::new(s).expect("test key is valid")
+}
+
+fn val(s: &str) -> Value {
+    Value::parse(s).expect("test value is valid")
+}
+
+/// A digest unique within one run of the suite.
+fn fresh_hash() -> [u8; 32] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut h = [0xA5u8; 32];
+    h[1..9].copy_from_slice(&n.to_le_bytes());
+    h[9..17].copy_from_slice(&std::process::id().to_le_bytes().repeat(2));
+    h
+}
+
+async fn new_device(store: &dyn Store, home: Option<HomeId>) -> DeviceId {
+    store
+        .create_device(NewDevice {
+            name: "dev".into(),
+            home,
+            device_class: String::new(),
+            tag: String::new(),
+            key_hash: fresh_hash(),
+        })
+        .await
+        .expect("create device")
+        .id
+}
+
+fn set(store: StoreRef, k: &str, v: &str) -> KvWrite {
+    KvWrite {
+        store,
+        key: key(k),
+        action: KvAction::Set(val(v)),
+        condition: Condition::None,
+        max_keys: 1000,
+        origin: Origin::Admin,
+    }
+}
+
+fn del(store: StoreRef, k: &str) -> KvWrite {
+    KvWrite { store, key: key(k), action: KvAction::Delete, condition: Condition::None, max_keys: 1000, origin: Origin::Admin }
+}
+
+async fn kv_roundtrip_and_revs(store: &dyn Store, recorder: &Recorder) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    let empty = store.snapshot(d, None).await.expect("snapshot");
+    assert_eq!(empty, Snapshot { rev: Rev(0), items: vec![] }, "a new store is empty at rev 0");
+
+    assert_eq!(store.write(set(d, "b", "1")).await.expect("set").rev, Rev(1));
+    assert_eq!(store.write(set(d, "a", "\"x\"")).await.expect("set").rev, Rev(2));
+    assert_eq!(store.write(set(d, "b", "2")).await.expect("overwrite").rev, Rev(3));
+    let b = store.get(d, key("b")).await.expect("get");
+    assert_eq!((b.value.as_json(), b.rev), ("2", Rev(3)));
+
+    let removed = store.write(del(d, "a")).await.expect("delete");
+    assert_eq!((removed.rev, removed.value.clone()), (Rev(4), None));
+    assert_eq!(store.get(d, key("a")).await, Err(StoreError::KeyNotFound));
+    assert_eq!(store.write(del(d, "a")).await, Err(StoreError::KeyNotFound), "deleting a missing key fails");
+    assert_eq!(store.snapshot(d, None).await.expect("snapshot").rev, Rev(4), "a failed write leaves rev alone");
+
+    for k in ["zone:b", "zone:a", "zonal", "other"] {
+        store.write(set(d, k, "true")).await.expect("set");
+    }
+    let all = store.snapshot(d, None).await.expect("snapshot");
+    assert_eq!(all.rev, Rev(8));
+    let keys: Vec<&str> = all.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, ["b", "other", "zonal", "zone:a", "zone:b"], "items are sorted by key");
+    let zone = store.snapshot(d, Some("zone:".into())).await.expect("prefix");
+    let keys: Vec<&str> = zone.items.iter().map(|i| i.key.as_str()).collect();
+    assert_eq!((keys, zone.rev), (vec!["zone:a", "zone:b"], Rev(8)), "prefix filter keeps the store rev");
+
+    let revs: Vec<u64> = recorder.changes_of(d).iter().map(|c| c.rev.0).collect();
+    assert_eq!(revs, (1..=8).collect::<Vec<_>>(), "the sink saw every change once, in rev order");
+}
+
+async fn values_keep_their_text(store: &dyn Store) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    for (i, text) in ["12345678901234567890", "1.10", "-0.0", r#"{"a":[1,2.50,{"b":null}]}"#, r#""é \" \\""#]
+        .into_iter()
+        .enumerate()
+    {
+        let k = format!("k{i}");
+        store.write(set(d, &k, text)).await.expect("set");
+        assert_eq!(store.get(d, key(&k)).await.expect("get").value.as_json(), text);
+    }
+}
+
+async fn conditional_writes(store: &dyn Store) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    let with = |c: Condition| KvWrite { condition: c, ..set(d, "k", "1") };
+    assert_eq!(store.write(with(Condition::Exists)).await, Err(StoreError::RevisionMismatch { current: None }));
+    assert_eq!(store.write(with(Condition::RevIn(vec![Rev(1)]))).await, Err(StoreError::RevisionMismatch { current: None }));
+    assert_eq!(store.write(with(Condition::Absent)).await.expect("create only").rev, Rev(1));
+    assert_eq!(store.write(with(Condition::Absent)).await, Err(StoreError::RevisionMismatch { current: Some(Rev(1)) }));
+    assert_eq!(store.write(with(Condition::RevIn(vec![Rev(7)]))).await, Err(StoreError::RevisionMismatch { current: Some(Rev(1)) }));
+    assert_eq!(store.write(with(Condition::RevIn(vec![Rev(7), Rev(1)]))).await.expect("match").rev, Rev(2));
+    assert_eq!(store.write(with(Condition::Exists)).await.expect("exists").rev, Rev(3));
+    let stale_delete = KvWrite { condition: Condition::RevIn(vec![Rev(2)]), ..del(d, "k") };
+    assert_eq!(store.write(stale_delete).await, Err(StoreError::RevisionMismatch { current: Some(Rev(3)) }));
+    let delete = KvWrite { condition: Condition::RevIn(vec![Rev(3)]), ..del(d, "k") };
+    assert_eq!(store.write(delete).await.expect("conditional delete").rev, Rev(4));
+    assert_eq!(store.snapshot(d, None).await.expect("snapshot").rev, Rev(4));
+}
+
+async fn key_limit(store: &dyn Store) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    let limited = |k: &str| KvWrite { max_keys: 2, ..set(d, k, "0") };
+    store.write(limited("a")).await.expect("first");
+    store.write(limited("b")).await.expect("second");
+    assert_eq!(store.write(limited("c")).await, Err(StoreError::TooManyKeys { limit: 2 }));
+    store.write(limited("a")).await.expect("overwriting is not a new key");
+    store.write(del(d, "b")).await.expect("delete");
+    store.write(limited("c")).await.expect("room again after a delete");
+    assert_eq!(store.snapshot(d, None).await.expect("snapshot").rev, Rev(5), "the refused write took no rev");
+}
+
+async fn missing_stores(store: &dyn Store) {
+    let ghost_device = DeviceId::new(u64::MAX - 1).expect("id");
+    let ghost_home = HomeId::new(u64::MAX - 1).expect("id");
+    let dev = StoreRef::Device(ghost_device);
+    assert_eq!(store.write(set(dev, "k", "1")).await, Err(StoreError::DeviceNotFound(ghost_device)));
+    assert_eq!(store.get(dev, key("k")).await, Err(StoreError::DeviceNotFound(ghost_device)));
+    assert_eq!(store.snapshot(StoreRef::Home(ghost_home), None).await, Err(StoreError::HomeNotFound(ghost_home)));
+    assert_eq!(store.device(ghost_device).await, Err(StoreError::DeviceNotFound(ghost_device)));
+    assert_eq!(store.home(ghost_home).await, Err(StoreError::HomeNotFound(ghost_home)));
+    assert_eq!(store.devices(Some(ghost_home)).await, Err(StoreError::HomeNotFound(ghost_home)));
+}
+
+async fn change_history(store: &dyn Store) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    for i in 0..10 {
+        store.write(set(d, &format!("k{}", i % 3), &i.to_string())).await.expect("set");
+    }
+    store.write(del(d, "k0")).await.expect("delete");
+    let since = store.changes_since(d, Rev(7)).await.expect("changes").expect("history covers rev 7");
+    let revs: Vec<u64> = since.iter().map(|c| c.rev.0).collect();
+    assert_eq!(revs, [8, 9, 10, 11]);
+    assert_eq!(since.last().map(|c| (c.key.as_str(), c.value.is_none())), Some(("k0", true)));
+    assert_eq!(store.changes_since(d, Rev(11)).await.expect("changes"), Some(vec![]), "nothing after the head");
+    assert_eq!(store.changes_since(d, Rev(12)).await.expect("changes"), None, "a rev from the future is not resumable");
+
+    // Keep the last 4 changes of every store, whatever their age.
+    store.trim_history(4, 0).await.expect("trim");
+    assert_eq!(store.changes_since(d, Rev(6)).await.expect("changes"), None, "trimmed history cannot resume");
+    let kept = store.changes_since(d, Rev(7)).await.expect("changes").expect("last four kept");
+    assert_eq!(kept.len(), 4);
+    // Young changes are kept whatever their number.
+    let young = StoreRef::Device(new_device(store, None).await);
+    for i in 0..6 {
+        store.write(set(young, "k", &i.to_string())).await.expect("set");
+    }
+    store.trim_history(1, 3_600_000).await.expect("trim");
+    assert_eq!(store.changes_since(young, Rev(0)).await.expect("changes").map(|c| c.len()), Some(6));
+}
+
+async fn homes_and_devices(store: &dyn Store, recorder: &Recorder) {
+    let home = store.create_home("Kitchen".into()).await.expect("home");
+    assert_eq!(store.home(home.id).await.expect("get home"), home);
+    assert!(store.homes().await.expect("homes").contains(&home));
+    let other = store.create_home("Garage".into()).await.expect("home");
+
+    let ghost = HomeId::new(u64::MAX - 2).expect("id");
+    let refused = store
+        .create_device(NewDevice { name: "x".into(), home: Some(ghost), device_class: String::new(), tag: String::new(), key_hash: fresh_hash() })
+        .await;
+    assert_eq!(refused.map(|d| d.id), Err(StoreError::HomeNotFound(ghost)));
+
+    let key_hash = fresh_hash();
+    let dev = store
+        .create_device(NewDevice { name: "Thermostat".into(), home: Some(home.id), device_class: "thermo".into(), tag: "t1".into(), key_hash })
+        .await
+        .expect("device");
+    assert_eq!((dev.home, dev.device_class.as_str(), dev.tag.as_str()), (Some(home.id), "thermo", "t1"));
+    assert_eq!(store.device(dev.id).await.expect("get"), dev);
+    assert_eq!(store.devices(Some(home.id)).await.expect("list"), vec![dev.clone()]);
+    assert!(store.devices(None).await.expect("list all").contains(&dev));
+    assert_eq!(store.principal_by_key_hash(key_hash).await.expect("lookup"), Some(KeyHolder::Device(dev.id)));
+
+    // Rename; move; moving to the same home again is a conflict that changes nothing.
+    let renamed = store.update_device(dev.id, DeviceUpdate { name: Some("T2".into()), home: None }).await.expect("rename");
+    assert_eq!((renamed.name.as_str(), renamed.home), ("T2", Some(home.id)));
+    let moved = store.update_device(dev.id, DeviceUpdate { name: None, home: Some(Some(other.id)) }).await.expect("move");
+    assert_eq!(moved.home, Some(other.id));
+    assert!(recorder.admin_changes().contains(&AdminChange::DeviceMoved { device: dev.id, from: Some(home.id), to: Some(other.id) }));
+    let again = store.update_device(dev.id, DeviceUpdate { name: Some("ignored".into()), home: Some(Some(other.id)) }).await;
+    assert_eq!(again, Err(StoreError::DeviceAlreadyInHome { device: dev.id, home: other.id }));
+    assert_eq!(store.device(dev.id).await.expect("get").name, "T2", "a refused update changes nothing");
+    let to_ghost = store.update_device(dev.id, DeviceUpdate { name: None, home: Some(Some(ghost)) }).await;
+    assert_eq!(to_ghost, Err(StoreError::HomeNotFound(ghost)));
+
+    // Rotation: the old digest stops naming the device at once.
+    let new_hash = fresh_hash();
+    store.rotate_device_key(dev.id, new_hash).await.expect("rotate");
+    assert_eq!(store.principal_by_key_hash(key_hash).await.expect("lookup"), None);
+    assert_eq!(store.principal_by_key_hash(new_hash).await.expect("lookup"), Some(KeyHolder::Device(dev.id)));
+    assert!(recorder.admin_changes().contains(&AdminChange::DeviceKeyRotated(dev.id)));
+
+    // Connection times are recorded.
+    let at = ddp_protocol::Timestamp(1_700_000_000_123);
+    store.record_connection(dev.id, true, at).await.expect("connect");
+    store.record_connection(dev.id, false, ddp_protocol::Timestamp(at.0 + 5)).await.expect("disconnect");
+    let seen = store.device(dev.id).await.expect("get");
+    assert_eq!((seen.last_connect, seen.last_disconnect), (Some(at), Some(ddp_protocol::Timestamp(at.0 + 5))));
+
+    // Deleting a home: its devices leave it, its store is gone.
+    store.write(set(StoreRef::Home(other.id), "mode", "\"away\"")).await.expect("home store write");
+    store.delete_home(other.id).await.expect("delete home");
+    assert_eq!(store.home(other.id).await, Err(StoreError::HomeNotFound(other.id)));
+    assert_eq!(store.device(dev.id).await.expect("device stays").home, None);
+    assert_eq!(store.snapshot(StoreRef::Home(other.id), None).await, Err(StoreError::HomeNotFound(other.id)));
+    assert_eq!(store.delete_home(other.id).await, Err(StoreError::HomeNotFound(other.id)));
+    assert!(recorder.admin_changes().contains(&AdminChange::HomeDeleted(other.id)));
+
+    // Deleting a device: its store and key are gone.
+    store.write(set(StoreRef::Device(dev.id), "k", "1")).await.expect("write");
+    store.delete_device(dev.id).await.expect("delete device");
+    assert_eq!(store.device(dev.id).await, Err(StoreError::DeviceNotFound(dev.id)));
+    assert_eq!(store.get(StoreRef::Device(dev.id), key("k")).await, Err(StoreError::DeviceNotFound(dev.id)));
+    assert_eq!(store.principal_by_key_hash(new_hash).await.expect("lookup"), None);
+    assert_eq!(store.delete_device(dev.id).await, Err(StoreError::DeviceNotFound(dev.id)));
+    assert!(recorder.admin_changes().contains(&AdminChange::DeviceDeleted(dev.id)));
+}
+
+async fn api_keys_and_scopes(store: &dyn Store, recorder: &Recorder) {
+    let a = store.create_home("A".into()).await.expect("home");
+    let b = store.create_home("B".into()).await.expect("home");
+    let scoped_hash = fresh_hash();
+    let scoped = store
+        .create_api_key(NewApiKey { name: "app".into(), homes: Some(vec![b.id, a.id, a.id]), permission: Permission::Read, key_hash: scoped_hash })
+        .await
+        .expect("key");
+    assert_eq!(scoped.homes, Some(vec![a.id, b.id]), "homes are kept sorted and unique");
+    let all_hash = fresh_hash();
+    let all = store
+        .create_api_key(NewApiKey { name: "ops".into(), homes: None, permission: Permission::ReadWrite, key_hash: all_hash })
+        .await
+        .expect("key");
+    assert_eq!(store.principal_by_key_hash(scoped_hash).await.expect("lookup"), Some(KeyHolder::Project(scoped.clone())));
+    let listed = store.api_keys().await.expect("list");
+    assert!(listed.contains(&scoped) && listed.contains(&all));
+
+    let ghost = HomeId::new(u64::MAX - 3).expect("id");
+    let refused = store
+        .create_api_key(NewApiKey { name: "x".into(), homes: Some(vec![ghost]), permission: Permission::Read, key_hash: fresh_hash() })
+        .await;
+    assert_eq!(refused.map(|k| k.id), Err(StoreError::HomeNotFound(ghost)));
+
+    // A key whose every home is deleted sees nothing — it never widens to "all homes".
+    store.delete_home(a.id).await.expect("delete");
+    store.delete_home(b.id).await.expect("delete");
+    match store.principal_by_key_hash(scoped_hash).await.expect("lookup") {
+        Some(KeyHolder::Project(k)) => assert_eq!(k.homes, Some(vec![])),
+        other => panic!("scoped key lookup gave {other:?}"),
+    }
+
+    store.delete_api_key(all.id).await.expect("revoke");
+    assert_eq!(store.principal_by_key_hash(all_hash).await.expect("lookup"), None);
+    assert_eq!(store.delete_api_key(all.id).await, Err(StoreError::ApiKeyNotFound(all.id)));
+    assert!(recorder.admin_changes().contains(&AdminChange::ApiKeyDeleted(all.id)));
+}
+
+async fn ids_are_never_reused(store: &dyn Store) {
+    let first = new_device(store, None).await;
+    store.delete_device(first).await.expect("delete");
+    let second = new_device(store, None).await;
+    assert!(second > first, "device id {first} was handed out again");
+    let h1 = store.create_home("h".into()).await.expect("home").id;
+    store.delete_home(h1).await.expect("delete");
+    let h2 = store.create_home("h".into()).await.expect("home").id;
+    assert!(h2 > h1, "home id {h1} was handed out again");
+}
+
+async fn change_records_home_at_commit(store: &dyn Store) {
+    let h1 = store.create_home("one".into()).await.expect("home").id;
+    let h2 = store.create_home("two".into()).await.expect("home").id;
+    let dev = new_device(store, Some(h1)).await;
+    let d = StoreRef::Device(dev);
+    let origin = Origin::Device(dev);
+    let first = store.write(KvWrite { origin, ..set(d, "k", "1") }).await.expect("set");
+    assert_eq!((first.home, first.origin), (Some(h1), origin));
+    store.update_device(dev, DeviceUpdate { name: None, home: Some(Some(h2)) }).await.expect("move");
+    assert_eq!(store.write(set(d, "k", "2")).await.expect("set").home, Some(h2));
+    store.update_device(dev, DeviceUpdate { name: None, home: Some(None) }).await.expect("leave");
+    assert_eq!(store.write(set(d, "k", "3")).await.expect("set").home, None);
+    let home_change = store.write(set(StoreRef::Home(h2), "k", "1")).await.expect("home set");
+    assert_eq!(home_change.home, Some(h2));
+    let history = store.changes_since(d, Rev(0)).await.expect("history").expect("complete");
+    let homes: Vec<Option<HomeId>> = history.iter().map(|c| c.home).collect();
+    assert_eq!(homes, [Some(h1), Some(h2), None], "the history remembers the home at commit");
+    assert_eq!(history[0].origin, origin);
+}
+
+async fn concurrent_writers_get_contiguous_revs(store: &dyn Store, recorder: &Recorder) {
+    let dev = new_device(store, None).await;
+    let d = StoreRef::Device(dev);
+    const N: u64 = 200;
+    let writes = (0..N).map(|i| store.write(set(d, &format!("k{}", i % 17), &i.to_string())));
+    let results = futures_util::future::join_all(writes).await;
+    let mut revs: Vec<u64> = results.into_iter().map(|r| r.expect("concurrent write").rev.0).collect();
+    revs.sort_unstable();
+    assert_eq!(revs, (1..=N).collect::<Vec<_>>(), "every write got its own rev, with no gap");
+    let seen: Vec<u64> = recorder.changes_of(d).iter().map(|c| c.rev.0).collect();
+    assert_eq!(seen, (1..=N).collect::<Vec<_>>(), "the sink saw the changes in rev order");
+    let snap = store.snapshot(d, None).await.expect("snapshot");
+    assert_eq!(snap.rev, Rev(N));
+    for item in &snap.items {
+        let last = recorder.changes_of(d).into_iter().rev().find(|c| c.key == item.key).expect("history has the key");
+        assert_eq!((item.rev, Some(&item.value)), (last.rev, last.value.as_ref()), "items hold their last write");
+    }
+}

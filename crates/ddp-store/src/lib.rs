@@ -1,0 +1,123 @@
+//! Device Data Proxy storage.
+//!
+//! One [`Store`] trait, implemented by every backend, and one conformance suite
+//! ([`conformance`], feature `conformance`) that every backend passes. The server talks only to
+//! the trait.
+//!
+//! A store keeps homes, devices, project API keys, and one key-value store per device and per
+//! home. Every committed set or delete gets the store's next [`Rev`] inside the same durable
+//! transaction, is recorded in the change history, and is handed — in commit order — to the
+//! [`CommitSink`] given when the backend was opened, before the writer hears its write succeeded.
+//! That is how the server's hub sees every change exactly once and in rev order.
+//!
+//! # Layout
+//! - [`model`]: the records and operations ([`KvWrite`], [`Change`], [`DeviceRecord`], …).
+//! - [`error`]: the error type, [`StoreError`].
+//! - [`sqlite`]: the embedded default, [`SqliteStore`] — WAL, `synchronous=FULL`, one writer
+//!   thread with group commit, a small pool of read connections.
+//! - [`conformance`]: the backend-independent test suite.
+
+pub mod error;
+pub mod model;
+pub mod sqlite;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+use async_trait::async_trait;
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev};
+
+pub use error::StoreError;
+pub use model::*;
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// Receives every committed batch, in commit order, before the writers are answered.
+///
+/// Called on the backend's writer context: it must not block (hand the batch to channels).
+pub trait CommitSink: Send + Sync + 'static {
+    /// `batch` holds the committed changes and admin changes, in commit (and so rev) order.
+    fn committed(&self, batch: &[Committed]);
+}
+
+/// A sink that drops everything (for tools and tests that do not watch).
+pub struct NoSink;
+
+impl CommitSink for NoSink {
+    fn committed(&self, _batch: &[Committed]) {}
+}
+
+/// The storage interface of the server. Every method is atomic; writes are durable when they
+/// return `Ok`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ---- key-value stores ----
+
+    /// Applies one set or delete: checks the store exists, the precondition and the key limit,
+    /// then assigns the store's next rev, all in one durable transaction.
+    async fn write(&self, write: KvWrite) -> Result<Change, StoreError>;
+
+    /// One item, or [`StoreError::KeyNotFound`] / `NotFound` for a missing store.
+    async fn get(&self, store: StoreRef, key: Key) -> Result<ItemRecord, StoreError>;
+
+    /// The store's rev and every item (or those whose key starts with `prefix`), sorted by key,
+    /// read in one consistent snapshot.
+    async fn snapshot(&self, store: StoreRef, prefix: Option<String>) -> Result<Snapshot, StoreError>;
+
+    /// The changes after `after`, in rev order, when the history still holds all of them;
+    /// `Ok(None)` when part of it has been trimmed.
+    async fn changes_since(&self, store: StoreRef, after: Rev) -> Result<Option<Vec<Change>>, StoreError>;
+
+    // ---- homes ----
+
+    /// Creates a home with an empty store.
+    async fn create_home(&self, name: String) -> Result<HomeRecord, StoreError>;
+    /// Every home, by id.
+    async fn homes(&self) -> Result<Vec<HomeRecord>, StoreError>;
+    /// One home.
+    async fn home(&self, id: HomeId) -> Result<HomeRecord, StoreError>;
+    /// Deletes a home and its store; its devices leave it; project keys stop naming it.
+    async fn delete_home(&self, id: HomeId) -> Result<(), StoreError>;
+
+    // ---- devices ----
+
+    /// Creates a device with an empty store, whose API key has SHA-256 digest `key_hash`.
+    async fn create_device(&self, new: NewDevice) -> Result<DeviceRecord, StoreError>;
+    /// Every device (in `home`, when given), by id.
+    async fn devices(&self, home: Option<HomeId>) -> Result<Vec<DeviceRecord>, StoreError>;
+    /// One device.
+    async fn device(&self, id: DeviceId) -> Result<DeviceRecord, StoreError>;
+    /// Renames a device and/or moves it between homes.
+    async fn update_device(&self, id: DeviceId, update: DeviceUpdate) -> Result<DeviceRecord, StoreError>;
+    /// Replaces a device's API key digest; the old key stops working.
+    async fn rotate_device_key(&self, id: DeviceId, key_hash: [u8; 32]) -> Result<(), StoreError>;
+    /// Deletes a device and its store.
+    async fn delete_device(&self, id: DeviceId) -> Result<(), StoreError>;
+    /// Records that a device's first sync session opened (`connected`) or its last closed.
+    async fn record_connection(&self, id: DeviceId, connected: bool, at: ddp_protocol::Timestamp) -> Result<(), StoreError>;
+
+    // ---- project API keys ----
+
+    /// Creates a project API key whose secret has SHA-256 digest `key_hash`.
+    async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError>;
+    /// Every project API key, by id (no secrets).
+    async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Deletes a project API key; it stops working at once.
+    async fn delete_api_key(&self, id: ApiKeyId) -> Result<(), StoreError>;
+
+    // ---- authentication ----
+
+    /// Who holds the device or project key whose SHA-256 digest is `key_hash`.
+    async fn principal_by_key_hash(&self, key_hash: [u8; 32]) -> Result<Option<KeyHolder>, StoreError>;
+
+    // ---- operations ----
+
+    /// Checks that storage answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Drops change history older than the retention rule: a store keeps at least its last
+    /// `keep_changes` changes and every change younger than `keep_age_ms`.
+    async fn trim_history(&self, keep_changes: u64, keep_age_ms: i64) -> Result<u64, StoreError>;
+
+    /// Finishes every queued write, then stops accepting new ones. Idempotent.
+    async fn close(&self);
+}

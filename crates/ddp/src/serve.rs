@@ -1,0 +1,179 @@
+//! `ddp serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use ddp_server::{Config, History, Limits, RateLimits, Server};
+
+/// Log output format.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  ddp serve
+  ddp serve --data-dir /var/lib/ddp --http-listen 0.0.0.0:8080 --log-format json
+  DDP_ADMIN_KEY=$(cat admin.key) ddp serve")]
+pub struct ServeArgs {
+    /// Directory for the database, the generated admin key and the lock file (created if missing).
+    #[arg(long, env = "DDP_DATA_DIR", default_value = "./ddp-data")]
+    data_dir: PathBuf,
+
+    /// Address for the REST and WebSocket API.
+    #[arg(long, env = "DDP_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+
+    /// The admin key (16+ characters). Without it the key stored in the data directory is used,
+    /// or on first start a new one is generated, stored there (mode 0600) and printed once.
+    #[arg(long, env = "DDP_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "DDP_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or per-module directives such as
+    /// `info,ddp_server=debug`.
+    #[arg(long, env = "DDP_LOG", default_value = "info")]
+    log: String,
+
+    /// Largest value in bytes of JSON text; larger writes get 413 VALUE_TOO_LARGE.
+    #[arg(long, env = "DDP_MAX_VALUE_BYTES", default_value_t = Limits::default().max_value_bytes)]
+    max_value_bytes: usize,
+
+    /// Most keys per store; a write of a new key beyond it gets 413 TOO_MANY_KEYS.
+    #[arg(long, env = "DDP_MAX_KEYS_PER_STORE", default_value_t = Limits::default().max_keys_per_store)]
+    max_keys_per_store: usize,
+
+    /// Largest HTTP request body in bytes; larger bodies get 413 PAYLOAD_TOO_LARGE.
+    #[arg(long, env = "DDP_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
+
+    /// Requests per second allowed to each device key (bursts of twice that); 0 = unlimited.
+    /// Over it: 429 RATE_LIMIT_EXCEEDED with Retry-After.
+    #[arg(long, env = "DDP_DEVICE_RATE_LIMIT", default_value_t = RateLimits::default().device_per_sec)]
+    device_rate_limit: u32,
+
+    /// Requests per second allowed to each project API key (bursts of twice that); 0 = unlimited.
+    #[arg(long, env = "DDP_PROJECT_RATE_LIMIT", default_value_t = RateLimits::default().project_per_sec)]
+    project_rate_limit: u32,
+
+    /// Changes each store keeps for resuming sessions, whatever their age.
+    #[arg(long, env = "DDP_HISTORY_CHANGES", default_value_t = History::default().keep_changes)]
+    history_changes: u64,
+
+    /// Age below which changes are kept for resuming sessions, whatever their number
+    /// (e.g. 90s, 30m, 24h, 7d).
+    #[arg(long, env = "DDP_HISTORY_AGE", default_value = "24h", value_parser = parse_duration)]
+    history_age: Duration,
+
+    /// Read connections to the embedded database.
+    #[arg(long, env = "DDP_DB_READERS", default_value_t = 4)]
+    db_readers: usize,
+}
+
+/// `90s`, `30m`, `24h`, `7d`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 24h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(seconds)))
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format, &args.log)?;
+    let mut config = Config::new(&args.data_dir, args.http_listen);
+    config.admin_key = args.admin_key;
+    config.limits = Limits {
+        max_value_bytes: args.max_value_bytes,
+        max_keys_per_store: args.max_keys_per_store,
+        max_body_bytes: args.max_body_bytes,
+    };
+    config.rate_limits = RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };
+    config.history = History { keep_changes: args.history_changes, keep_age: args.history_age, ..History::default() };
+    config.db_readers = args.db_readers;
+
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(config).await?;
+        if let Some(path) = server.admin_key_created() {
+            let key = server.admin_key();
+            println!("Generated an admin key and stored it in {} (readable only by its owner):", path.display());
+            println!();
+            println!("    {key}");
+            println!();
+            println!("Use it as a token, e.g.:  curl -H 'Authorization: ModeCloud {key}' http://{}/homes", server.http_addr());
+            println!("It is not printed again; later starts read it from that file.");
+        }
+        server.run(shutdown_signal()).await.context("the HTTP server failed")
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}
