@@ -88,7 +88,11 @@ impl Reason {
             Reason::InvalidJson | Reason::InvalidKey | Reason::InvalidValue | Reason::InvalidParameter => 400,
             Reason::UnauthenticatedClient => 401,
             Reason::PermissionDenied => 403,
-            Reason::DeviceNotFound | Reason::HomeNotFound | Reason::KeyNotFound | Reason::ApiKeyNotFound | Reason::NotFound => 404,
+            Reason::DeviceNotFound
+            | Reason::HomeNotFound
+            | Reason::KeyNotFound
+            | Reason::ApiKeyNotFound
+            | Reason::NotFound => 404,
             Reason::MethodNotAllowed => 405,
             Reason::DeviceAlreadyInHome => 409,
             Reason::RevisionMismatch => 412,
@@ -112,7 +116,8 @@ mod tests {
 
     #[test]
     fn serde_spelling_matches_as_str() {
-        for r in [Reason::InvalidJson, Reason::UnauthenticatedClient, Reason::DeviceAlreadyInHome, Reason::TooManyKeys] {
+        for r in [Reason::InvalidJson, Reason::UnauthenticatedClient, Reason::DeviceAlreadyInHome, Reason::TooManyKeys]
+        {
             let json = serde_json::to_string(&r).expect("serialize");
             assert_eq!(json, format!("\"{}\"", r.as_str()));
         }

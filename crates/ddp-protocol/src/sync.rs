@@ -171,7 +171,11 @@ mod tests {
             serde_json::to_string(&reload).expect("json"),
             r#"{"action":"reload","rev":82,"numItems":1,"items":[{"key":"foo","value":22399,"modificationTime":"2017-11-21T11:29:18.000Z"}]}"#
         );
-        let set = ServerMessage::Set { rev: Rev(83), key: Key::new("xyz").expect("key"), value: Value::parse("\"hi\"").expect("v") };
+        let set = ServerMessage::Set {
+            rev: Rev(83),
+            key: Key::new("xyz").expect("key"),
+            value: Value::parse("\"hi\"").expect("v"),
+        };
         assert_eq!(serde_json::to_string(&set).expect("json"), r#"{"action":"set","rev":83,"key":"xyz","value":"hi"}"#);
         let del = ServerMessage::Delete { rev: Rev(85), key: Key::new("xyz").expect("key") };
         assert_eq!(serde_json::to_string(&del).expect("json"), r#"{"action":"delete","rev":85,"key":"xyz"}"#);
@@ -182,7 +186,10 @@ mod tests {
     #[test]
     fn device_frames_from_old_mode_sdks_are_accepted() {
         let set = DeviceRequest::parse(br#"{"action":"set","rev":0,"key":"k","value":1.10,"numItems":0,"items":null}"#);
-        assert_eq!(set, Ok(DeviceRequest::Set { key: Key::new("k").expect("key"), value: Value::parse("1.10").expect("v") }));
+        assert_eq!(
+            set,
+            Ok(DeviceRequest::Set { key: Key::new("k").expect("key"), value: Value::parse("1.10").expect("v") })
+        );
         let del = DeviceRequest::parse(br#"{"action":"delete","rev":0,"key":"k","value":null}"#);
         assert_eq!(del, Ok(DeviceRequest::Delete { key: Key::new("k").expect("key") }));
     }

@@ -106,38 +106,54 @@ impl Value {
 }
 
 /// Removes white space outside strings and checks the nesting depth. `text` must be valid JSON.
+///
+/// Works on bytes: every structural character is ASCII, and bytes of multi-byte UTF-8 characters
+/// are never mistaken for one. Text without white space to remove is copied in one piece.
 fn minify(text: &str) -> Result<String, ValueError> {
-    let mut out = String::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut out: Option<Vec<u8>> = None; // allocated only once white space must be dropped
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
-    for c in text.chars() {
+    for (i, &b) in bytes.iter().enumerate() {
         if in_string {
-            out.push(c);
             if escaped {
                 escaped = false;
-            } else if c == '\\' {
+            } else if b == b'\\' {
                 escaped = true;
-            } else if c == '"' {
+            } else if b == b'"' {
                 in_string = false;
             }
-            continue;
-        }
-        match c {
-            ' ' | '\t' | '\n' | '\r' => continue,
-            '"' => in_string = true,
-            '[' | '{' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(ValueError::TooDeep);
+        } else {
+            match b {
+                b' ' | b'\t' | b'\n' | b'\r' => {
+                    out.get_or_insert_with(|| {
+                        let mut v = Vec::with_capacity(bytes.len());
+                        v.extend_from_slice(&bytes[..i]);
+                        v
+                    });
+                    continue;
                 }
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return Err(ValueError::TooDeep);
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
             }
-            ']' | '}' => depth = depth.saturating_sub(1),
-            _ => {}
         }
-        out.push(c);
+        if let Some(out) = out.as_mut() {
+            out.push(b);
+        }
     }
-    Ok(out)
+    match out {
+        None => Ok(text.to_owned()),
+        // Only ASCII white space outside strings was dropped, so the bytes are still UTF-8.
+        Some(v) => String::from_utf8(v).map_err(|e| ValueError::Invalid(e.to_string())),
+    }
 }
 
 impl Serialize for Value {

@@ -87,7 +87,9 @@ impl From<StoreError> for Error {
         match e {
             StoreError::DeviceNotFound(id) => Error::new(Reason::DeviceNotFound, format!("device {id} does not exist")),
             StoreError::HomeNotFound(id) => Error::new(Reason::HomeNotFound, format!("home {id} does not exist")),
-            StoreError::ApiKeyNotFound(id) => Error::new(Reason::ApiKeyNotFound, format!("API key {id} does not exist")),
+            StoreError::ApiKeyNotFound(id) => {
+                Error::new(Reason::ApiKeyNotFound, format!("API key {id} does not exist"))
+            }
             StoreError::KeyNotFound => Error::new(Reason::KeyNotFound, "the key does not exist in this store"),
             StoreError::RevisionMismatch { current } => Error::new(
                 Reason::RevisionMismatch,

@@ -38,7 +38,8 @@ impl Transport {
 
 /// Parses a key, answering `400 INVALID_KEY`.
 pub fn parse_key(text: &str) -> Result<Key> {
-    Key::new(text).map_err(|e| Error::new(Reason::InvalidKey, e.to_string()).with_data(serde_json::json!({ "key": text })))
+    Key::new(text)
+        .map_err(|e| Error::new(Reason::InvalidKey, e.to_string()).with_data(serde_json::json!({ "key": text })))
 }
 
 /// The key-value service.
@@ -72,7 +73,11 @@ impl Kv {
             (Principal::Device(me), StoreRef::Device(d)) if *me == d => Ok(()),
             (Principal::Device(_), _) => Err(Error::denied("a device may only use its own store")),
             (Principal::Project(_), StoreRef::Home(h)) => {
-                if who.sees_home(h) { Ok(()) } else { Err(Error::denied(format!("{who} may not see home {h}"))) }
+                if who.sees_home(h) {
+                    Ok(())
+                } else {
+                    Err(Error::denied(format!("{who} may not see home {h}")))
+                }
             }
             (Principal::Project(k), StoreRef::Device(d)) => {
                 if k.homes.is_none() {
@@ -150,10 +155,12 @@ impl Kv {
         condition: Condition,
     ) -> Result<Change> {
         let op = if matches!(action, KvAction::Set(_)) { "set" } else { "delete" };
-        let write = KvWrite { store, key, action, condition, max_keys: self.limits.max_keys_per_store, origin: who.origin() };
+        let write =
+            KvWrite { store, key, action, condition, max_keys: self.limits.max_keys_per_store, origin: who.origin() };
         let result = self.store.write(write).await;
         let outcome = if result.is_ok() { "ok" } else { "refused" };
-        metrics::counter!("ddp_writes_total", "transport" => transport.as_str(), "op" => op, "outcome" => outcome).increment(1);
+        metrics::counter!("ddp_writes_total", "transport" => transport.as_str(), "op" => op, "outcome" => outcome)
+            .increment(1);
         Ok(result?)
     }
 }

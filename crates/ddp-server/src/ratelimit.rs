@@ -64,8 +64,11 @@ impl RateLimiter {
             return Ok(());
         }
         let wait = ((1.0 - bucket.tokens) / rate).ceil().max(1.0);
-        Err(Error::new(Reason::RateLimitExceeded, format!("{principal} is over its limit of {rate} requests per second"))
-            .with_retry_after(wait as u64))
+        Err(Error::new(
+            Reason::RateLimitExceeded,
+            format!("{principal} is over its limit of {rate} requests per second"),
+        )
+        .with_retry_after(wait as u64))
     }
 }
 

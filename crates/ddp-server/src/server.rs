@@ -100,9 +100,11 @@ impl Server {
             .map_err(|source| StartError::Storage { path: db_path, source })?;
 
         let http = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
-        let http_addr = http
-            .local_addr()
-            .map_err(|source| StartError::Listen { addr: config.http_listen, flag: "--http-listen / DDP_HTTP_LISTEN", source })?;
+        let http_addr = http.local_addr().map_err(|source| StartError::Listen {
+            addr: config.http_listen,
+            flag: "--http-listen / DDP_HTTP_LISTEN",
+            source,
+        })?;
 
         let app = Arc::new(App {
             auth: Authenticator::new(&admin_key, store.clone(), auth_cache),
@@ -187,7 +189,9 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
 fn admin_key(config: &Config) -> Result<(String, Option<PathBuf>), StartError> {
     let check = |key: &str, from: &str| {
         if key.len() < 16 || key.chars().any(char::is_whitespace) {
-            Err(StartError::AdminKey(format!("the admin key from {from} must be at least 16 characters with no spaces")))
+            Err(StartError::AdminKey(format!(
+                "the admin key from {from} must be at least 16 characters with no spaces"
+            )))
         } else {
             Ok(())
         }

@@ -117,7 +117,14 @@ fn set(store: StoreRef, k: &str, v: &str) -> KvWrite {
 }
 
 fn del(store: StoreRef, k: &str) -> KvWrite {
-    KvWrite { store, key: key(k), action: KvAction::Delete, condition: Condition::None, max_keys: 1000, origin: Origin::Admin }
+    KvWrite {
+        store,
+        key: key(k),
+        action: KvAction::Delete,
+        condition: Condition::None,
+        max_keys: 1000,
+        origin: Origin::Admin,
+    }
 }
 
 async fn kv_roundtrip_and_revs(store: &dyn Store, recorder: &Recorder) {
@@ -154,9 +161,8 @@ async fn kv_roundtrip_and_revs(store: &dyn Store, recorder: &Recorder) {
 
 async fn values_keep_their_text(store: &dyn Store) {
     let d = StoreRef::Device(new_device(store, None).await);
-    for (i, text) in ["12345678901234567890", "1.10", "-0.0", r#"{"a":[1,2.50,{"b":null}]}"#, r#""é \" \\""#]
-        .into_iter()
-        .enumerate()
+    for (i, text) in
+        ["12345678901234567890", "1.10", "-0.0", r#"{"a":[1,2.50,{"b":null}]}"#, r#""é \" \\""#].into_iter().enumerate()
     {
         let k = format!("k{i}");
         store.write(set(d, &k, text)).await.expect("set");
@@ -168,10 +174,16 @@ async fn conditional_writes(store: &dyn Store) {
     let d = StoreRef::Device(new_device(store, None).await);
     let with = |c: Condition| KvWrite { condition: c, ..set(d, "k", "1") };
     assert_eq!(store.write(with(Condition::Exists)).await, Err(StoreError::RevisionMismatch { current: None }));
-    assert_eq!(store.write(with(Condition::RevIn(vec![Rev(1)]))).await, Err(StoreError::RevisionMismatch { current: None }));
+    assert_eq!(
+        store.write(with(Condition::RevIn(vec![Rev(1)]))).await,
+        Err(StoreError::RevisionMismatch { current: None })
+    );
     assert_eq!(store.write(with(Condition::Absent)).await.expect("create only").rev, Rev(1));
     assert_eq!(store.write(with(Condition::Absent)).await, Err(StoreError::RevisionMismatch { current: Some(Rev(1)) }));
-    assert_eq!(store.write(with(Condition::RevIn(vec![Rev(7)]))).await, Err(StoreError::RevisionMismatch { current: Some(Rev(1)) }));
+    assert_eq!(
+        store.write(with(Condition::RevIn(vec![Rev(7)]))).await,
+        Err(StoreError::RevisionMismatch { current: Some(Rev(1)) })
+    );
     assert_eq!(store.write(with(Condition::RevIn(vec![Rev(7), Rev(1)]))).await.expect("match").rev, Rev(2));
     assert_eq!(store.write(with(Condition::Exists)).await.expect("exists").rev, Rev(3));
     let stale_delete = KvWrite { condition: Condition::RevIn(vec![Rev(2)]), ..del(d, "k") };
@@ -240,13 +252,25 @@ async fn homes_and_devices(store: &dyn Store, recorder: &Recorder) {
 
     let ghost = HomeId::new(u64::MAX - 2).expect("id");
     let refused = store
-        .create_device(NewDevice { name: "x".into(), home: Some(ghost), device_class: String::new(), tag: String::new(), key_hash: fresh_hash() })
+        .create_device(NewDevice {
+            name: "x".into(),
+            home: Some(ghost),
+            device_class: String::new(),
+            tag: String::new(),
+            key_hash: fresh_hash(),
+        })
         .await;
     assert_eq!(refused.map(|d| d.id), Err(StoreError::HomeNotFound(ghost)));
 
     let key_hash = fresh_hash();
     let dev = store
-        .create_device(NewDevice { name: "Thermostat".into(), home: Some(home.id), device_class: "thermo".into(), tag: "t1".into(), key_hash })
+        .create_device(NewDevice {
+            name: "Thermostat".into(),
+            home: Some(home.id),
+            device_class: "thermo".into(),
+            tag: "t1".into(),
+            key_hash,
+        })
         .await
         .expect("device");
     assert_eq!((dev.home, dev.device_class.as_str(), dev.tag.as_str()), (Some(home.id), "thermo", "t1"));
@@ -256,12 +280,19 @@ async fn homes_and_devices(store: &dyn Store, recorder: &Recorder) {
     assert_eq!(store.principal_by_key_hash(key_hash).await.expect("lookup"), Some(KeyHolder::Device(dev.id)));
 
     // Rename; move; moving to the same home again is a conflict that changes nothing.
-    let renamed = store.update_device(dev.id, DeviceUpdate { name: Some("T2".into()), home: None }).await.expect("rename");
+    let renamed =
+        store.update_device(dev.id, DeviceUpdate { name: Some("T2".into()), home: None }).await.expect("rename");
     assert_eq!((renamed.name.as_str(), renamed.home), ("T2", Some(home.id)));
-    let moved = store.update_device(dev.id, DeviceUpdate { name: None, home: Some(Some(other.id)) }).await.expect("move");
+    let moved =
+        store.update_device(dev.id, DeviceUpdate { name: None, home: Some(Some(other.id)) }).await.expect("move");
     assert_eq!(moved.home, Some(other.id));
-    assert!(recorder.admin_changes().contains(&AdminChange::DeviceMoved { device: dev.id, from: Some(home.id), to: Some(other.id) }));
-    let again = store.update_device(dev.id, DeviceUpdate { name: Some("ignored".into()), home: Some(Some(other.id)) }).await;
+    assert!(recorder.admin_changes().contains(&AdminChange::DeviceMoved {
+        device: dev.id,
+        from: Some(home.id),
+        to: Some(other.id)
+    }));
+    let again =
+        store.update_device(dev.id, DeviceUpdate { name: Some("ignored".into()), home: Some(Some(other.id)) }).await;
     assert_eq!(again, Err(StoreError::DeviceAlreadyInHome { device: dev.id, home: other.id }));
     assert_eq!(store.device(dev.id).await.expect("get").name, "T2", "a refused update changes nothing");
     let to_ghost = store.update_device(dev.id, DeviceUpdate { name: None, home: Some(Some(ghost)) }).await;
@@ -305,22 +336,40 @@ async fn api_keys_and_scopes(store: &dyn Store, recorder: &Recorder) {
     let b = store.create_home("B".into()).await.expect("home");
     let scoped_hash = fresh_hash();
     let scoped = store
-        .create_api_key(NewApiKey { name: "app".into(), homes: Some(vec![b.id, a.id, a.id]), permission: Permission::Read, key_hash: scoped_hash })
+        .create_api_key(NewApiKey {
+            name: "app".into(),
+            homes: Some(vec![b.id, a.id, a.id]),
+            permission: Permission::Read,
+            key_hash: scoped_hash,
+        })
         .await
         .expect("key");
     assert_eq!(scoped.homes, Some(vec![a.id, b.id]), "homes are kept sorted and unique");
     let all_hash = fresh_hash();
     let all = store
-        .create_api_key(NewApiKey { name: "ops".into(), homes: None, permission: Permission::ReadWrite, key_hash: all_hash })
+        .create_api_key(NewApiKey {
+            name: "ops".into(),
+            homes: None,
+            permission: Permission::ReadWrite,
+            key_hash: all_hash,
+        })
         .await
         .expect("key");
-    assert_eq!(store.principal_by_key_hash(scoped_hash).await.expect("lookup"), Some(KeyHolder::Project(scoped.clone())));
+    assert_eq!(
+        store.principal_by_key_hash(scoped_hash).await.expect("lookup"),
+        Some(KeyHolder::Project(scoped.clone()))
+    );
     let listed = store.api_keys().await.expect("list");
     assert!(listed.contains(&scoped) && listed.contains(&all));
 
     let ghost = HomeId::new(u64::MAX - 3).expect("id");
     let refused = store
-        .create_api_key(NewApiKey { name: "x".into(), homes: Some(vec![ghost]), permission: Permission::Read, key_hash: fresh_hash() })
+        .create_api_key(NewApiKey {
+            name: "x".into(),
+            homes: Some(vec![ghost]),
+            permission: Permission::Read,
+            key_hash: fresh_hash(),
+        })
         .await;
     assert_eq!(refused.map(|k| k.id), Err(StoreError::HomeNotFound(ghost)));
 

@@ -93,7 +93,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a device and its store.
     async fn delete_device(&self, id: DeviceId) -> Result<(), StoreError>;
     /// Records that a device's first sync session opened (`connected`) or its last closed.
-    async fn record_connection(&self, id: DeviceId, connected: bool, at: ddp_protocol::Timestamp) -> Result<(), StoreError>;
+    async fn record_connection(
+        &self,
+        id: DeviceId,
+        connected: bool,
+        at: ddp_protocol::Timestamp,
+    ) -> Result<(), StoreError>;
 
     // ---- project API keys ----
 

@@ -24,7 +24,13 @@ async fn data_and_revs_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, Arc::new(Recorder::default()));
     let dev = store
-        .create_device(NewDevice { name: "d".into(), home: None, device_class: String::new(), tag: String::new(), key_hash: [7; 32] })
+        .create_device(NewDevice {
+            name: "d".into(),
+            home: None,
+            device_class: String::new(),
+            tag: String::new(),
+            key_hash: [7; 32],
+        })
         .await
         .expect("device");
     let d = StoreRef::Device(dev.id);

@@ -97,7 +97,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log filter {filter:?}"))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("bad --log filter {filter:?}"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -115,7 +116,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_keys_per_store: args.max_keys_per_store,
         max_body_bytes: args.max_body_bytes,
     };
-    config.rate_limits = RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };
+    config.rate_limits =
+        RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };
     config.history = History { keep_changes: args.history_changes, keep_age: args.history_age, ..History::default() };
     config.db_readers = args.db_readers;
 
@@ -128,7 +130,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             println!();
             println!("    {key}");
             println!();
-            println!("Use it as a token, e.g.:  curl -H 'Authorization: ModeCloud {key}' http://{}/homes", server.http_addr());
+            println!(
+                "Use it as a token, e.g.:  curl -H 'Authorization: ModeCloud {key}' http://{}/homes",
+                server.http_addr()
+            );
             println!("It is not printed again; later starts read it from that file.");
         }
         server.run(shutdown_signal()).await.context("the HTTP server failed")

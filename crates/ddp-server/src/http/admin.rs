@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::header::LOCATION;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Timestamp};
 use ddp_store::{ApiKeyRecord, DeviceRecord, DeviceUpdate, HomeRecord, NewApiKey, NewDevice, Permission};
 use serde::Serialize;
@@ -37,12 +37,16 @@ impl Fields {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(Fields(Map::new()));
         }
-        let value: Json_ = serde_json::from_slice(body).map_err(|e| Error::invalid_json(format!("the body is not JSON: {e}")))?;
+        let value: Json_ =
+            serde_json::from_slice(body).map_err(|e| Error::invalid_json(format!("the body is not JSON: {e}")))?;
         let Json_::Object(map) = value else {
             return Err(Error::invalid_json("the body must be a JSON object"));
         };
         if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(Error::invalid_parameter(format!("unknown field {unknown:?}; allowed: {}", allowed.join(", "))));
+            return Err(Error::invalid_parameter(format!(
+                "unknown field {unknown:?}; allowed: {}",
+                allowed.join(", ")
+            )));
         }
         Ok(Fields(map))
     }
@@ -51,7 +55,9 @@ impl Fields {
         match self.0.get(field) {
             None | Some(Json_::Null) => Ok(None),
             Some(Json_::String(s)) if s.chars().count() <= max_chars => Ok(Some(s.clone())),
-            Some(Json_::String(_)) => Err(Error::invalid_parameter(format!("{field} is longer than {max_chars} characters"))),
+            Some(Json_::String(_)) => {
+                Err(Error::invalid_parameter(format!("{field} is longer than {max_chars} characters")))
+            }
             Some(_) => Err(Error::invalid_parameter(format!("{field} must be a string"))),
         }
     }
@@ -76,9 +82,9 @@ impl Fields {
     fn home_ids(&self, field: &str) -> Result<Option<Vec<HomeId>>> {
         match self.0.get(field) {
             None | Some(Json_::Null) => Ok(None),
-            Some(Json_::Array(ids)) if ids.is_empty() => {
-                Err(Error::invalid_parameter(format!("{field} must name at least one home; leave it out for every home")))
-            }
+            Some(Json_::Array(ids)) if ids.is_empty() => Err(Error::invalid_parameter(format!(
+                "{field} must name at least one home; leave it out for every home"
+            ))),
             Some(Json_::Array(ids)) => ids.iter().map(|v| json_id(field, v)).collect::<Result<Vec<_>>>().map(Some),
             Some(_) => Err(Error::invalid_parameter(format!("{field} must be an array of home ids"))),
         }
@@ -149,7 +155,14 @@ struct ApiKeyJson<'a> {
 }
 
 fn api_key_json<'a>(k: &'a ApiKeyRecord, key: Option<&'a str>) -> ApiKeyJson<'a> {
-    ApiKeyJson { id: k.id, name: &k.name, homes: k.homes.as_deref(), permission: k.permission.as_str(), creation_time: k.created, key }
+    ApiKeyJson {
+        id: k.id,
+        name: &k.name,
+        homes: k.homes.as_deref(),
+        permission: k.permission.as_str(),
+        creation_time: k.created,
+        key,
+    }
 }
 
 fn created(location: String, body: impl Serialize) -> Response {
@@ -244,7 +257,11 @@ pub async fn update_device(
 }
 
 /// `POST /devices/{id}/apiKey`: a new key; the old one stops working at once.
-pub async fn rotate_device_key(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<Response> {
+pub async fn rotate_device_key(
+    State(app): State<Arc<App>>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let id: DeviceId = parse_id("device", &id)?;
     let api_key = secret::generate(SecretKind::Device);
     app.store.rotate_device_key(id, secret::digest(&api_key)).await?;
@@ -268,12 +285,14 @@ pub async fn create_api_key(State(app): State<Arc<App>>, _: AdminCaller, Body(bo
     let name = fields.name(true)?.unwrap_or_default();
     let homes = fields.home_ids("homes")?;
     let permission = match fields.string("permission", 16)? {
-        Some(p) => Permission::parse(&p)
-            .ok_or_else(|| Error::invalid_parameter(format!("permission must be \"read\" or \"readWrite\", got {p:?}")))?,
+        Some(p) => Permission::parse(&p).ok_or_else(|| {
+            Error::invalid_parameter(format!("permission must be \"read\" or \"readWrite\", got {p:?}"))
+        })?,
         None => return Err(Error::invalid_parameter("permission is required: \"read\" or \"readWrite\"")),
     };
     let key = secret::generate(SecretKind::Project);
-    let record = app.store.create_api_key(NewApiKey { name, homes, permission, key_hash: secret::digest(&key) }).await?;
+    let record =
+        app.store.create_api_key(NewApiKey { name, homes, permission, key_hash: secret::digest(&key) }).await?;
     tracing::info!(api_key = %record.id, permission = permission.as_str(), "project API key created");
     Ok(created(format!("/apiKeys/{}", record.id), api_key_json(&record, Some(&key))))
 }

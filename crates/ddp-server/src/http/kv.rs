@@ -91,12 +91,18 @@ fn condition(headers: &HeaderMap, create_only_allowed: bool) -> Result<Condition
         (Some(m), None) => {
             let revs = m
                 .split(',')
-                .map(|t| parse_etag(t).ok_or_else(|| Error::invalid_parameter(format!("If-Match must hold revs like \"5\", got {t:?}"))))
+                .map(|t| {
+                    parse_etag(t).ok_or_else(|| {
+                        Error::invalid_parameter(format!("If-Match must hold revs like \"5\", got {t:?}"))
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?;
             Ok(Condition::RevIn(revs))
         }
         (None, Some(n)) if n.trim() == "*" && create_only_allowed => Ok(Condition::Absent),
-        (None, Some(_)) if create_only_allowed => Err(Error::invalid_parameter("a write accepts only If-None-Match: *")),
+        (None, Some(_)) if create_only_allowed => {
+            Err(Error::invalid_parameter("a write accepts only If-None-Match: *"))
+        }
         (None, Some(_)) => Err(Error::invalid_parameter("DELETE does not take If-None-Match")),
     }
 }
@@ -122,7 +128,12 @@ pub async fn list(
 }
 
 /// `GET …/kv/{key}`
-pub async fn get(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath, headers: HeaderMap) -> Result<Response> {
+pub async fn get(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    path: KvPath,
+    headers: HeaderMap,
+) -> Result<Response> {
     let key = parse_key(path.key.as_deref().unwrap_or_default())?;
     let item = app.kv.get(&who, path.store, key).await?;
     if not_modified(&headers, item.rev) {
@@ -140,6 +151,10 @@ struct PutBody<'a> {
 
 /// Parses `{"value": <json>}`.
 fn parse_put_body(body: &[u8]) -> Result<Value> {
+    // serde would also take a JSON array for a struct; the contract wants an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::invalid_json("the body must be a JSON object {\"value\": <json>}"));
+    }
     let parsed: PutBody<'_> = serde_json::from_slice(body).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             Error::new(Reason::InvalidValue, ValueError::TooDeep.to_string())
@@ -147,12 +162,19 @@ fn parse_put_body(body: &[u8]) -> Result<Value> {
             Error::invalid_json(format!("the body must be a JSON object {{\"value\": <json>}}: {e}"))
         }
     })?;
-    let raw = parsed.value.ok_or_else(|| Error::new(Reason::InvalidValue, "the body has no \"value\", or it is null"))?;
+    let raw =
+        parsed.value.ok_or_else(|| Error::new(Reason::InvalidValue, "the body has no \"value\", or it is null"))?;
     Value::from_raw(raw).map_err(|e| Error::new(Reason::InvalidValue, e.to_string()))
 }
 
 /// `PUT …/kv/{key}` with `{"value": <json>}`
-pub async fn put(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath, headers: HeaderMap, Body(body): Body) -> Result<Response> {
+pub async fn put(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    path: KvPath,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response> {
     let key = parse_key(path.key.as_deref().unwrap_or_default())?;
     let condition = condition(&headers, true)?;
     let value = parse_put_body(&body)?;
@@ -161,7 +183,12 @@ pub async fn put(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath,
 }
 
 /// `DELETE …/kv/{key}`
-pub async fn delete(State(app): State<Arc<App>>, Caller(who): Caller, path: KvPath, headers: HeaderMap) -> Result<Response> {
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    path: KvPath,
+    headers: HeaderMap,
+) -> Result<Response> {
     let key = parse_key(path.key.as_deref().unwrap_or_default())?;
     let condition = condition(&headers, false)?;
     let change = app.kv.delete(&who, Transport::Rest, path.store, key, condition).await?;
@@ -180,7 +207,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            h.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         h
     }
@@ -189,10 +219,15 @@ mod tests {
     fn preconditions_parse() {
         assert_eq!(condition(&headers(&[]), true), Ok(Condition::None));
         assert_eq!(condition(&headers(&[("if-match", "\"3\"")]), true), Ok(Condition::RevIn(vec![Rev(3)])));
-        assert_eq!(condition(&headers(&[("if-match", "\"3\", W/\"4\"")]), true), Ok(Condition::RevIn(vec![Rev(3), Rev(4)])));
+        assert_eq!(
+            condition(&headers(&[("if-match", "\"3\", W/\"4\"")]), true),
+            Ok(Condition::RevIn(vec![Rev(3), Rev(4)]))
+        );
         assert_eq!(condition(&headers(&[("if-match", "*")]), false), Ok(Condition::Exists));
         assert_eq!(condition(&headers(&[("if-none-match", "*")]), true), Ok(Condition::Absent));
-        for bad in [&[("if-none-match", "*")][..], &[("if-match", "\"x\"")], &[("if-match", "1"), ("if-none-match", "*")]] {
+        for bad in
+            [&[("if-none-match", "*")][..], &[("if-match", "\"x\"")], &[("if-match", "1"), ("if-none-match", "*")]]
+        {
             assert!(condition(&headers(bad), false).is_err(), "{bad:?}");
         }
         assert!(condition(&headers(&[("if-none-match", "\"3\"")]), true).is_err());

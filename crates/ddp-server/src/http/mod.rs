@@ -118,11 +118,11 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, Error> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or_else(|| Error::unauthenticated("missing the Authorization header: send `Authorization: ModeCloud <token>`"))?;
-        let value = header.to_str().map_err(|_| Error::unauthenticated("the Authorization header is not readable text"))?;
+        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
+            Error::unauthenticated("missing the Authorization header: send `Authorization: ModeCloud <token>`")
+        })?;
+        let value =
+            header.to_str().map_err(|_| Error::unauthenticated("the Authorization header is not readable text"))?;
         let principal = app.auth.authenticate(token_from_header(value)?).await?;
         app.limiter.check(&principal)?;
         Ok(Caller(principal))
@@ -154,13 +154,16 @@ impl FromRequest<Arc<App>> for Body {
             Error::new(Reason::PayloadTooLarge, format!("the request body is over the limit of {limit} bytes"))
                 .with_data(serde_json::json!({ "limit": limit }))
         };
-        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let declared =
+            req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
         match axum::body::to_bytes(req.into_body(), limit).await {
             Ok(bytes) => Ok(Body(bytes)),
-            Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => Err(too_large()),
+            Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
+                Err(too_large())
+            }
             Err(e) => Err(Error::invalid_json(format!("could not read the request body: {e}"))),
         }
     }

@@ -1,0 +1,51 @@
+//! `ddp-bench`: load generator for the Device Data Proxy.
+//!
+//! `ddp-bench writes` measures durable REST writes: it starts the real `ddp serve` (release build)
+//! as a separate process on a fresh data directory, measures the disk's serial fsync rate in the
+//! same run and on the same file system, then drives `PUT /devices/{id}/kv/{key}` with 1 and 64
+//! concurrent clients, several times each, and prints medians and ratios.
+//!
+//! `ddp-bench store` measures the storage engine alone, in process, to show what group commit
+//! does without HTTP in the way.
+//!
+//! Run it with `cargo build --release -p ddp -p ddp-bench && target/release/ddp-bench writes`.
+
+mod fsync;
+mod report;
+mod server;
+mod store;
+mod writes;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ddp-bench", version, about = "Benchmarks for the Device Data Proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Durable REST writes per second at several client counts, beside the serial fsync rate.
+    Writes(writes::WritesArgs),
+    /// Durable writes/s of the storage engine alone, in process (no HTTP), beside the serial
+    /// fsync rate.
+    Store(store::StoreArgs),
+    /// Only the disk's serial fsync rate (append 256 bytes, fdatasync, repeat).
+    Fsync(fsync::FsyncArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Writes(args) => runtime.block_on(writes::run(args)),
+        Command::Store(args) => runtime.block_on(store::run(args)),
+        Command::Fsync(args) => {
+            let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;
+            println!("{r}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Health, readiness, metrics and shutdown (PROTOCOL.md §7).
+
+use ddp_testkit::{TestServer, expect_json};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn health_and_readiness_need_no_token() {
+    let s = TestServer::start().await;
+    assert_eq!(expect_json(s.req(Method::GET, "/healthz", None).send().await, StatusCode::OK).await["status"], "ok");
+    assert_eq!(expect_json(s.req(Method::GET, "/readyz", None).send().await, StatusCode::OK).await["status"], "ready");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_writes() {
+    let s = TestServer::start().await;
+    let (dev, _) = s.create_device(None).await;
+    s.put(&format!("/devices/{dev}"), "k", json!(1)).await;
+    let resp = s.req(Method::GET, "/metrics", None).send().await.expect("metrics");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("text/plain"))
+    );
+    let text = resp.text().await.expect("text");
+    for needle in [
+        "ddp_http_requests_total{method=\"PUT\",route=\"/devices/{id}/kv/{*key}\",status=\"204\"}",
+        "ddp_writes_total{transport=\"rest\",op=\"set\",outcome=\"ok\"}",
+        "ddp_store_batch_size",
+        "ddp_store_commit_seconds",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_writes_then_refuses_connections() {
+    let s = TestServer::start().await;
+    let (dev, _) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    let writes: Vec<_> =
+        (0..50).map(|i| s.admin(Method::PUT, &format!("{d}/kv/k{i}")).json(&json!({ "value": i })).send()).collect();
+    let pending = tokio::spawn(futures_util::future::join_all(writes));
+    tokio::task::yield_now().await;
+    let addr = s.addr;
+    let base = s.base.clone();
+    let dir = s.stop_keep_data().await;
+    let acked = pending
+        .await
+        .expect("writers")
+        .into_iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.status() == StatusCode::NO_CONTENT))
+        .count();
+    assert!(reqwest::get(format!("{base}/healthz")).await.is_err(), "{addr} still accepts connections after shutdown");
+
+    let mut config = ddp_server::Config::new(dir.path().join("data"), "127.0.0.1:0".parse().expect("addr"));
+    config.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
+    let again = TestServer::start_config(config, Some(dir)).await;
+    assert!(again.items(&d).await.len() >= acked, "every acknowledged write survived the shutdown");
+    assert_eq!(again.store_rev(&d).await as usize, again.items(&d).await.len());
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || {
+        let mut c = ddp_server::Config::new(dir.path().join("data"), "127.0.0.1:0".parse().expect("addr"));
+        c.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
+        c
+    };
+    let first = ddp_server::Server::bind(config()).await.expect("first binds");
+    let second = ddp_server::Server::bind(config()).await.err().expect("second is refused");
+    assert!(second.to_string().contains("in use by another"), "{second}");
+    drop(first);
+    assert!(ddp_server::Server::bind(config()).await.is_ok(), "the lock is released with the server");
+}
+
+#[tokio::test]
+async fn a_busy_port_names_the_flag_to_change() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ddp_server::Config::new(dir.path().join("data"), taken.local_addr().expect("addr"));
+    config.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
+    let err = ddp_server::Server::bind(config).await.err().expect("refused");
+    assert!(err.to_string().contains("--http-listen"), "{err}");
+}
