@@ -8,9 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::hub::Hub;
 use crate::kv::Kv;
-use crate::presence::Presence;
 use crate::ratelimit::RateLimiter;
+use crate::sessions::Sessions;
 
 /// The running service: configuration, storage, the write path and the session registries.
 pub struct App {
@@ -24,8 +25,10 @@ pub struct App {
     pub kv: Kv,
     /// Per-key request rates.
     pub limiter: RateLimiter,
-    /// Live sync sessions per device.
-    pub presence: Presence,
+    /// Committed changes to live sessions.
+    pub hub: Arc<Hub>,
+    /// Live sync sessions: caps, presence, connection times.
+    pub sessions: Arc<Sessions>,
     /// Prometheus rendering.
     pub metrics: PrometheusHandle,
     /// Cancelled when the server starts shutting down.

@@ -21,6 +21,8 @@ pub struct Config {
     pub history: History,
     /// Read connections to the embedded database.
     pub db_readers: usize,
+    /// Live sync sessions.
+    pub sessions: SessionLimits,
 }
 
 impl Config {
@@ -34,6 +36,7 @@ impl Config {
             rate_limits: RateLimits::default(),
             history: History::default(),
             db_readers: 4,
+            sessions: SessionLimits::default(),
         }
     }
 }
@@ -85,5 +88,25 @@ pub struct History {
 impl Default for History {
     fn default() -> History {
         History { keep_changes: 10_000, keep_age: Duration::from_secs(24 * 3600), trim_every: Duration::from_secs(300) }
+    }
+}
+
+/// Live sync sessions (WebSocket and MQTT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Live sessions one device key may hold at once; the next is refused.
+    pub max_per_device: usize,
+    /// Changes queued for a session before it is considered lagging and gets a fresh reload.
+    pub mailbox: usize,
+    /// The server pings a WebSocket peer this often and closes it after twice this of silence.
+    pub idle: Duration,
+    /// Read buffer of a WebSocket session, in bytes (larger frames still fit; this is what an
+    /// idle session holds).
+    pub ws_read_buffer: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> SessionLimits {
+        SessionLimits { max_per_device: 5, mailbox: 256, idle: Duration::from_secs(30), ws_read_buffer: 2048 }
     }
 }

@@ -1,28 +1,62 @@
 //! Where committed changes go. The store calls [`Fanout`] with every committed batch, in commit
-//! order, before any writer is answered.
+//! order, after it is durable and before any writer is answered.
+//!
+//! - key-value changes go to the [`Hub`], which hands them to live sessions;
+//! - admin changes clear the authentication cache and end the sessions they invalidate: a rotated
+//!   key's sessions, a deleted device's sessions, a revoked project key's sessions, and project-key
+//!   watchers whose view of a device may have changed (they may reconnect and be re-checked).
 
 use std::sync::Arc;
 
-use ddp_store::{CommitSink, Committed};
+use ddp_store::{AdminChange, CommitSink, Committed, StoreRef};
 
-use crate::auth::AuthCache;
+use crate::auth::{AuthCache, Principal};
+use crate::hub::{CloseReason, Hub};
 
 /// The server's [`CommitSink`].
 pub struct Fanout {
     auth_cache: Arc<AuthCache>,
+    hub: Arc<Hub>,
 }
 
 impl Fanout {
-    /// A fan-out that keeps `auth_cache` true to admin changes.
-    pub fn new(auth_cache: Arc<AuthCache>) -> Fanout {
-        Fanout { auth_cache }
+    /// A fan-out to `hub` that keeps `auth_cache` true to admin changes.
+    pub fn new(auth_cache: Arc<AuthCache>, hub: Arc<Hub>) -> Fanout {
+        Fanout { auth_cache, hub }
+    }
+
+    fn admin(&self, change: &AdminChange) {
+        let is_scoped_project = |p: &Principal| matches!(p, Principal::Project(k) if k.homes.is_some());
+        match *change {
+            AdminChange::DeviceKeyRotated(d) => self.hub.close_device_key(d, CloseReason::KeyRotated),
+            AdminChange::DeviceDeleted(d) => {
+                self.hub.close_store(StoreRef::Device(d), |_| true, CloseReason::DeviceDeleted)
+            }
+            AdminChange::ApiKeyDeleted(k) => self.hub.close_project_key(k, CloseReason::KeyRevoked),
+            AdminChange::DeviceMoved { device, to, .. } => self.hub.close_store(
+                StoreRef::Device(device),
+                |p| is_scoped_project(p) && !to.is_some_and(|h| p.sees_home(h)),
+                CloseReason::AccessChanged,
+            ),
+            AdminChange::HomeDeleted(_) => self.hub.close_where(is_scoped_project, CloseReason::AccessChanged),
+        }
     }
 }
 
 impl CommitSink for Fanout {
     fn committed(&self, batch: &[Committed]) {
-        if batch.iter().any(|c| matches!(c, Committed::Admin(_))) {
-            self.auth_cache.invalidate();
+        let mut admin_changed = false;
+        for item in batch {
+            match item {
+                Committed::Kv(change) => self.hub.publish(change),
+                Committed::Admin(change) => {
+                    if !admin_changed {
+                        self.auth_cache.invalidate();
+                        admin_changed = true;
+                    }
+                    self.admin(change);
+                }
+            }
         }
     }
 }

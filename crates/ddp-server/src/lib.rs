@@ -11,13 +11,15 @@
 //! - [`server`]: start-up (data directory, lock, admin key, storage, listeners) and shutdown.
 //! - [`config`]: every setting.
 //! - [`app`]: the state all transports share.
-//! - [`http`]: the REST API (axum).
+//! - [`http`]: the REST API and the WebSocket sync sessions (axum).
 //! - [`kv`]: the one write path and read path: authorization, validation, limits.
 //! - [`auth`]: tokens to principals, with a cache that admin changes clear.
 //! - [`secret`]: generating and hashing keys.
 //! - [`ratelimit`]: per-key request rates.
-//! - [`presence`]: live sync sessions per device.
-//! - [`fanout`]: the store's commit sink.
+//! - [`hub`]: committed changes to live sessions, per store.
+//! - [`watch`]: the one watch path: subscribe, then snapshot or resume, then live.
+//! - [`sessions`]: live sessions: cap per device, presence, connection times.
+//! - [`fanout`]: the store's commit sink: hub, auth cache, closing sessions.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the one error type, with its `Reason`.
 
@@ -27,13 +29,15 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod http;
+pub mod hub;
 pub mod kv;
 pub mod metrics;
-pub mod presence;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;
+pub mod sessions;
+pub mod watch;
 
-pub use config::{Config, History, Limits, RateLimits};
+pub use config::{Config, History, Limits, RateLimits, SessionLimits};
 pub use error::Error;
 pub use server::{Server, StartError};

@@ -17,10 +17,11 @@ use crate::app::App;
 use crate::auth::{AuthCache, Authenticator};
 use crate::config::Config;
 use crate::fanout::Fanout;
+use crate::hub::Hub;
 use crate::kv::Kv;
-use crate::presence::Presence;
 use crate::ratelimit::RateLimiter;
 use crate::secret::{self, SecretKind};
+use crate::sessions::Sessions;
 use crate::{http, metrics};
 
 /// The file in the data directory that holds the generated admin key.
@@ -29,6 +30,9 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 pub const DATABASE_FILE: &str = "ddp.sqlite3";
 /// The lock file that keeps two servers off one data directory.
 pub const LOCK_FILE: &str = "ddp.lock";
+
+/// How long shutdown waits for live sessions to close.
+const SESSION_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Listen backlog: a reconnect storm of thousands of devices must not overflow the accept queue.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -89,7 +93,8 @@ impl Server {
         let (admin_key, admin_key_created) = admin_key(&config)?;
 
         let auth_cache = Arc::new(AuthCache::default());
-        let fanout = Arc::new(Fanout::new(auth_cache.clone()));
+        let hub = Arc::new(Hub::new(config.sessions.mailbox));
+        let fanout = Arc::new(Fanout::new(auth_cache.clone(), hub.clone()));
         let db_path = data_dir.join(DATABASE_FILE);
         let mut options = SqliteOptions::new(&db_path);
         options.readers = config.db_readers.max(1);
@@ -110,7 +115,8 @@ impl Server {
             auth: Authenticator::new(&admin_key, store.clone(), auth_cache),
             kv: Kv::new(store.clone(), config.limits),
             limiter: RateLimiter::new(config.rate_limits),
-            presence: Presence::default(),
+            hub,
+            sessions: Arc::new(Sessions::new(store.clone(), config.sessions.max_per_device)),
             metrics: metrics::handle(),
             shutdown: CancellationToken::new(),
             store,
@@ -155,6 +161,13 @@ impl Server {
             }
         });
         let served = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(signal).await;
+        // Upgraded sessions are not HTTP requests: they saw the cancellation and are closing.
+        if tokio::time::timeout(SESSION_DRAIN, app.sessions.drained()).await.is_err() {
+            tracing::warn!(
+                left = app.sessions.live(),
+                "sessions still open after {SESSION_DRAIN:?}; closing storage anyway"
+            );
+        }
         trimmer.abort();
         app.store.close().await;
         tracing::info!("stopped; every acknowledged write is on disk");

@@ -187,3 +187,167 @@ pub async fn expect_error(resp: reqwest::Result<Response>, status: StatusCode, r
     assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "errors carry a message: {body}");
     body
 }
+
+/// A WebSocket sync session opened with a real client (tokio-tungstenite).
+pub struct WsClient {
+    stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+/// What the server did when a WebSocket upgrade was attempted.
+pub enum WsOpen {
+    /// The session is open.
+    Open(Box<WsClient>),
+    /// The server answered with an HTTP error instead: status and JSON body.
+    Refused(u16, Value),
+}
+
+impl TestServer {
+    /// Opens `/devices/{device}/kv` as a WebSocket with `token` in the Authorization header and
+    /// `query` appended (e.g. `"?sinceRev=3"`).
+    pub async fn ws(&self, device: u64, token: &str, query: &str) -> WsOpen {
+        self.ws_request(device, Some(token), query).await
+    }
+
+    /// Like [`TestServer::ws`], with the token only where `query` puts it (or nowhere).
+    pub async fn ws_request(&self, device: u64, token: Option<&str>, query: &str) -> WsOpen {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}/devices/{device}/kv{query}", self.addr);
+        let mut request = url.into_client_request().expect("request");
+        if let Some(t) = token {
+            request.headers_mut().insert("Authorization", format!("ModeCloud {t}").parse().expect("header"));
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((stream, _)) => WsOpen::Open(Box::new(WsClient { stream })),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
+                    .unwrap_or(Value::Null);
+                WsOpen::Refused(status, body)
+            }
+            Err(e) => panic!("websocket connect failed: {e}"),
+        }
+    }
+
+    /// Opens a session that must succeed.
+    pub async fn ws_open(&self, device: u64, token: &str, query: &str) -> WsClient {
+        match self.ws(device, token, query).await {
+            WsOpen::Open(c) => *c,
+            WsOpen::Refused(status, body) => panic!("websocket refused with {status}: {body}"),
+        }
+    }
+}
+
+/// How a session ended, from the client's side.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsEnd {
+    /// A close frame with this code.
+    Closed(u16),
+    /// The connection ended without a close frame.
+    Dropped,
+}
+
+impl WsClient {
+    /// The next JSON text message (pings and pongs are skipped); panics after 10 s or on close.
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_json_within(std::time::Duration::from_secs(10)).await {
+            Ok(v) => v,
+            Err(end) => panic!("session ended while a message was expected: {end:?}"),
+        }
+    }
+
+    /// The next JSON text message within `wait`, or how the session ended. Times out with a panic.
+    pub async fn next_json_within(&mut self, wait: std::time::Duration) -> Result<Value, WsEnd> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.stream.next()).await.expect("a message in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(t.as_str()).expect("JSON text frame")),
+                Some(Ok(Message::Close(frame))) => return Err(WsEnd::Closed(frame.map_or(1005, |f| f.code.into()))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(WsEnd::Dropped),
+            }
+        }
+    }
+
+    /// Whether a message arrives within `wait` (for asserting that nothing more comes).
+    pub async fn quiet_for(&mut self, wait: std::time::Duration) -> bool {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return true,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(_) => return false,
+            }
+        }
+    }
+
+    /// Waits for the end of the session and tells how it ended.
+    pub async fn end(&mut self) -> WsEnd {
+        loop {
+            match self.next_json_within(std::time::Duration::from_secs(10)).await {
+                Ok(_) => continue,
+                Err(end) => return end,
+            }
+        }
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        self.stream.send(tokio_tungstenite::tungstenite::Message::text(text)).await.expect("send");
+    }
+
+    /// Sends a JSON message.
+    pub async fn send_json(&mut self, value: &Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    /// Closes the session from the client side.
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+    }
+}
+
+/// The sending half of a [`WsClient`] whose receiving half is drained by a task.
+pub struct WsWriter {
+    sink: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+        tokio_tungstenite::tungstenite::Message,
+    >,
+}
+
+impl WsWriter {
+    /// Sends a JSON message.
+    pub async fn send_json(&mut self, value: &Value) {
+        use futures_util::SinkExt;
+        self.sink.send(tokio_tungstenite::tungstenite::Message::text(value.to_string())).await.expect("send");
+    }
+}
+
+impl WsClient {
+    /// Splits the session: the receiving half is read (and its JSON messages kept) by a task until
+    /// the session ends, as a device that always reads its socket would.
+    pub fn drained(self) -> (WsWriter, tokio::task::JoinHandle<Vec<Value>>) {
+        use futures_util::StreamExt;
+        let (sink, mut stream) = self.stream.split();
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(Ok(message)) = stream.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(t) = message
+                    && let Ok(v) = serde_json::from_str(t.as_str())
+                {
+                    seen.push(v);
+                }
+            }
+            seen
+        });
+        (WsWriter { sink }, reader)
+    }
+}

@@ -135,7 +135,7 @@ fn device_json<'a>(app: &App, d: &'a DeviceRecord, api_key: Option<&'a str>) -> 
         device_class: &d.device_class,
         tag: &d.tag,
         creation_time: d.created,
-        is_connected: app.presence.is_connected(d.id),
+        is_connected: app.sessions.is_connected(d.id),
         last_connect_time: d.last_connect,
         last_disconnect_time: d.last_disconnect,
         api_key,

@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
-use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH};
+use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH, UPGRADE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -107,6 +109,40 @@ fn condition(headers: &HeaderMap, create_only_allowed: bool) -> Result<Condition
     }
 }
 
+/// `GET /devices/{id}/kv`: a WebSocket sync session when the request asks for an upgrade
+/// (token in the header or `?authToken=`, optional `?sinceRev=N`), else the list.
+pub async fn list_or_watch(
+    State(app): State<Arc<App>>,
+    upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    path: KvPath,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let wants_upgrade =
+        headers.get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    match upgrade {
+        Ok(upgrade) => {
+            let who = super::authenticate(&app, &headers, query.get("authToken").map(String::as_str)).await?;
+            let since = query
+                .get("sinceRev")
+                .map(|s| {
+                    s.parse::<u64>()
+                        .map(Rev)
+                        .map_err(|_| Error::invalid_parameter(format!("sinceRev must be a rev, got {s:?}")))
+                })
+                .transpose()?;
+            super::ws::accept(app, upgrade, who, path.store, since).await
+        }
+        Err(rejection) if wants_upgrade => {
+            Err(Error::invalid_parameter(format!("bad WebSocket upgrade request: {}", rejection.body_text())))
+        }
+        Err(_) => {
+            let who = super::authenticate(&app, &headers, None).await?;
+            list_store(&app, &who, path, &query, &headers).await
+        }
+    }
+}
+
 /// `GET …/kv[?keyPrefix=p]`
 pub async fn list(
     State(app): State<Arc<App>>,
@@ -115,8 +151,18 @@ pub async fn list(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response> {
-    let snapshot = app.kv.snapshot(&who, path.store, query.get("keyPrefix").map(String::as_str)).await?;
-    if not_modified(&headers, snapshot.rev) {
+    list_store(&app, &who, path, &query, &headers).await
+}
+
+async fn list_store(
+    app: &App,
+    who: &crate::auth::Principal,
+    path: KvPath,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Response> {
+    let snapshot = app.kv.snapshot(who, path.store, query.get("keyPrefix").map(String::as_str)).await?;
+    if not_modified(headers, snapshot.rev) {
         return Ok((StatusCode::NOT_MODIFIED, [(ETAG, etag(snapshot.rev))]).into_response());
     }
     let items: Vec<ItemJson<'_>> = snapshot

@@ -8,6 +8,7 @@
 mod admin;
 mod kv;
 mod ops;
+mod ws;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,7 +33,6 @@ use crate::error::Error;
 pub fn router(app: Arc<App>) -> Router {
     let kv_routes = |prefix: &str| {
         Router::new()
-            .route(&format!("{prefix}/kv"), get(kv::list))
             .route(&format!("{prefix}/kv/"), get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
             .route(&format!("{prefix}/kv/{{*key}}"), get(kv::get).put(kv::put).delete(kv::delete))
     };
@@ -47,6 +47,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/devices/{id}/apiKey", post(admin::rotate_device_key))
         .route("/apiKeys", post(admin::create_api_key).get(admin::list_api_keys))
         .route("/apiKeys/{id}", axum::routing::delete(admin::delete_api_key))
+        .route("/devices/{id}/kv", get(kv::list_or_watch))
+        .route("/homes/{id}/kv", get(kv::list))
         .merge(kv_routes("/devices/{id}"))
         .merge(kv_routes("/homes/{id}"))
         .fallback(not_found)
@@ -118,15 +120,27 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, Error> {
-        let header = parts.headers.get(AUTHORIZATION).ok_or_else(|| {
-            Error::unauthenticated("missing the Authorization header: send `Authorization: ModeCloud <token>`")
-        })?;
-        let value =
-            header.to_str().map_err(|_| Error::unauthenticated("the Authorization header is not readable text"))?;
-        let principal = app.auth.authenticate(token_from_header(value)?).await?;
-        app.limiter.check(&principal)?;
-        Ok(Caller(principal))
+        authenticate(app, &parts.headers, None).await.map(Caller)
     }
+}
+
+/// The caller of a request: from the `Authorization` header, or (WebSocket endpoints only,
+/// since browsers cannot set headers there) from `?authToken=`. Rate limits are applied here.
+pub async fn authenticate(app: &App, headers: &HeaderMap, query_token: Option<&str>) -> Result<Principal, Error> {
+    let token = match (headers.get(AUTHORIZATION), query_token) {
+        (Some(header), _) => token_from_header(
+            header.to_str().map_err(|_| Error::unauthenticated("the Authorization header is not readable text"))?,
+        )?,
+        (None, Some(token)) if !token.is_empty() => token,
+        (None, _) => {
+            return Err(Error::unauthenticated(
+                "missing the Authorization header: send `Authorization: ModeCloud <token>`",
+            ));
+        }
+    };
+    let principal = app.auth.authenticate(token).await?;
+    app.limiter.check(&principal)?;
+    Ok(principal)
 }
 
 /// A caller holding the admin key; anyone else gets 403 before the body is read.

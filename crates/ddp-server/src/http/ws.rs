@@ -1,0 +1,215 @@
+//! `GET /devices/{id}/kv` upgraded to a WebSocket: a device's live sync session (PROTOCOL.md §4.1).
+//!
+//! The session sends the watch's messages as text frames (a `reload` or `resume` first, then
+//! every change), applies the device's `set`/`delete` frames through the one write path (the
+//! confirmation arrives as the change itself, with its authoritative rev), answers bad frames with
+//! an `error` frame and stays open. It pings every idle interval and closes a peer silent for
+//! twice that. Close codes: 1001 server shutting down, 4001 key rotated, 4002 device deleted,
+//! 4003 API key revoked, 4004 access changed (reconnect to re-check), 4008 silent too long,
+//! 1011 server failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::Bytes;
+use ddp_protocol::sync::{DeviceRequest, ServerMessage};
+use ddp_protocol::{Reason, Rev};
+use ddp_store::{Condition, StoreRef};
+use futures_util::SinkExt;
+use tokio::time::Instant;
+
+use crate::app::App;
+use crate::auth::Principal;
+use crate::error::{Error, Result};
+use crate::hub::{CloseReason, Delivery};
+use crate::kv::Transport;
+use crate::sessions::SessionTicket;
+use crate::watch::{Step, Watch};
+
+/// How long one send to a peer may take before the session is given up.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts the upgrade once the caller is known to be allowed to watch `store`.
+pub async fn accept(
+    app: Arc<App>,
+    upgrade: WebSocketUpgrade,
+    who: Principal,
+    store: StoreRef,
+    since: Option<Rev>,
+) -> Result<Response> {
+    app.kv.authorize(&who, store, false).await?;
+    if let (Principal::Admin, StoreRef::Device(d)) = (&who, store) {
+        app.store.device(d).await?; // 404 now, not a closed session later
+    }
+    let ticket = app.sessions.open(&who, Transport::WebSocket)?;
+    let limits = app.config.sessions;
+    let max_message = app.kv.limits().max_body_bytes;
+    Ok(upgrade
+        .read_buffer_size(limits.ws_read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
+        .on_upgrade(move |socket| session(app, socket, who, store, since, ticket)))
+}
+
+fn close_frame(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))
+}
+
+fn close_for(reason: CloseReason) -> Message {
+    let code = match reason {
+        CloseReason::ShuttingDown => 1001,
+        CloseReason::KeyRotated => 4001,
+        CloseReason::DeviceDeleted => 4002,
+        CloseReason::KeyRevoked => 4003,
+        CloseReason::AccessChanged => 4004,
+    };
+    close_frame(code, reason.message())
+}
+
+async fn send_all(socket: &mut WebSocket, messages: Vec<Utf8Bytes>) -> std::result::Result<(), ()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let n = messages.len() as u64;
+    let sent = tokio::time::timeout(SEND_TIMEOUT, async {
+        for m in messages {
+            socket.feed(Message::Text(m)).await?;
+        }
+        socket.flush().await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {
+            metrics::counter!("ddp_sync_messages_sent_total", "transport" => "websocket").increment(n);
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "websocket send failed");
+            Err(())
+        }
+        Err(_) => {
+            tracing::info!("websocket peer too slow to receive for {SEND_TIMEOUT:?}; closing the session");
+            Err(())
+        }
+    }
+}
+
+enum Input {
+    Delivery(Delivery),
+    Frame(Option<std::result::Result<Message, axum::Error>>),
+    Tick,
+    Shutdown,
+}
+
+async fn session(
+    app: Arc<App>,
+    mut socket: WebSocket,
+    who: Principal,
+    store: StoreRef,
+    since: Option<Rev>,
+    ticket: SessionTicket,
+) {
+    let _ticket = ticket;
+    let (mut watch, first) = match Watch::start(app.store.clone(), &app.hub, store, who.clone(), since).await {
+        Ok(started) => started,
+        Err(e) => {
+            tracing::warn!(%store, who = %who, error = %e, "cannot start a sync session");
+            let _ = socket.send(close_frame(1011, "the server could not read the store")).await;
+            return;
+        }
+    };
+    tracing::debug!(%store, who = %who, "websocket session opened");
+    if send_all(&mut socket, first).await.is_err() {
+        return;
+    }
+    let idle = app.config.sessions.idle;
+    let mut tick = tokio::time::interval_at(Instant::now() + idle, idle);
+    let mut heard = Instant::now();
+    let close = loop {
+        let input = tokio::select! {
+            d = watch.recv() => Input::Delivery(d),
+            m = socket.recv() => Input::Frame(m),
+            _ = tick.tick() => Input::Tick,
+            () = app.shutdown.cancelled() => Input::Shutdown,
+        };
+        match input {
+            Input::Delivery(delivery) => match watch.process(delivery).await {
+                Ok(Step::Send(messages)) => {
+                    if send_all(&mut socket, messages).await.is_err() {
+                        break None;
+                    }
+                }
+                Ok(Step::Close(reason)) => break Some(close_for(reason)),
+                Err(e) => {
+                    tracing::warn!(%store, error = %e, "sync session failed");
+                    break Some(close_frame(1011, "the server could not read the store"));
+                }
+            },
+            Input::Frame(None) => break None,
+            Input::Frame(Some(Err(e))) => {
+                tracing::debug!(%store, error = %e, "websocket read failed");
+                break None;
+            }
+            Input::Frame(Some(Ok(message))) => {
+                heard = Instant::now();
+                let reply = match message {
+                    Message::Text(text) => handle_frame(&app, &who, store, text.as_str()).await,
+                    Message::Binary(_) => {
+                        Some(error_frame(Reason::InvalidJson, "send sync messages as JSON text frames", None))
+                    }
+                    Message::Ping(_) | Message::Pong(_) => None,
+                    Message::Close(_) => break None,
+                };
+                if let Some(reply) = reply
+                    && send_all(&mut socket, vec![reply]).await.is_err()
+                {
+                    break None;
+                }
+            }
+            Input::Tick => {
+                if heard.elapsed() >= idle * 2 {
+                    break Some(close_frame(4008, "no traffic from the client for twice the idle interval"));
+                }
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
+            Input::Shutdown => break Some(close_for(CloseReason::ShuttingDown)),
+        }
+    };
+    if let Some(frame) = close {
+        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+    }
+    tracing::debug!(%store, who = %who, last_rev = %watch.last_rev(), "websocket session closed");
+}
+
+fn error_frame(reason: Reason, message: &str, key: Option<String>) -> Utf8Bytes {
+    let message = ServerMessage::Error { reason, message: message.to_owned(), key };
+    Utf8Bytes::from(serde_json::to_string(&message).unwrap_or_default())
+}
+
+/// Applies a device frame; returns the `error` frame to send when it could not be applied.
+async fn handle_frame(app: &App, who: &Principal, store: StoreRef, text: &str) -> Option<Utf8Bytes> {
+    let request = match DeviceRequest::parse(text.as_bytes()) {
+        Ok(r) => r,
+        Err(e) => return Some(error_frame(e.reason, &e.message, e.key)),
+    };
+    let key = request.key().as_str().to_owned();
+    let applied: Result<()> = async {
+        app.limiter.check(who)?;
+        match request {
+            DeviceRequest::Set { key, value } => {
+                app.kv.set(who, Transport::WebSocket, store, key, value, Condition::None).await?;
+            }
+            DeviceRequest::Delete { key } => {
+                app.kv.delete(who, Transport::WebSocket, store, key, Condition::None).await?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    applied.err().map(|e: Error| error_frame(e.reason, &e.message, Some(key)))
+}

@@ -1,0 +1,10 @@
+//! The API over real sockets against a real server on 127.0.0.1:0: REST with reqwest,
+//! WebSocket sync sessions with tokio-tungstenite.
+
+mod admin;
+mod auth;
+mod errors;
+mod kv;
+mod ops;
+mod ws;
+mod ws_stress;

@@ -1,0 +1,280 @@
+//! WebSocket sync sessions (PROTOCOL.md §4, §4.1).
+
+use std::time::Duration;
+
+use ddp_testkit::{ADMIN_KEY, TestServer, WsEnd, WsOpen, expect_json};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn reload_first_then_every_change_in_rev_order() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    s.put(&d, "b", json!("bee")).await;
+    s.put(&d, "a", json!(1)).await;
+
+    let mut ws = s.ws_open(dev, &key, "").await;
+    let reload = ws.next_json().await;
+    assert_eq!((&reload["action"], &reload["rev"], &reload["numItems"]), (&json!("reload"), &json!(2), &json!(2)));
+    let keys: Vec<&str> = reload["items"].as_array().expect("items").iter().filter_map(|i| i["key"].as_str()).collect();
+    assert_eq!(keys, ["a", "b"]);
+    assert!(reload["items"][0]["modificationTime"].as_str().is_some());
+
+    s.put(&d, "a", json!(2)).await;
+    let del = s.admin(Method::DELETE, &format!("{d}/kv/b")).send().await.expect("delete");
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    s.put(&d, "c", json!({"x": [1.50]})).await;
+    assert_eq!(ws.next_json().await, json!({"action":"set","rev":3,"key":"a","value":2}));
+    assert_eq!(ws.next_json().await, json!({"action":"delete","rev":4,"key":"b"}));
+    let set = ws.next_json().await;
+    assert_eq!((&set["rev"], &set["key"]), (&json!(5), &json!("c")));
+    ws.close().await;
+}
+
+#[tokio::test]
+async fn device_frames_go_through_the_write_path_and_come_back_with_their_rev() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    assert_eq!(ws.next_json().await["rev"], 0);
+    // The exact frame an old MODE SDK sends, extra fields and all.
+    ws.send_text(r#"{"action":"set","rev":0,"key":"temp","value":21.50,"numItems":0,"items":null}"#).await;
+    let echo = ws.next_json().await;
+    assert_eq!((&echo["action"], &echo["rev"], &echo["key"]), (&json!("set"), &json!(1), &json!("temp")));
+    let raw =
+        s.admin(Method::GET, &format!("/devices/{dev}/kv/temp")).send().await.expect("get").text().await.expect("text");
+    assert!(raw.contains("\"value\":21.50"), "the number is stored exactly: {raw}");
+    ws.send_text(r#"{"action":"delete","key":"temp","value":null}"#).await;
+    assert_eq!(ws.next_json().await, json!({"action":"delete","rev":2,"key":"temp"}));
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 2);
+}
+
+#[tokio::test]
+async fn a_second_session_sees_the_first_ones_writes() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut one = s.ws_open(dev, &key, "").await;
+    let mut two = s.ws_open(dev, &key, "").await;
+    one.next_json().await;
+    two.next_json().await;
+    one.send_json(&json!({"action":"set","key":"k","value":"v"})).await;
+    assert_eq!(two.next_json().await, json!({"action":"set","rev":1,"key":"k","value":"v"}));
+    assert_eq!(one.next_json().await["rev"], 1);
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_session_stays_open() {
+    let s = TestServer::start_with(|c| c.limits.max_keys_per_store = 1).await;
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    ws.next_json().await;
+    let cases = [
+        ("not json", "INVALID_JSON", None),
+        (r#"{"action":"set","key":"a/b","value":1}"#, "INVALID_KEY", Some("a/b")),
+        (r#"{"action":"set","key":"k","value":null}"#, "INVALID_VALUE", Some("k")),
+        (r#"{"action":"explode","key":"k"}"#, "INVALID_PARAMETER", Some("k")),
+        (r#"{"action":"delete","key":"missing"}"#, "KEY_NOT_FOUND", Some("missing")),
+    ];
+    for (frame, reason, key) in cases {
+        ws.send_text(frame).await;
+        let err = ws.next_json().await;
+        assert_eq!((&err["action"], &err["reason"]), (&json!("error"), &json!(reason)), "frame {frame}");
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(err["key"].as_str(), key, "frame {frame}");
+    }
+    ws.send_json(&json!({"action":"set","key":"one","value":1})).await;
+    assert_eq!(ws.next_json().await["rev"], 1, "still open and working");
+    ws.send_json(&json!({"action":"set","key":"two","value":2})).await;
+    assert_eq!(ws.next_json().await["reason"], "TOO_MANY_KEYS");
+    let big = json!({"action":"set","key":"one","value":"x".repeat(70_000)});
+    ws.send_json(&big).await;
+    assert_eq!(ws.next_json().await["reason"], "VALUE_TOO_LARGE");
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 1, "refused frames changed nothing");
+}
+
+#[tokio::test]
+async fn authentication_and_authorization_are_checked_before_the_upgrade() {
+    let s = TestServer::start().await;
+    let home = s.create_home("H").await;
+    let (dev, key) = s.create_device(Some(home)).await;
+    let (_, other_key) = s.create_device(None).await;
+    let (_, read_key) = s.create_api_key(Some(vec![home]), "read").await;
+    let (_, elsewhere) = s.create_api_key(Some(vec![s.create_home("X").await]), "readWrite").await;
+
+    let refused = |open: WsOpen| match open {
+        WsOpen::Refused(status, body) => (status, body["reason"].as_str().unwrap_or_default().to_owned()),
+        WsOpen::Open(_) => (101, String::new()),
+    };
+    assert_eq!(refused(s.ws_request(dev, None, "").await), (401, "UNAUTHENTICATED_CLIENT".into()));
+    assert_eq!(refused(s.ws(dev, "ddpd_wrong", "").await), (401, "UNAUTHENTICATED_CLIENT".into()));
+    assert_eq!(refused(s.ws(dev, &other_key, "").await), (403, "PERMISSION_DENIED".into()));
+    assert_eq!(
+        refused(s.ws(999_999, &key, "").await),
+        (403, "PERMISSION_DENIED".into()),
+        "devices never learn of others"
+    );
+    assert_eq!(refused(s.ws(dev, &elsewhere, "").await), (403, "PERMISSION_DENIED".into()));
+    assert_eq!(refused(s.ws(999_999, ADMIN_KEY, "").await), (404, "DEVICE_NOT_FOUND".into()));
+    assert_eq!(refused(s.ws(dev, &key, "?sinceRev=abc").await), (400, "INVALID_PARAMETER".into()));
+
+    // ?authToken= works for browsers; apps with a read key may watch but not write.
+    let mut watcher = match s.ws_request(dev, None, &format!("?authToken={read_key}")).await {
+        WsOpen::Open(c) => *c,
+        WsOpen::Refused(status, body) => panic!("{status} {body}"),
+    };
+    assert_eq!(watcher.next_json().await["action"], "reload");
+    watcher.send_json(&json!({"action":"set","key":"k","value":1})).await;
+    assert_eq!(watcher.next_json().await["reason"], "PERMISSION_DENIED");
+    let mut admin = s.ws_open(dev, ADMIN_KEY, "").await;
+    admin.next_json().await;
+    admin.send_json(&json!({"action":"set","key":"k","value":1})).await;
+    assert_eq!(admin.next_json().await["rev"], 1, "the admin may write through a session");
+    assert_eq!(watcher.next_json().await["rev"], 1, "and watchers see it");
+}
+
+#[tokio::test]
+async fn resume_inside_the_history_window_sends_only_what_was_missed() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    s.put(&d, "a", json!(1)).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    assert_eq!(ws.next_json().await["rev"], 1);
+    ws.close().await;
+    s.put(&d, "a", json!(2)).await;
+    s.put(&d, "b", json!(3)).await;
+    let del = s.admin(Method::DELETE, &format!("{d}/kv/a")).send().await.expect("delete");
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+
+    let mut ws = s.ws_open(dev, &key, "?sinceRev=1").await;
+    assert_eq!(ws.next_json().await, json!({"action":"resume","rev":1}));
+    assert_eq!(ws.next_json().await, json!({"action":"set","rev":2,"key":"a","value":2}));
+    assert_eq!(ws.next_json().await, json!({"action":"set","rev":3,"key":"b","value":3}));
+    assert_eq!(ws.next_json().await, json!({"action":"delete","rev":4,"key":"a"}));
+    s.put(&d, "c", json!(4)).await;
+    assert_eq!(ws.next_json().await["rev"], 5, "then live, with no gap");
+
+    let mut current = s.ws_open(dev, &key, "?sinceRev=5").await;
+    assert_eq!(current.next_json().await, json!({"action":"resume","rev":5}));
+    assert!(current.quiet_for(Duration::from_millis(200)).await, "nothing was missed");
+    let mut future = s.ws_open(dev, &key, "?sinceRev=99").await;
+    assert_eq!(future.next_json().await["action"], "reload", "a rev the server never handed out gets a reload");
+}
+
+#[tokio::test]
+async fn resume_outside_the_history_window_gets_a_reload() {
+    let s = TestServer::start_with(|c| {
+        c.history.keep_changes = 1;
+        c.history.keep_age = Duration::ZERO;
+        c.history.trim_every = Duration::from_millis(50);
+    })
+    .await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    for i in 0..5 {
+        s.put(&d, "k", json!(i)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // a trim ran
+    let mut ws = s.ws_open(dev, &key, "?sinceRev=1").await;
+    let first = ws.next_json().await;
+    assert_eq!((&first["action"], &first["rev"]), (&json!("reload"), &json!(5)));
+    assert_eq!(first["items"], json!([{"key":"k","value":4,"modificationTime":first["items"][0]["modificationTime"]}]));
+}
+
+#[tokio::test]
+async fn key_rotation_and_deletion_close_sessions() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut device = s.ws_open(dev, &key, "").await;
+    let mut watcher = s.ws_open(dev, ADMIN_KEY, "").await;
+    device.next_json().await;
+    watcher.next_json().await;
+    let rotated = s.admin(Method::POST, &format!("/devices/{dev}/apiKey")).send().await.expect("rotate");
+    assert_eq!(rotated.status(), StatusCode::OK);
+    assert_eq!(device.end().await, WsEnd::Closed(4001), "the old key's session ends");
+    s.put(&format!("/devices/{dev}"), "k", json!(1)).await;
+    assert_eq!(watcher.next_json().await["rev"], 1, "the admin's watch goes on");
+    let del = s.admin(Method::DELETE, &format!("/devices/{dev}")).send().await.expect("delete");
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    assert_eq!(watcher.end().await, WsEnd::Closed(4002));
+}
+
+#[tokio::test]
+async fn revoked_project_keys_lose_their_sessions() {
+    let s = TestServer::start().await;
+    let (dev, _) = s.create_device(None).await;
+    let (key_id, project) = s.create_api_key(None, "read").await;
+    let mut ws = s.ws_open(dev, &project, "").await;
+    ws.next_json().await;
+    let revoke = s.admin(Method::DELETE, &format!("/apiKeys/{key_id}")).send().await.expect("revoke");
+    assert_eq!(revoke.status(), StatusCode::NO_CONTENT);
+    assert_eq!(ws.end().await, WsEnd::Closed(4003));
+}
+
+#[tokio::test]
+async fn a_device_may_hold_only_so_many_sessions() {
+    let s = TestServer::start_with(|c| c.sessions.max_per_device = 2).await;
+    let (dev, key) = s.create_device(None).await;
+    let one = s.ws_open(dev, &key, "").await;
+    let _two = s.ws_open(dev, &key, "").await;
+    match s.ws(dev, &key, "").await {
+        WsOpen::Refused(status, body) => {
+            assert_eq!((status, body["reason"].as_str()), (429, Some("TOO_MANY_CONNECTIONS")));
+            assert_eq!(body["data"]["limit"], 2);
+        }
+        WsOpen::Open(_) => panic!("a third session was accepted"),
+    }
+    let _watcher = s.ws_open(dev, ADMIN_KEY, "").await; // apps do not count against the device
+    one.close().await;
+    for _ in 0..50 {
+        if let WsOpen::Open(_) = s.ws(dev, &key, "").await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("a closed session's place was not freed");
+}
+
+#[tokio::test]
+async fn connection_state_is_recorded() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let path = format!("/devices/{dev}");
+    let mut ws = s.ws_open(dev, &key, "").await;
+    ws.next_json().await;
+    let during = expect_json(s.admin(Method::GET, &path).send().await, StatusCode::OK).await;
+    assert_eq!(during["isConnected"], true);
+    ws.close().await;
+    for _ in 0..100 {
+        let after = expect_json(s.admin(Method::GET, &path).send().await, StatusCode::OK).await;
+        if after["isConnected"] == false && after["lastDisconnectTime"].is_string() {
+            assert!(after["lastConnectTime"].is_string());
+            assert!(after["lastDisconnectTime"].as_str() >= after["lastConnectTime"].as_str());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("disconnection was not recorded");
+}
+
+#[tokio::test]
+async fn silent_peers_are_closed_after_twice_the_idle_interval() {
+    let s = TestServer::start_with(|c| c.sessions.idle = Duration::from_millis(100)).await;
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    // Not reading means not answering the server's pings.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(ws.end().await, WsEnd::Closed(4008));
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_as_going_away() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    ws.next_json().await;
+    let stopping = tokio::spawn(s.stop());
+    assert_eq!(ws.end().await, WsEnd::Closed(1001));
+    stopping.await.expect("stopped");
+}
