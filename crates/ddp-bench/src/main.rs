@@ -10,10 +10,12 @@
 //!
 //! Run it with `cargo build --release -p ddp -p ddp-bench && target/release/ddp-bench writes`.
 
+mod devices;
 mod fsync;
 mod report;
 mod server;
 mod store;
+mod sync;
 mod writes;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +36,13 @@ enum Command {
     Store(store::StoreArgs),
     /// Only the disk's serial fsync rate (append 256 bytes, fdatasync, repeat).
     Fsync(fsync::FsyncArgs),
+    /// Memory per idle sync session, with thousands of sessions from several client processes.
+    Idle(sync::IdleArgs),
+    /// A client process of `idle` (started by it).
+    #[command(hide = true)]
+    IdleClient(sync::IdleClientArgs),
+    /// Write-to-device latency with many connected devices under a steady write rate.
+    Latency(sync::LatencyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +51,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Writes(args) => runtime.block_on(writes::run(args)),
         Command::Store(args) => runtime.block_on(store::run(args)),
+        Command::Idle(args) => runtime.block_on(sync::idle(args)),
+        Command::IdleClient(args) => runtime.block_on(sync::idle_client(args)),
+        Command::Latency(args) => runtime.block_on(sync::latency(args)),
         Command::Fsync(args) => {
             let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;
             println!("{r}");

@@ -14,6 +14,8 @@ pub struct DdpProcess {
     child: Child,
     /// `http://127.0.0.1:port`
     pub base: String,
+    /// The process id (for reading its memory use).
+    pub pid: u32,
 }
 
 impl Drop for DdpProcess {
@@ -50,5 +52,6 @@ pub fn start(bin: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<DdpP
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    Ok(DdpProcess { child, base: format!("http://{addr}") })
+    let pid = child.id();
+    Ok(DdpProcess { child, base: format!("http://{addr}"), pid })
 }

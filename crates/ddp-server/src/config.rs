@@ -107,6 +107,6 @@ pub struct SessionLimits {
 
 impl Default for SessionLimits {
     fn default() -> SessionLimits {
-        SessionLimits { max_per_device: 5, mailbox: 256, idle: Duration::from_secs(30), ws_read_buffer: 2048 }
+        SessionLimits { max_per_device: 5, mailbox: 256, idle: Duration::from_secs(30), ws_read_buffer: 1024 }
     }
 }

@@ -15,11 +15,11 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use ddp_protocol::sync::ServerMessage;
 use ddp_protocol::{ApiKeyId, DeviceId, Rev};
 use ddp_store::{Change, StoreRef};
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::Principal;
 

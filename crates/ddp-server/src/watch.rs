@@ -14,10 +14,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
 use ddp_protocol::Rev;
 use ddp_protocol::sync::{Item, ServerMessage};
 use ddp_store::{Change, Store, StoreRef};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::Principal;
 use crate::error::{Error, Result};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ddp_server::{Config, History, Limits, RateLimits, Server};
+use ddp_server::{Config, History, Limits, RateLimits, Server, SessionLimits};
 
 /// Log output format.
 #[derive(Clone, Copy, ValueEnum)]
@@ -78,6 +78,21 @@ pub struct ServeArgs {
     /// Read connections to the embedded database.
     #[arg(long, env = "DDP_DB_READERS", default_value_t = 4)]
     db_readers: usize,
+
+    /// Live sync sessions (WebSocket and MQTT) one device key may hold at once; the next one is
+    /// refused (429 TOO_MANY_CONNECTIONS).
+    #[arg(long, env = "DDP_MAX_SESSIONS_PER_DEVICE", default_value_t = SessionLimits::default().max_per_device)]
+    max_sessions_per_device: usize,
+
+    /// Changes queued for a session that is not keeping up before it is given a fresh reload
+    /// instead (writers never wait for a slow device).
+    #[arg(long, env = "DDP_SESSION_QUEUE", default_value_t = SessionLimits::default().mailbox)]
+    session_queue: usize,
+
+    /// The server pings WebSocket peers this often and closes those silent for twice as long
+    /// (e.g. 30s, 2m).
+    #[arg(long, env = "DDP_WS_IDLE", default_value = "30s", value_parser = parse_duration)]
+    ws_idle: Duration,
 }
 
 /// `90s`, `30m`, `24h`, `7d`, or plain seconds.
@@ -120,6 +135,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };
     config.history = History { keep_changes: args.history_changes, keep_age: args.history_age, ..History::default() };
     config.db_readers = args.db_readers;
+    config.sessions = SessionLimits {
+        max_per_device: args.max_sessions_per_device,
+        mailbox: args.session_queue,
+        idle: args.ws_idle,
+        ..SessionLimits::default()
+    };
 
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -3,10 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
-use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH, UPGRADE};
+use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -111,18 +109,13 @@ fn condition(headers: &HeaderMap, create_only_allowed: bool) -> Result<Condition
 
 /// `GET /devices/{id}/kv`: a WebSocket sync session when the request asks for an upgrade
 /// (token in the header or `?authToken=`, optional `?sinceRev=N`), else the list.
-pub async fn list_or_watch(
-    State(app): State<Arc<App>>,
-    upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    path: KvPath,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    let wants_upgrade =
-        headers.get(UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    match upgrade {
-        Ok(upgrade) => {
-            let who = super::authenticate(&app, &headers, query.get("authToken").map(String::as_str)).await?;
+pub async fn list_or_watch(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
+    let (mut parts, _body) = request.into_parts();
+    let path = KvPath::from_request_parts(&mut parts, &app).await?;
+    let Query(query) = Query::<HashMap<String, String>>::from_request_parts(&mut parts, &app).await?;
+    match super::upgrade::Upgrade::from_parts(&mut parts)? {
+        Some(upgrade) => {
+            let who = super::authenticate(&app, &parts.headers, query.get("authToken").map(String::as_str)).await?;
             let since = query
                 .get("sinceRev")
                 .map(|s| {
@@ -133,12 +126,9 @@ pub async fn list_or_watch(
                 .transpose()?;
             super::ws::accept(app, upgrade, who, path.store, since).await
         }
-        Err(rejection) if wants_upgrade => {
-            Err(Error::invalid_parameter(format!("bad WebSocket upgrade request: {}", rejection.body_text())))
-        }
-        Err(_) => {
-            let who = super::authenticate(&app, &headers, None).await?;
-            list_store(&app, &who, path, &query, &headers).await
+        None => {
+            let who = super::authenticate(&app, &parts.headers, None).await?;
+            list_store(&app, &who, path, &query, &parts.headers).await
         }
     }
 }

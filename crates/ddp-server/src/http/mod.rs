@@ -8,6 +8,7 @@
 mod admin;
 mod kv;
 mod ops;
+mod upgrade;
 mod ws;
 
 use std::sync::Arc;

@@ -11,15 +11,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use bytes::Bytes;
 use ddp_protocol::sync::{DeviceRequest, ServerMessage};
 use ddp_protocol::{Reason, Rev};
 use ddp_store::{Condition, StoreRef};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use super::upgrade::{Socket, Upgrade};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::error::{Error, Result};
@@ -30,11 +34,14 @@ use crate::watch::{Step, Watch};
 
 /// How long one send to a peer may take before the session is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages longer than this go out in fragments of this size, each flushed before the next, so
+/// a session's write buffer never holds more than this (its capacity never shrinks).
+const FRAGMENT: usize = 2048;
 
 /// Accepts the upgrade once the caller is known to be allowed to watch `store`.
 pub async fn accept(
     app: Arc<App>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
     who: Principal,
     store: StoreRef,
     since: Option<Rev>,
@@ -46,16 +53,16 @@ pub async fn accept(
     let ticket = app.sessions.open(&who, Transport::WebSocket)?;
     let limits = app.config.sessions;
     let max_message = app.kv.limits().max_body_bytes;
-    Ok(upgrade
+    let config = WebSocketConfig::default()
         .read_buffer_size(limits.ws_read_buffer)
         .write_buffer_size(0)
-        .max_message_size(max_message)
-        .max_frame_size(max_message)
-        .on_upgrade(move |socket| session(app, socket, who, store, since, ticket)))
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    Ok(upgrade.accept(config, move |socket| session(app, socket, who, store, since, ticket)))
 }
 
 fn close_frame(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(reason) }))
+    Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: Utf8Bytes::from(reason) }))
 }
 
 fn close_for(reason: CloseReason) -> Message {
@@ -69,13 +76,27 @@ fn close_for(reason: CloseReason) -> Message {
     close_frame(code, reason.message())
 }
 
-async fn send_all(socket: &mut WebSocket, messages: Vec<Utf8Bytes>) -> std::result::Result<(), ()> {
+async fn send_all(socket: &mut Socket, messages: Vec<Utf8Bytes>) -> std::result::Result<(), ()> {
     if messages.is_empty() {
         return Ok(());
     }
     let n = messages.len() as u64;
     let sent = tokio::time::timeout(SEND_TIMEOUT, async {
+        let mut pending = 0usize;
         for m in messages {
+            if m.len() > FRAGMENT {
+                if pending > 0 {
+                    socket.flush().await?;
+                    pending = 0;
+                }
+                send_fragmented(socket, m).await?;
+                continue;
+            }
+            if pending + m.len() > FRAGMENT {
+                socket.flush().await?;
+                pending = 0;
+            }
+            pending += m.len();
             socket.feed(Message::Text(m)).await?;
         }
         socket.flush().await
@@ -97,23 +118,48 @@ async fn send_all(socket: &mut WebSocket, messages: Vec<Utf8Bytes>) -> std::resu
     }
 }
 
+/// Sends one text message as a first frame and continuation frames of at most [`FRAGMENT`]
+/// bytes (cut on character boundaries), flushing each.
+async fn send_fragmented(
+    socket: &mut Socket,
+    text: Utf8Bytes,
+) -> std::result::Result<(), tokio_tungstenite::tungstenite::Error> {
+    let s = text.as_str();
+    let bytes = Bytes::from(text.clone());
+    let mut start = 0;
+    let mut opcode = OpCode::Data(Data::Text);
+    while start < s.len() {
+        let mut end = (start + FRAGMENT).min(s.len());
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let last = end == s.len();
+        socket.send(Message::Frame(Frame::message(bytes.slice(start..end), opcode, last))).await?;
+        opcode = OpCode::Data(Data::Continue);
+        start = end;
+    }
+    Ok(())
+}
+
 enum Input {
     Delivery(Delivery),
-    Frame(Option<std::result::Result<Message, axum::Error>>),
+    Frame(Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>),
     Tick,
     Shutdown,
 }
 
 async fn session(
     app: Arc<App>,
-    mut socket: WebSocket,
+    mut socket: Socket,
     who: Principal,
     store: StoreRef,
     since: Option<Rev>,
     ticket: SessionTicket,
 ) {
     let _ticket = ticket;
-    let (mut watch, first) = match Watch::start(app.store.clone(), &app.hub, store, who.clone(), since).await {
+    // The rarely taken paths are boxed: an idle session's future holds only what waiting needs.
+    let (mut watch, first) = match Box::pin(Watch::start(app.store.clone(), &app.hub, store, who.clone(), since)).await
+    {
         Ok(started) => started,
         Err(e) => {
             tracing::warn!(%store, who = %who, error = %e, "cannot start a sync session");
@@ -122,7 +168,7 @@ async fn session(
         }
     };
     tracing::debug!(%store, who = %who, "websocket session opened");
-    if send_all(&mut socket, first).await.is_err() {
+    if Box::pin(send_all(&mut socket, first)).await.is_err() {
         return;
     }
     let idle = app.config.sessions.idle;
@@ -131,14 +177,14 @@ async fn session(
     let close = loop {
         let input = tokio::select! {
             d = watch.recv() => Input::Delivery(d),
-            m = socket.recv() => Input::Frame(m),
+            m = socket.next() => Input::Frame(m),
             _ = tick.tick() => Input::Tick,
             () = app.shutdown.cancelled() => Input::Shutdown,
         };
         match input {
-            Input::Delivery(delivery) => match watch.process(delivery).await {
+            Input::Delivery(delivery) => match Box::pin(watch.process(delivery)).await {
                 Ok(Step::Send(messages)) => {
-                    if send_all(&mut socket, messages).await.is_err() {
+                    if Box::pin(send_all(&mut socket, messages)).await.is_err() {
                         break None;
                     }
                 }
@@ -156,15 +202,15 @@ async fn session(
             Input::Frame(Some(Ok(message))) => {
                 heard = Instant::now();
                 let reply = match message {
-                    Message::Text(text) => handle_frame(&app, &who, store, text.as_str()).await,
+                    Message::Text(text) => Box::pin(handle_frame(&app, &who, store, text.as_str())).await,
                     Message::Binary(_) => {
                         Some(error_frame(Reason::InvalidJson, "send sync messages as JSON text frames", None))
                     }
-                    Message::Ping(_) | Message::Pong(_) => None,
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
                     Message::Close(_) => break None,
                 };
                 if let Some(reply) = reply
-                    && send_all(&mut socket, vec![reply]).await.is_err()
+                    && Box::pin(send_all(&mut socket, vec![reply])).await.is_err()
                 {
                     break None;
                 }
@@ -181,7 +227,7 @@ async fn session(
         }
     };
     if let Some(frame) = close {
-        let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(frame))).await;
     }
     tracing::debug!(%store, who = %who, last_rev = %watch.last_rev(), "websocket session closed");
 }

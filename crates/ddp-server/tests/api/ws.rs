@@ -278,3 +278,33 @@ async fn shutdown_closes_sessions_as_going_away() {
     assert_eq!(ws.end().await, WsEnd::Closed(1001));
     stopping.await.expect("stopped");
 }
+
+#[tokio::test]
+async fn large_messages_arrive_whole_even_when_sent_in_fragments() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    // Multi-byte characters at every offset, so some fall across fragment boundaries.
+    let text: String = (0..20_000).map(|i| ['a', 'é', '€', '😀'][i % 4]).collect();
+    s.put(&d, "big", json!(text)).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    let reload = ws.next_json().await;
+    assert_eq!(reload["items"][0]["value"], json!(text));
+    s.put(&d, "big", json!(format!("{text}!"))).await;
+    assert_eq!(ws.next_json().await["value"], json!(format!("{text}!")));
+}
+
+#[tokio::test]
+async fn a_malformed_upgrade_is_a_clear_400() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let resp = s
+        .req(Method::GET, &format!("/devices/{dev}/kv"), Some(&key))
+        .header("Connection", "upgrade")
+        .header("Upgrade", "websocket")
+        .send()
+        .await
+        .expect("request");
+    let body = ddp_testkit::expect_error(Ok(resp), StatusCode::BAD_REQUEST, "INVALID_PARAMETER").await;
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("Sec-WebSocket")), "{body}");
+}

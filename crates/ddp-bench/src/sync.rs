@@ -1,0 +1,333 @@
+//! Benchmarks of live sync sessions:
+//!
+//! - `ddp-bench idle`: memory per idle session. Starts `ddp serve`, creates the devices, then
+//!   several client processes (one process may hold ~20,000 files here) open one session per
+//!   device and hold it; the server's resident memory before and after, divided by the number of
+//!   sessions, is the cost of a session.
+//! - `ddp-bench latency`: write-to-device latency. Devices hold live sessions while a writer
+//!   issues REST writes at a fixed rate (open loop); every write carries its issue time, and each
+//!   device reports how long its change took to arrive. Loss, duplicates and gaps are counted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::devices::{self, Device};
+use crate::server;
+
+/// How devices connect.
+#[derive(Clone, Copy, Debug, clap::ValueEnum, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub enum Transport {
+    /// WebSocket sessions on `/devices/{id}/kv`.
+    Ws,
+}
+
+/// Settings of `ddp-bench idle`.
+#[derive(clap::Args)]
+pub struct IdleArgs {
+    /// The `ddp` binary to start (default: next to this one).
+    #[arg(long)]
+    ddp_bin: Option<PathBuf>,
+    /// Sessions to open (one per device).
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// Client processes that share them.
+    #[arg(long, default_value_t = 2)]
+    processes: usize,
+    /// Keys per device store (each session's reload carries them).
+    #[arg(long, default_value_t = 10)]
+    keys: usize,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 32)]
+    value_bytes: usize,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
+}
+
+/// Settings of the hidden `ddp-bench idle-client` (run by `idle`).
+#[derive(clap::Args)]
+pub struct IdleClientArgs {
+    /// `host:port` of the server.
+    #[arg(long)]
+    addr: String,
+    /// JSON file with the devices to connect as.
+    #[arg(long)]
+    devices: PathBuf,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
+}
+
+/// Settings of `ddp-bench latency`.
+#[derive(clap::Args)]
+pub struct LatencyArgs {
+    /// The `ddp` binary to start (default: next to this one).
+    #[arg(long)]
+    ddp_bin: Option<PathBuf>,
+    /// Connected devices.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Writes per second, spread over the devices.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Seconds of writing.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
+}
+
+fn small_buffers() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a device's session and reads its first message (the reload).
+async fn open_ws(addr: &str, device: &Device) -> anyhow::Result<Ws> {
+    let mut request = format!("ws://{addr}/devices/{}/kv", device.id).into_client_request()?;
+    request.headers_mut().insert("Authorization", format!("ModeCloud {}", device.key).parse()?);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(small_buffers()), false).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().contains("\"reload\"") => Ok(ws),
+        other => bail!("device {}: expected a reload, got {other:?}", device.id),
+    }
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    line.split_whitespace().nth(1).context("bad VmRSS")?.parse().context("bad VmRSS number")
+}
+
+/// `ddp-bench idle`.
+pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    let bin = args.ddp_bin.clone().unwrap_or_else(server::default_ddp_bin);
+    let work = tempfile::tempdir_in(".")?;
+    let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
+    eprintln!("creating {} devices with {} keys each…", args.sessions, args.keys);
+    let devices = devices::create(&ddp.base, args.sessions, args.keys, args.value_bytes).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(ddp.pid)?;
+
+    let addr = ddp.base.trim_start_matches("http://").to_owned();
+    let per = args.sessions.div_ceil(args.processes.max(1));
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for (i, chunk) in devices.chunks(per).enumerate() {
+        let file = work.path().join(format!("devices-{i}.json"));
+        std::fs::write(&file, serde_json::to_vec(chunk)?)?;
+        let mut child = tokio::process::Command::new(&exe)
+            .arg("idle-client")
+            .args(["--addr", &addr])
+            .arg("--devices")
+            .arg(&file)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        children.push((child, tokio::io::BufReader::new(stdout).lines()));
+    }
+    let started = Instant::now();
+    let mut opened = 0usize;
+    for (_, lines) in &mut children {
+        let line = lines.next_line().await?.context("client process ended before it was ready")?;
+        opened += line.strip_prefix("ready ").context("unexpected client output")?.parse::<usize>()?;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(ddp.pid)?;
+    let per_session = (after.saturating_sub(before)) as f64 * 1024.0 / opened as f64;
+    println!("| transport | sessions | opened in | server RSS before | after | per session |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:?} | {opened} | {connect_secs:.1} s | {:.1} MiB | {:.1} MiB | {:.0} bytes ({:.1} KiB) |",
+        args.transport,
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        per_session,
+        per_session / 1024.0
+    );
+    drop(children);
+    Ok(())
+}
+
+/// `ddp-bench idle-client`: opens its devices' sessions, says `ready N`, holds them until stdin
+/// closes.
+pub async fn idle_client(args: IdleClientArgs) -> anyhow::Result<()> {
+    let devices: Vec<Device> = serde_json::from_slice(&std::fs::read(&args.devices)?)?;
+    let devices = Arc::new(devices);
+    let next = Arc::new(AtomicU64::new(0));
+    let opened = Arc::new(AtomicU64::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(256);
+    for _ in 0..128 {
+        let (devices, next, opened, done_tx, addr) =
+            (devices.clone(), next.clone(), opened.clone(), done_tx.clone(), args.addr.clone());
+        tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(device) = devices.get(i) else { break };
+                match open_ws(&addr, device).await {
+                    Ok(mut ws) => {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        // Keep reading so the server's pings are answered.
+                        tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+                    }
+                    Err(e) => {
+                        let _ = done_tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+            let _ = done_tx.send(Ok(())).await;
+        });
+    }
+    drop(done_tx);
+    while let Some(r) = done_rx.recv().await {
+        r?;
+    }
+    println!("ready {}", opened.load(Ordering::Relaxed));
+    // Hold until the parent closes our stdin.
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while stdin.next_line().await?.is_some() {}
+    Ok(())
+}
+
+/// `ddp-bench latency`.
+pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
+    let bin = args.ddp_bin.clone().unwrap_or_else(server::default_ddp_bin);
+    let work = tempfile::tempdir_in(".")?;
+    let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
+    let devices = devices::create(&ddp.base, args.devices, 0, 0).await?;
+    let result = measure(&ddp.base, &devices, args.rate, Duration::from_secs_f64(args.seconds), args.transport).await?;
+    println!("{}", LatencyResult::HEADER);
+    println!("{}", result.row(&format!("DDP {:?}", args.transport)));
+    Ok(())
+}
+
+/// What a latency run measured.
+pub struct LatencyResult {
+    /// Write-issue to device-receive latencies, microseconds.
+    pub hist: Histogram<u64>,
+    /// Writes acknowledged.
+    pub acked: u64,
+    /// Changes received by devices.
+    pub delivered: u64,
+    /// Changes a device received twice, or out of rev order, or after a gap.
+    pub disorder: u64,
+}
+
+impl LatencyResult {
+    /// The table header.
+    pub const HEADER: &str = "| system | writes acked | delivered | lost | out of order | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|---:|---:|";
+
+    /// One table row.
+    pub fn row(&self, name: &str) -> String {
+        let ms = |q: f64| self.hist.value_at_quantile(q) as f64 / 1000.0;
+        format!(
+            "| {name} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+            self.acked,
+            self.delivered,
+            self.acked.saturating_sub(self.delivered),
+            self.disorder,
+            ms(0.5),
+            ms(0.99),
+            self.hist.max() as f64 / 1000.0
+        )
+    }
+}
+
+/// Connects `devices`, writes at `rate` for `duration`, and measures delivery.
+pub async fn measure(
+    base: &str,
+    devices: &[Device],
+    rate: u64,
+    duration: Duration,
+    transport: Transport,
+) -> anyhow::Result<LatencyResult> {
+    let Transport::Ws = transport;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let epoch = Instant::now();
+    let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64, bool)>();
+    let mut readers = Vec::new();
+    for chunk in devices.chunks(100) {
+        let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ws(&addr, d))).await?;
+        for mut ws in opened {
+            let report = report_tx.clone();
+            readers.push(tokio::spawn(async move {
+                let mut last_rev = 0u64;
+                while let Some(Ok(message)) = ws.next().await {
+                    let Message::Text(text) = message else { continue };
+                    let now = epoch.elapsed().as_micros() as u64;
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
+                    let rev = v["rev"].as_u64().unwrap_or(0);
+                    let in_order = rev == last_rev + 1;
+                    last_rev = rev;
+                    if let Some(sent) = v["value"]["t"].as_u64() {
+                        let _ = report.send((now.saturating_sub(sent), rev, in_order));
+                    }
+                }
+            }));
+        }
+    }
+    drop(report_tx);
+
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let total = (rate as f64 * duration.as_secs_f64()) as u64;
+    let start = tokio::time::Instant::now();
+    let mut writes = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
+        let device = &devices[(i as usize * 7919) % devices.len()];
+        let url = format!("{base}/devices/{}/kv/k", device.id);
+        let body = json!({ "value": { "t": epoch.elapsed().as_micros() as u64, "s": i } }).to_string();
+        let (client, acked) = (client.clone(), acked.clone());
+        writes.push(tokio::spawn(async move {
+            let resp = client
+                .put(url)
+                .header("Authorization", format!("ModeCloud {}", server::ADMIN_KEY))
+                .header("Content-Type", "application/json")
+                .body(body)
+                .send()
+                .await;
+            if resp.is_ok_and(|r| r.status() == reqwest::StatusCode::NO_CONTENT) {
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for w in writes {
+        w.await?;
+    }
+    let acked = acked.load(Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new(3)?;
+    let (mut delivered, mut disorder) = (0u64, 0u64);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while delivered < acked {
+        match tokio::time::timeout_at(deadline, report_rx.recv()).await {
+            Ok(Some((micros, _rev, in_order))) => {
+                hist.record(micros.max(1))?;
+                delivered += 1;
+                disorder += u64::from(!in_order);
+            }
+            _ => break,
+        }
+    }
+    for r in readers {
+        r.abort();
+    }
+    Ok(LatencyResult { hist, acked, delivered, disorder })
+}
