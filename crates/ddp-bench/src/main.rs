@@ -12,6 +12,7 @@
 
 mod devices;
 mod fsync;
+mod mosquitto;
 mod report;
 mod server;
 mod store;

@@ -30,6 +30,17 @@ use crate::server;
 pub enum Transport {
     /// WebSocket sessions on `/devices/{id}/kv`.
     Ws,
+    /// MQTT 3.1.1 sessions subscribed to `/devices/{id}/kv`.
+    Mqtt,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Ws => "WebSocket",
+            Transport::Mqtt => "MQTT",
+        }
+    }
 }
 
 /// Settings of `ddp-bench idle`.
@@ -58,7 +69,7 @@ pub struct IdleArgs {
 /// Settings of the hidden `ddp-bench idle-client` (run by `idle`).
 #[derive(clap::Args)]
 pub struct IdleClientArgs {
-    /// `host:port` of the server.
+    /// `host:port` of the server's listener for the transport.
     #[arg(long)]
     addr: String,
     /// JSON file with the devices to connect as.
@@ -84,9 +95,12 @@ pub struct LatencyArgs {
     /// Seconds of writing.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// Transport.
-    #[arg(long, value_enum, default_value = "ws")]
-    transport: Transport,
+    /// Transports to measure, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ws,mqtt")]
+    transports: Vec<Transport>,
+    /// Also measure Mosquitto (Debian's `mosquitto`) relaying QoS 1 messages to as many subscribers.
+    #[arg(long)]
+    mosquitto: bool,
 }
 
 fn small_buffers() -> WebSocketConfig {
@@ -106,6 +120,87 @@ async fn open_ws(addr: &str, device: &Device) -> anyhow::Result<Ws> {
     }
 }
 
+/// A device's MQTT session, subscribed to its kv topic; its reload has been read.
+pub struct MqttDevice {
+    /// Incoming publish payloads.
+    pub payloads: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    /// The client, kept so the connection stays open.
+    _client: rumqttc::AsyncClient,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens an MQTT 3.1.1 session subscribed to `topic` at QoS 1 (granted QoS 0 by DDP).
+pub async fn open_mqtt(
+    addr: &str,
+    client_id: String,
+    credentials: Option<(String, String)>,
+    topic: String,
+) -> anyhow::Result<MqttDevice> {
+    let (host, port) = addr.rsplit_once(':').context("mqtt address")?;
+    let mut options = rumqttc::MqttOptions::new(client_id, host, port.parse::<u16>()?);
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_clean_session(true);
+    if let Some((user, pass)) = credentials {
+        options.set_credentials(user, pass);
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let subscriber = client.clone();
+    let task = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    if let Err(e) = subscriber.subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce).await
+                        && let Some(r) = ready.take()
+                    {
+                        let _ = r.send(Err(e.into()));
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send(p.payload.to_vec());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(Err(anyhow::anyhow!("mqtt: {e}")));
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    let subscribed =
+        tokio::time::timeout(Duration::from_secs(30), ready_rx).await.context("mqtt subscribe timed out")?;
+    subscribed.context("the mqtt connection ended")??;
+    Ok(MqttDevice { payloads: rx, _client: client, _task: task })
+}
+
+/// Opens a device's MQTT session on DDP and reads its reload.
+async fn open_ddp_mqtt(addr: &str, device: &Device) -> anyhow::Result<MqttDevice> {
+    let mut d = open_mqtt(
+        addr,
+        format!("bench-{}", device.id),
+        Some((device.id.to_string(), device.key.clone())),
+        format!("/devices/{}/kv", device.id),
+    )
+    .await?;
+    let first = tokio::time::timeout(Duration::from_secs(30), d.payloads.recv())
+        .await
+        .context("no reload")?
+        .context("closed")?;
+    if !String::from_utf8_lossy(&first).contains("\"reload\"") {
+        bail!("device {}: expected a reload", device.id);
+    }
+    Ok(d)
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
@@ -122,7 +217,10 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(ddp.pid)?;
 
-    let addr = ddp.base.trim_start_matches("http://").to_owned();
+    let addr = match args.transport {
+        Transport::Ws => ddp.base.trim_start_matches("http://").to_owned(),
+        Transport::Mqtt => ddp.mqtt.clone(),
+    };
     let per = args.sessions.div_ceil(args.processes.max(1));
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
@@ -132,6 +230,7 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
         let mut child = tokio::process::Command::new(&exe)
             .arg("idle-client")
             .args(["--addr", &addr])
+            .args(["--transport", if args.transport == Transport::Ws { "ws" } else { "mqtt" }])
             .arg("--devices")
             .arg(&file)
             .stdin(std::process::Stdio::piped())
@@ -154,8 +253,8 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     println!("| transport | sessions | opened in | server RSS before | after | per session |");
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
-        "| {:?} | {opened} | {connect_secs:.1} s | {:.1} MiB | {:.1} MiB | {:.0} bytes ({:.1} KiB) |",
-        args.transport,
+        "| {} | {opened} | {connect_secs:.1} s | {:.1} MiB | {:.1} MiB | {:.0} bytes ({:.1} KiB) |",
+        args.transport.label(),
         before as f64 / 1024.0,
         after as f64 / 1024.0,
         per_session,
@@ -173,18 +272,29 @@ pub async fn idle_client(args: IdleClientArgs) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let opened = Arc::new(AtomicU64::new(0));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(256);
+    let transport = args.transport;
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
     for _ in 0..128 {
-        let (devices, next, opened, done_tx, addr) =
-            (devices.clone(), next.clone(), opened.clone(), done_tx.clone(), args.addr.clone());
+        let (devices, next, opened, done_tx, addr, held) =
+            (devices.clone(), next.clone(), opened.clone(), done_tx.clone(), args.addr.clone(), held.clone());
         tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(device) = devices.get(i) else { break };
-                match open_ws(&addr, device).await {
-                    Ok(mut ws) => {
-                        opened.fetch_add(1, Ordering::Relaxed);
+                let result = match transport {
+                    Transport::Ws => open_ws(&addr, device).await.map(|mut ws| {
                         // Keep reading so the server's pings are answered.
                         tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+                    }),
+                    Transport::Mqtt => open_ddp_mqtt(&addr, device).await.map(|d| {
+                        if let Ok(mut held) = held.lock() {
+                            held.push(d);
+                        }
+                    }),
+                };
+                match result {
+                    Ok(()) => {
+                        opened.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
                         let _ = done_tx.send(Err(e)).await;
@@ -209,12 +319,23 @@ pub async fn idle_client(args: IdleClientArgs) -> anyhow::Result<()> {
 /// `ddp-bench latency`.
 pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let bin = args.ddp_bin.clone().unwrap_or_else(server::default_ddp_bin);
-    let work = tempfile::tempdir_in(".")?;
-    let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
-    let devices = devices::create(&ddp.base, args.devices, 0, 0).await?;
-    let result = measure(&ddp.base, &devices, args.rate, Duration::from_secs_f64(args.seconds), args.transport).await?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let mut rows = Vec::new();
+    for transport in &args.transports {
+        let work = tempfile::tempdir_in(".")?;
+        let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
+        let devices = devices::create(&ddp.base, args.devices, 0, 0).await?;
+        let result = measure(&ddp.base, &ddp.mqtt, &devices, args.rate, duration, *transport).await?;
+        rows.push(result.row(&format!("DDP over {} (durable REST write → device)", transport.label())));
+    }
+    if args.mosquitto {
+        let result = crate::mosquitto::measure(args.devices, args.rate, duration).await?;
+        rows.push(result.row("Mosquitto QoS 1 relay (publish → subscriber, not durable)"));
+    }
     println!("{}", LatencyResult::HEADER);
-    println!("{}", result.row(&format!("DDP {:?}", args.transport)));
+    for row in rows {
+        println!("{row}");
+    }
     Ok(())
 }
 
@@ -253,38 +374,75 @@ impl LatencyResult {
 /// Connects `devices`, writes at `rate` for `duration`, and measures delivery.
 pub async fn measure(
     base: &str,
+    mqtt: &str,
     devices: &[Device],
     rate: u64,
     duration: Duration,
     transport: Transport,
 ) -> anyhow::Result<LatencyResult> {
-    let Transport::Ws = transport;
     let addr = base.trim_start_matches("http://").to_owned();
     let epoch = Instant::now();
-    let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64, bool)>();
+    let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64, bool)>();
     let mut readers = Vec::new();
+    // A device's messages, checked for order and timed from their write's issue.
+    let check =
+        move |report: &tokio::sync::mpsc::UnboundedSender<(u64, u64, bool)>, last_rev: &mut u64, text: &[u8]| {
+            let now = epoch.elapsed().as_micros() as u64;
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(text) else { return };
+            let rev = v["rev"].as_u64().unwrap_or(0);
+            let in_order = rev == *last_rev + 1;
+            *last_rev = rev;
+            if let Some(sent) = v["value"]["t"].as_u64() {
+                let _ = report.send((now.saturating_sub(sent), rev, in_order));
+            }
+        };
     for chunk in devices.chunks(100) {
-        let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ws(&addr, d))).await?;
-        for mut ws in opened {
-            let report = report_tx.clone();
-            readers.push(tokio::spawn(async move {
-                let mut last_rev = 0u64;
-                while let Some(Ok(message)) = ws.next().await {
-                    let Message::Text(text) = message else { continue };
-                    let now = epoch.elapsed().as_micros() as u64;
-                    let Ok(v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
-                    let rev = v["rev"].as_u64().unwrap_or(0);
-                    let in_order = rev == last_rev + 1;
-                    last_rev = rev;
-                    if let Some(sent) = v["value"]["t"].as_u64() {
-                        let _ = report.send((now.saturating_sub(sent), rev, in_order));
-                    }
+        match transport {
+            Transport::Ws => {
+                let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ws(&addr, d))).await?;
+                for mut ws in opened {
+                    let report = report_tx.clone();
+                    readers.push(tokio::spawn(async move {
+                        let mut last_rev = 0u64;
+                        while let Some(Ok(message)) = ws.next().await {
+                            if let Message::Text(text) = message {
+                                check(&report, &mut last_rev, text.as_bytes());
+                            }
+                        }
+                    }));
                 }
-            }));
+            }
+            Transport::Mqtt => {
+                let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ddp_mqtt(mqtt, d))).await?;
+                for mut device in opened {
+                    let report = report_tx.clone();
+                    readers.push(tokio::spawn(async move {
+                        let mut last_rev = 0u64;
+                        while let Some(payload) = device.payloads.recv().await {
+                            check(&report, &mut last_rev, &payload);
+                        }
+                    }));
+                }
+            }
         }
     }
     drop(report_tx);
+    let result = write_and_collect(base, devices, rate, duration, epoch, report_rx).await;
+    for r in readers {
+        r.abort();
+    }
+    result
+}
 
+/// Issues REST writes at `rate` (open loop) carrying their issue time, then collects deliveries.
+async fn write_and_collect(
+    base: &str,
+    devices: &[Device],
+    rate: u64,
+    duration: Duration,
+    epoch: Instant,
+    mut report_rx: tokio::sync::mpsc::UnboundedReceiver<(u64, u64, bool)>,
+) -> anyhow::Result<LatencyResult> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let acked = Arc::new(AtomicU64::new(0));
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
@@ -325,9 +483,6 @@ pub async fn measure(
             }
             _ => break,
         }
-    }
-    for r in readers {
-        r.abort();
     }
     Ok(LatencyResult { hist, acked, delivered, disorder })
 }

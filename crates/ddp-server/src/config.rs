@@ -23,6 +23,8 @@ pub struct Config {
     pub db_readers: usize,
     /// Live sync sessions.
     pub sessions: SessionLimits,
+    /// The MQTT listener.
+    pub mqtt: MqttSettings,
 }
 
 impl Config {
@@ -37,6 +39,7 @@ impl Config {
             history: History::default(),
             db_readers: 4,
             sessions: SessionLimits::default(),
+            mqtt: MqttSettings::default(),
         }
     }
 }
@@ -108,5 +111,35 @@ pub struct SessionLimits {
 impl Default for SessionLimits {
     fn default() -> SessionLimits {
         SessionLimits { max_per_device: 5, mailbox: 256, idle: Duration::from_secs(30), ws_read_buffer: 1024 }
+    }
+}
+
+/// The MQTT listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSettings {
+    /// Plain TCP listener (`None`: off).
+    pub listen: Option<SocketAddr>,
+    /// TLS listener (`None`: off); needs `tls_cert` and `tls_key`.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    pub tls_key: Option<PathBuf>,
+    /// Largest MQTT packet accepted, in bytes.
+    pub max_packet: usize,
+    /// How long a client has to send CONNECT.
+    pub connect_timeout: Duration,
+}
+
+impl Default for MqttSettings {
+    fn default() -> MqttSettings {
+        MqttSettings {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            max_packet: 256 * 1024,
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }

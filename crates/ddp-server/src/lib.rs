@@ -12,6 +12,7 @@
 //! - [`config`]: every setting.
 //! - [`app`]: the state all transports share.
 //! - [`http`]: the REST API and the WebSocket sync sessions (axum).
+//! - [`mqtt`]: the MQTT listener: devices sync and write over MQTT 3.1.1 and 5.
 //! - [`kv`]: the one write path and read path: authorization, validation, limits.
 //! - [`auth`]: tokens to principals, with a cache that admin changes clear.
 //! - [`secret`]: generating and hashing keys.
@@ -32,12 +33,13 @@ pub mod http;
 pub mod hub;
 pub mod kv;
 pub mod metrics;
+pub mod mqtt;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;
 pub mod sessions;
 pub mod watch;
 
-pub use config::{Config, History, Limits, RateLimits, SessionLimits};
+pub use config::{Config, History, Limits, MqttSettings, RateLimits, SessionLimits};
 pub use error::Error;
 pub use server::{Server, StartError};

@@ -62,6 +62,9 @@ pub enum StartError {
         /// The cause.
         source: StoreError,
     },
+    /// The TLS listener cannot be set up.
+    #[error("MQTT over TLS: {0}")]
+    Tls(String),
     /// A listener cannot be bound.
     #[error("cannot listen on {addr} (change it with {flag}): {source}")]
     Listen {
@@ -79,6 +82,8 @@ pub struct Server {
     app: Arc<App>,
     http: TcpListener,
     http_addr: SocketAddr,
+    mqtt: Option<(TcpListener, SocketAddr)>,
+    mqtt_tls: Option<(TcpListener, SocketAddr, tokio_rustls::TlsAcceptor)>,
     admin_key: String,
     admin_key_created: Option<PathBuf>,
     _lock: std::fs::File,
@@ -104,12 +109,19 @@ impl Server {
             .map(Arc::new)
             .map_err(|source| StartError::Storage { path: db_path, source })?;
 
-        let http = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
-        let http_addr = http.local_addr().map_err(|source| StartError::Listen {
-            addr: config.http_listen,
-            flag: "--http-listen / DDP_HTTP_LISTEN",
-            source,
-        })?;
+        let (http, http_addr) = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
+        let mqtt = config.mqtt.listen.map(|addr| listen(addr, "--mqtt-listen / DDP_MQTT_LISTEN")).transpose()?;
+        let mqtt_tls = match config.mqtt.tls_listen {
+            None => None,
+            Some(addr) => {
+                let (Some(cert), Some(key)) = (&config.mqtt.tls_cert, &config.mqtt.tls_key) else {
+                    return Err(StartError::Tls("--mqtt-tls-listen needs --tls-cert and --tls-key".into()));
+                };
+                let acceptor = crate::mqtt::tls_acceptor(cert, key).map_err(StartError::Tls)?;
+                let (listener, bound) = listen(addr, "--mqtt-tls-listen / DDP_MQTT_TLS_LISTEN")?;
+                Some((listener, bound, acceptor))
+            }
+        };
 
         let app = Arc::new(App {
             auth: Authenticator::new(&admin_key, store.clone(), auth_cache),
@@ -122,12 +134,22 @@ impl Server {
             store,
             config,
         });
-        Ok(Server { app, http, http_addr, admin_key, admin_key_created, _lock: lock })
+        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, admin_key, admin_key_created, _lock: lock })
     }
 
     /// Where the REST and WebSocket API listens.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the MQTT listener listens, when it is on.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().map(|(_, a)| *a)
+    }
+
+    /// Where the MQTT TLS listener listens, when it is on.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls.as_ref().map(|(_, a, _)| *a)
     }
 
     /// The admin key in force.
@@ -143,8 +165,17 @@ impl Server {
     /// Serves until `shutdown` completes; then stops accepting, finishes in-flight requests and
     /// writes, closes live sessions and storage, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Server { app, http, http_addr, _lock, .. } = self;
+        let Server { app, http, http_addr, mqtt, mqtt_tls, _lock, .. } = self;
         tracing::info!(addr = %http_addr, transport = "http", data_dir = %app.config.data_dir.display(), "listening");
+        let mut listeners = Vec::new();
+        if let Some((listener, addr)) = mqtt {
+            tracing::info!(addr = %addr, transport = "mqtt", "listening");
+            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, None)));
+        }
+        if let Some((listener, addr, acceptor)) = mqtt_tls {
+            tracing::info!(addr = %addr, transport = "mqtts", "listening");
+            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, Some(acceptor))));
+        }
         let trimmer = tokio::spawn(trim_history(app.clone()));
         let cancel = app.shutdown.clone();
         let signal = async move {
@@ -161,7 +192,10 @@ impl Server {
             }
         });
         let served = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(signal).await;
-        // Upgraded sessions are not HTTP requests: they saw the cancellation and are closing.
+        for l in listeners {
+            let _ = l.await;
+        }
+        // Upgraded and MQTT sessions are not HTTP requests: they saw the cancellation and are closing.
         if tokio::time::timeout(SESSION_DRAIN, app.sessions.drained()).await.is_err() {
             tracing::warn!(
                 left = app.sessions.live(),
@@ -242,12 +276,14 @@ fn write_private(path: &Path, text: &str) -> io::Result<()> {
     file.sync_all()
 }
 
-fn listen(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+fn listen(addr: SocketAddr, flag: &'static str) -> Result<(TcpListener, SocketAddr), StartError> {
     let fail = |source| StartError::Listen { addr, flag, source };
     let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(fail)?;
     socket.set_reuseaddr(true).map_err(fail)?;
     socket.bind(addr).map_err(fail)?;
-    socket.listen(LISTEN_BACKLOG).map_err(fail)
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
+    Ok((listener, bound))
 }
 
 /// Trims change history now and then, until shutdown.

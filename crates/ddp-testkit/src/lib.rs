@@ -19,6 +19,10 @@ pub struct TestServer {
     pub base: String,
     /// The HTTP listener's address.
     pub addr: SocketAddr,
+    /// The MQTT listener's address (when on).
+    pub mqtt_addr: Option<SocketAddr>,
+    /// The MQTT TLS listener's address (when on).
+    pub mqtt_tls_addr: Option<SocketAddr>,
     /// A client for requests.
     pub client: Client,
     stop: Option<oneshot::Sender<()>>,
@@ -35,16 +39,26 @@ impl TestServer {
     /// A server whose settings `tweak` may change.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("temporary data directory");
-        let mut config = Config::new(dir.path().join("data"), "127.0.0.1:0".parse().expect("addr"));
-        config.admin_key = Some(ADMIN_KEY.to_owned());
+        let mut config = TestServer::config(&dir.path().join("data"));
         tweak(&mut config);
         TestServer::start_config(config, Some(dir)).await
+    }
+
+    /// The test configuration for a data directory: loopback ports chosen by the system, the
+    /// test admin key.
+    pub fn config(data_dir: &std::path::Path) -> Config {
+        let mut config = Config::new(data_dir, "127.0.0.1:0".parse().expect("addr"));
+        config.admin_key = Some(ADMIN_KEY.to_owned());
+        config.mqtt.listen = Some("127.0.0.1:0".parse().expect("addr"));
+        config
     }
 
     /// A server on `config` exactly (its data directory is the caller's).
     pub async fn start_config(config: Config, dir: Option<tempfile::TempDir>) -> TestServer {
         let server = Server::bind(config).await.expect("server binds");
         let addr = server.http_addr();
+        let mqtt_addr = server.mqtt_addr();
+        let mqtt_tls_addr = server.mqtt_tls_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
@@ -52,6 +66,8 @@ impl TestServer {
         TestServer {
             base: format!("http://{addr}"),
             addr,
+            mqtt_addr,
+            mqtt_tls_addr,
             client: Client::new(),
             stop: Some(stop),
             task: Some(task),
@@ -349,5 +365,176 @@ impl WsClient {
             seen
         });
         (WsWriter { sink }, reader)
+    }
+}
+
+/// An MQTT 3.1.1 client (rumqttc) whose event loop runs in a task; incoming packets are queued.
+pub struct MqttClient {
+    /// The client handle.
+    pub client: rumqttc::AsyncClient,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<Result<rumqttc::Packet, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MqttClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestServer {
+    /// MQTT options for a device, with the contract's credentials (username = id, password = key).
+    pub fn mqtt_options(&self, device: u64, key: &str) -> rumqttc::MqttOptions {
+        let addr = self.mqtt_addr.expect("the MQTT listener is on");
+        let mut options = rumqttc::MqttOptions::new(format!("test-{device}"), addr.ip().to_string(), addr.port());
+        options.set_credentials(device.to_string(), key);
+        options.set_keep_alive(std::time::Duration::from_secs(30));
+        options.set_clean_session(true);
+        options
+    }
+
+    /// Connects `options`; returns once the CONNACK arrived (or panics with what came instead).
+    pub async fn mqtt_connect(options: rumqttc::MqttOptions) -> Result<MqttClient, String> {
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+        let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(p)) => {
+                        if tx.send(Ok(p)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(rumqttc::Event::Outgoing(_)) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(std::time::Duration::from_secs(10), incoming.recv()).await {
+            Ok(Some(Ok(rumqttc::Packet::ConnAck(ack)))) if ack.code == rumqttc::ConnectReturnCode::Success => {
+                Ok(MqttClient { client, incoming, task })
+            }
+            Ok(Some(Ok(other))) => Err(format!("{other:?}")),
+            Ok(Some(Err(e))) => Err(e),
+            Ok(None) => Err("event loop ended".into()),
+            Err(_) => Err("no CONNACK within 10 s".into()),
+        }
+    }
+
+    /// Connects as `device` and subscribes to its kv topic; returns the client and the reload.
+    pub async fn mqtt_device(&self, device: u64, key: &str) -> (MqttClient, Value) {
+        let mut c = TestServer::mqtt_connect(self.mqtt_options(device, key)).await.expect("mqtt connect");
+        c.client.subscribe(format!("/devices/{device}/kv"), rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+        let reload = c.next_json().await;
+        assert_eq!(reload["action"], "reload", "the first message on the kv topic is a reload");
+        (c, reload)
+    }
+}
+
+impl MqttClient {
+    /// The next incoming packet (10 s at most); `Err` when the connection ended.
+    pub async fn next_packet(&mut self) -> Result<rumqttc::Packet, String> {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), self.incoming.recv()).await {
+            Ok(Some(p)) => p,
+            Ok(None) => Err("event loop ended".into()),
+            Err(_) => panic!("no MQTT packet within 10 s"),
+        }
+    }
+
+    /// The next PUBLISH's payload as JSON (other packets are skipped).
+    pub async fn next_json(&mut self) -> Value {
+        loop {
+            match self.next_packet().await {
+                Ok(rumqttc::Packet::Publish(p)) => return serde_json::from_slice(&p.payload).expect("JSON payload"),
+                Ok(_) => continue,
+                Err(e) => panic!("connection ended while a message was expected: {e}"),
+            }
+        }
+    }
+
+    /// Waits for the connection to end; returns the error that ended it.
+    pub async fn ended(&mut self) -> String {
+        loop {
+            if let Err(e) = self.next_packet().await {
+                return e;
+            }
+        }
+    }
+}
+
+/// A real `ddp serve` process (for tests that kill it, and for benchmarks), on loopback ports
+/// the system picks; killed and reaped when dropped.
+pub struct DdpProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    /// `127.0.0.1:port` of the MQTT listener.
+    pub mqtt: String,
+    /// The process id.
+    pub pid: u32,
+}
+
+impl DdpProcess {
+    /// Starts `bin serve` with its data in `data_dir`, the given admin key and `extra` flags, and
+    /// waits until it logs that HTTP and MQTT are listening.
+    pub fn start(
+        bin: &std::path::Path,
+        data_dir: &std::path::Path,
+        admin_key: &str,
+        extra: &[&str],
+    ) -> Result<DdpProcess, String> {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(bin)
+            .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--admin-key", admin_key])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let (mut http, mut mqtt) = (None, None);
+        while http.is_none() || mqtt.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                return Err("ddp serve exited before listening".into());
+            };
+            let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
+            if entry["message"] == "listening" {
+                let addr = entry["addr"].as_str().map(str::to_owned);
+                match entry["transport"].as_str() {
+                    Some("http") => http = addr,
+                    Some("mqtt") => mqtt = addr,
+                    _ => {}
+                }
+            }
+        }
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let pid = child.id();
+        Ok(DdpProcess {
+            child,
+            base: format!("http://{}", http.unwrap_or_default()),
+            mqtt: mqtt.unwrap_or_default(),
+            pid,
+        })
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DdpProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

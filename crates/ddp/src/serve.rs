@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ddp_server::{Config, History, Limits, RateLimits, Server, SessionLimits};
+use ddp_server::{Config, History, Limits, MqttSettings, RateLimits, Server, SessionLimits};
 
 /// Log output format.
 #[derive(Clone, Copy, ValueEnum)]
@@ -20,7 +20,8 @@ pub enum LogFormat {
 #[derive(Args)]
 #[command(after_help = "Examples:
   ddp serve
-  ddp serve --data-dir /var/lib/ddp --http-listen 0.0.0.0:8080 --log-format json
+  ddp serve --data-dir /var/lib/ddp --http-listen 0.0.0.0:8080 --mqtt-listen 0.0.0.0:1883 --log-format json
+  ddp serve --mqtt-tls-listen 0.0.0.0:8883 --tls-cert cert.pem --tls-key key.pem
   DDP_ADMIN_KEY=$(cat admin.key) ddp serve")]
 pub struct ServeArgs {
     /// Directory for the database, the generated admin key and the lock file (created if missing).
@@ -30,6 +31,26 @@ pub struct ServeArgs {
     /// Address for the REST and WebSocket API.
     #[arg(long, env = "DDP_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
+
+    /// Address for MQTT devices (MQTT 3.1.1 and 5), or `off`.
+    #[arg(long, env = "DDP_MQTT_LISTEN", default_value = "127.0.0.1:1883", value_parser = parse_listen)]
+    mqtt_listen: Listen,
+
+    /// Address for MQTT over TLS (e.g. 0.0.0.0:8883), or `off`; needs --tls-cert and --tls-key.
+    #[arg(long, env = "DDP_MQTT_TLS_LISTEN", default_value = "off", value_parser = parse_listen)]
+    mqtt_tls_listen: Listen,
+
+    /// PEM certificate chain for MQTT over TLS.
+    #[arg(long, env = "DDP_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key for MQTT over TLS.
+    #[arg(long, env = "DDP_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
+    /// Largest MQTT packet accepted, in bytes; a larger one closes the connection.
+    #[arg(long, env = "DDP_MQTT_MAX_PACKET", default_value_t = MqttSettings::default().max_packet)]
+    mqtt_max_packet: usize,
 
     /// The admin key (16+ characters). Without it the key stored in the data directory is used,
     /// or on first start a new one is generated, stored there (mode 0600) and printed once.
@@ -95,6 +116,19 @@ pub struct ServeArgs {
     ws_idle: Duration,
 }
 
+/// A listen address, or `off`.
+#[derive(Clone, Copy)]
+pub struct Listen(Option<SocketAddr>);
+
+fn parse_listen(text: &str) -> Result<Listen, String> {
+    if text.eq_ignore_ascii_case("off") || text.is_empty() {
+        return Ok(Listen(None));
+    }
+    text.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{text:?} is not an address like 127.0.0.1:1883, nor `off`"))
+}
+
 /// `90s`, `30m`, `24h`, `7d`, or plain seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -135,6 +169,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };
     config.history = History { keep_changes: args.history_changes, keep_age: args.history_age, ..History::default() };
     config.db_readers = args.db_readers;
+    config.mqtt = MqttSettings {
+        listen: args.mqtt_listen.0,
+        tls_listen: args.mqtt_tls_listen.0,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        max_packet: args.mqtt_max_packet,
+        ..MqttSettings::default()
+    };
     config.sessions = SessionLimits {
         max_per_device: args.max_sessions_per_device,
         mailbox: args.session_queue,

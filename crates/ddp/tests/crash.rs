@@ -3,14 +3,12 @@
 //! later one), the store's rev is at least the number of acknowledged writes, and new writes get
 //! revs above every rev handed out before: no rev is ever reused.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use ddp_testkit::DdpProcess;
 use rand::RngExt;
 use serde_json::json;
 
@@ -18,41 +16,9 @@ const KEY: &str = "crash-test-admin-key-0123456789";
 const WRITERS: usize = 24;
 const ROUNDS: usize = 4;
 
-struct Running {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // A failing assertion must not leave a server behind.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `ddp serve` on a free port and waits for its "listening" log line.
-fn start(data_dir: &Path) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ddp"))
-        .args(["serve", "--http-listen", "127.0.0.1:0", "--admin-key", KEY, "--log-format", "json"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ddp serve starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr: SocketAddr = loop {
-        let line = lines.next().expect("server logged before exiting").expect("log line");
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        if entry["message"] == "listening" && entry["transport"] == "http" {
-            break entry["addr"].as_str().expect("addr").parse().expect("socket address");
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Running { child, base: format!("http://{addr}") }
+/// Starts `ddp serve` on free loopback ports with its data in `data_dir`.
+fn start(data_dir: &Path) -> DdpProcess {
+    DdpProcess::start(Path::new(env!("CARGO_BIN_EXE_ddp")), data_dir, KEY, &[]).expect("ddp serve starts")
 }
 
 #[derive(Default)]
@@ -123,8 +89,7 @@ async fn acknowledged_writes_survive_sigkill() {
             .collect();
         let delay = rand::rng().random_range(150..700);
         tokio::time::sleep(Duration::from_millis(delay)).await;
-        server.child.kill().expect("SIGKILL");
-        server.child.wait().expect("reaped");
+        server.kill();
         stop.store(true, Ordering::SeqCst);
         for w in writers {
             w.await.expect("writer");

@@ -209,8 +209,7 @@ async fn data_survives_a_restart() {
     let put = s.admin(Method::PUT, &format!("{d}/kv/k")).body(r#"{"value": 1.10}"#).send().await.expect("put");
     assert_eq!(put.status(), StatusCode::NO_CONTENT);
     let dir = s.stop_keep_data().await;
-    let mut config = ddp_server::Config::new(dir.path().join("data"), "127.0.0.1:0".parse().expect("addr"));
-    config.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
+    let config = ddp_testkit::TestServer::config(&dir.path().join("data"));
     let again = TestServer::start_config(config, Some(dir)).await;
     let got = again.req(Method::GET, &format!("{d}/kv/k"), Some(&key)).send().await.expect("get");
     assert_eq!(etag_of(&got), 1);

@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 mod errors;
 mod kv;
+mod mqtt;
 mod ops;
 mod ws;
 mod ws_stress;

@@ -52,8 +52,7 @@ async fn shutdown_finishes_in_flight_writes_then_refuses_connections() {
         .count();
     assert!(reqwest::get(format!("{base}/healthz")).await.is_err(), "{addr} still accepts connections after shutdown");
 
-    let mut config = ddp_server::Config::new(dir.path().join("data"), "127.0.0.1:0".parse().expect("addr"));
-    config.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
+    let config = ddp_testkit::TestServer::config(&dir.path().join("data"));
     let again = TestServer::start_config(config, Some(dir)).await;
     assert!(again.items(&d).await.len() >= acked, "every acknowledged write survived the shutdown");
     assert_eq!(again.store_rev(&d).await as usize, again.items(&d).await.len());
@@ -62,11 +61,7 @@ async fn shutdown_finishes_in_flight_writes_then_refuses_connections() {
 #[tokio::test]
 async fn a_second_server_on_the_same_data_directory_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = || {
-        let mut c = ddp_server::Config::new(dir.path().join("data"), "127.0.0.1:0".parse().expect("addr"));
-        c.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
-        c
-    };
+    let config = || ddp_testkit::TestServer::config(&dir.path().join("data"));
     let first = ddp_server::Server::bind(config()).await.expect("first binds");
     let second = ddp_server::Server::bind(config()).await.err().expect("second is refused");
     assert!(second.to_string().contains("in use by another"), "{second}");
@@ -78,8 +73,8 @@ async fn a_second_server_on_the_same_data_directory_is_refused() {
 async fn a_busy_port_names_the_flag_to_change() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = ddp_server::Config::new(dir.path().join("data"), taken.local_addr().expect("addr"));
-    config.admin_key = Some(ddp_testkit::ADMIN_KEY.to_owned());
+    let mut config = ddp_testkit::TestServer::config(&dir.path().join("data"));
+    config.http_listen = taken.local_addr().expect("addr");
     let err = ddp_server::Server::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("--http-listen"), "{err}");
 }

@@ -1,0 +1,111 @@
+//! The MQTT listener: devices sync and write over MQTT 3.1.1 (and 5), as MODE devices do
+//! (PROTOCOL.md §4.2).
+//!
+//! The server is itself the MQTT endpoint — it decides on CONNECT, SUBSCRIBE and PUBLISH — so it
+//! terminates MQTT rather than bridging to a broker. A device subscribes to `/devices/{id}/kv`
+//! and gets the same sync messages as over WebSocket, from the same hub and watch path; its
+//! publishes go through the same write path, and a QoS 1 PUBACK means the change is durable.
+//!
+//! # Layout
+//! - [`wire`]: the packet codec (rmqtt-codec) behind our own small packet enums.
+//! - [`session`]: the session rules as a state machine without IO.
+//! - [`connection`]: one connection: read, decide, act.
+//! - this module: listeners (TCP and TLS) and the accept loop.
+
+pub mod connection;
+pub mod session;
+pub mod wire;
+
+#[cfg(test)]
+mod fuzz;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+use crate::app::App;
+
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Loads a certificate chain and private key (PEM files) into a TLS acceptor.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read the certificate {} (--tls-cert): {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate in {} (--tls-cert): {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {} (--tls-cert)", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read the private key {} (--tls-key): {e}", key.display()))?;
+    // The provider is named, not left to process-wide defaults that another crate could make
+    // ambiguous by enabling a second one.
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the certificate and key do not make a TLS configuration: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn tune(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    // Devices may use keep-alive 0 (the MODE SDK does): let TCP notice peers that vanished.
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(120)).with_interval(Duration::from_secs(30));
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// Accepts connections on `listener` until shutdown; each runs in its own task.
+pub async fn accept_loop(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = app.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "mqtt accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tune(&stream);
+        let app = app.clone();
+        match tls.clone() {
+            None => {
+                tokio::spawn(connection::serve(app, stream, peer));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection::serve(app, tls, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "mqtt TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "mqtt TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The address a listener is bound to, for logs.
+pub fn describe(addr: SocketAddr, tls: bool) -> String {
+    format!("mqtt{}://{addr}", if tls { "s" } else { "" })
+}
