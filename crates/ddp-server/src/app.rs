@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::events::EventBus;
 use crate::hub::Hub;
 use crate::kv::Kv;
 use crate::ratelimit::RateLimiter;
@@ -27,6 +28,8 @@ pub struct App {
     pub limiter: RateLimiter,
     /// Committed changes to live sessions.
     pub hub: Arc<Hub>,
+    /// Home events to app listeners.
+    pub events: Arc<EventBus>,
     /// Live sync sessions: caps, presence, connection times.
     pub sessions: Arc<Sessions>,
     /// Prometheus rendering.

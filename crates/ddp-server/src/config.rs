@@ -106,11 +106,19 @@ pub struct SessionLimits {
     /// Read buffer of a WebSocket session, in bytes (larger frames still fit; this is what an
     /// idle session holds).
     pub ws_read_buffer: usize,
+    /// Events queued for an app's event stream before it is closed as too far behind.
+    pub event_queue: usize,
 }
 
 impl Default for SessionLimits {
     fn default() -> SessionLimits {
-        SessionLimits { max_per_device: 5, mailbox: 256, idle: Duration::from_secs(30), ws_read_buffer: 1024 }
+        SessionLimits {
+            max_per_device: 5,
+            mailbox: 256,
+            idle: Duration::from_secs(30),
+            ws_read_buffer: 1024,
+            event_queue: 1024,
+        }
     }
 }
 

@@ -20,7 +20,8 @@
 //! - [`hub`]: committed changes to live sessions, per store.
 //! - [`watch`]: the one watch path: subscribe, then snapshot or resume, then live.
 //! - [`sessions`]: live sessions: cap per device, presence, connection times.
-//! - [`fanout`]: the store's commit sink: hub, auth cache, closing sessions.
+//! - [`events`]: home events: system events from the commit feed, device events, app streams.
+//! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the one error type, with its `Reason`.
 
@@ -28,6 +29,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod fanout;
 pub mod http;
 pub mod hub;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::auth::{AuthCache, Authenticator};
 use crate::config::Config;
+use crate::events::EventBus;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::kv::Kv;
@@ -100,10 +101,11 @@ impl Server {
         let auth_cache = Arc::new(AuthCache::default());
         let hub = Arc::new(Hub::new(config.sessions.mailbox));
         let fanout = Arc::new(Fanout::new(auth_cache.clone(), hub.clone()));
+        let sink = fanout.clone();
         let db_path = data_dir.join(DATABASE_FILE);
         let mut options = SqliteOptions::new(&db_path);
         options.readers = config.db_readers.max(1);
-        let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || SqliteStore::open(options, fanout))
+        let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || SqliteStore::open(options, sink))
             .await
             .map_err(|e| StartError::Storage { path: db_path.clone(), source: StoreError::Backend(e.to_string()) })?
             .map(Arc::new)
@@ -123,12 +125,15 @@ impl Server {
             }
         };
 
+        let events = Arc::new(EventBus::new(store.clone(), config.sessions.event_queue));
+        fanout.set_events(events.clone());
         let app = Arc::new(App {
             auth: Authenticator::new(&admin_key, store.clone(), auth_cache),
             kv: Kv::new(store.clone(), config.limits),
             limiter: RateLimiter::new(config.rate_limits),
             hub,
-            sessions: Arc::new(Sessions::new(store.clone(), config.sessions.max_per_device)),
+            sessions: Arc::new(Sessions::new(store.clone(), events.clone(), config.sessions.max_per_device)),
+            events,
             metrics: metrics::handle(),
             shutdown: CancellationToken::new(),
             store,

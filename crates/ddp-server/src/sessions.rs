@@ -3,38 +3,55 @@
 //!
 //! A transport takes a [`SessionTicket`] before it accepts a session and drops it when the
 //! session ends. Only sessions held by a device's own key count as the device being connected
-//! (and against its cap); apps watching a device do not.
+//! (and against its cap); apps watching a device do not. When a device's first session opens or
+//! its last closes, one background worker — in order — records the time and raises
+//! `_deviceConnected_` / `_deviceDisconnected_`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ddp_protocol::{DeviceId, Reason, Timestamp};
 use ddp_store::Store;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Principal;
 use crate::error::{Error, Result};
+use crate::events::EventBus;
 use crate::kv::Transport;
+
+/// A device's first session opened (`true`) or its last closed, at a time.
+type Presence = (DeviceId, bool, Timestamp);
 
 /// The registry of live sessions.
 pub struct Sessions {
-    store: Arc<dyn Store>,
     max_per_device: usize,
     per_device: Mutex<HashMap<DeviceId, usize>>,
     live: watch::Sender<usize>,
+    presence: Mutex<Option<mpsc::UnboundedSender<Presence>>>,
     background: TaskTracker,
 }
 
 impl Sessions {
-    /// A registry allowing `max_per_device` sessions per device key.
-    pub fn new(store: Arc<dyn Store>, max_per_device: usize) -> Sessions {
+    /// A registry allowing `max_per_device` sessions per device key, recording connection times
+    /// in `store` and raising presence events on `events`. Must be called inside the runtime.
+    pub fn new(store: Arc<dyn Store>, events: Arc<EventBus>, max_per_device: usize) -> Sessions {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Presence>();
+        let background = TaskTracker::new();
+        background.spawn(async move {
+            while let Some((device, connected, at)) = rx.recv().await {
+                if let Err(e) = store.record_connection(device, connected, at).await {
+                    tracing::debug!(%device, error = %e, "connection time not recorded");
+                }
+                events.presence(device, connected, at).await;
+            }
+        });
         Sessions {
-            store,
             max_per_device: max_per_device.max(1),
             per_device: Mutex::new(HashMap::new()),
             live: watch::Sender::new(0),
-            background: TaskTracker::new(),
+            presence: Mutex::new(Some(tx)),
+            background,
         }
     }
 
@@ -83,19 +100,18 @@ impl Sessions {
     pub async fn drained(&self) {
         let mut rx = self.live.subscribe();
         let _ = rx.wait_for(|n| *n == 0).await;
+        if let Ok(mut presence) = self.presence.lock() {
+            presence.take(); // the worker finishes what is queued, then stops
+        }
         self.background.close();
         self.background.wait().await;
     }
 
     fn record(&self, device: DeviceId, connected: bool) {
-        let store = self.store.clone();
-        let now = Timestamp::now();
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.background.spawn(async move {
-                if let Err(e) = store.record_connection(device, connected, now).await {
-                    tracing::debug!(%device, error = %e, "connection time not recorded");
-                }
-            });
+        if let Ok(presence) = self.presence.lock()
+            && let Some(tx) = presence.as_ref()
+        {
+            let _ = tx.send((device, connected, Timestamp::now()));
         }
     }
 

@@ -226,8 +226,26 @@ impl TestServer {
 
     /// Like [`TestServer::ws`], with the token only where `query` puts it (or nowhere).
     pub async fn ws_request(&self, device: u64, token: Option<&str>, query: &str) -> WsOpen {
+        self.ws_path(&format!("/devices/{device}/kv{query}"), token).await
+    }
+
+    /// Opens `GET /events/websocket{query}` with `token` (none when `None`).
+    pub async fn events(&self, token: Option<&str>, query: &str) -> WsOpen {
+        self.ws_path(&format!("/events/websocket{query}"), token).await
+    }
+
+    /// Opens an event stream that must succeed.
+    pub async fn events_open(&self, token: &str, query: &str) -> WsClient {
+        match self.events(Some(token), query).await {
+            WsOpen::Open(c) => *c,
+            WsOpen::Refused(status, body) => panic!("event stream refused with {status}: {body}"),
+        }
+    }
+
+    /// Opens a WebSocket on `path` with `token` in the Authorization header.
+    pub async fn ws_path(&self, path: &str, token: Option<&str>) -> WsOpen {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = format!("ws://{}/devices/{device}/kv{query}", self.addr);
+        let url = format!("ws://{}{path}", self.addr);
         let mut request = url.into_client_request().expect("request");
         if let Some(t) = token {
             request.headers_mut().insert("Authorization", format!("ModeCloud {t}").parse().expect("header"));
@@ -271,6 +289,22 @@ impl WsClient {
         match self.next_json_within(std::time::Duration::from_secs(10)).await {
             Ok(v) => v,
             Err(end) => panic!("session ended while a message was expected: {end:?}"),
+        }
+    }
+
+    /// The next text message exactly as sent (pings and pongs are skipped).
+    pub async fn next_text(&mut self) -> String {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(std::time::Duration::from_secs(10), self.stream.next())
+                .await
+                .expect("a message in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => return t.as_str().to_owned(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
         }
     }
 

@@ -6,6 +6,7 @@
 //! unknown routes, wrong methods) are turned into the same shape.
 
 mod admin;
+mod events;
 mod kv;
 mod ops;
 mod upgrade;
@@ -48,6 +49,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/devices/{id}/apiKey", post(admin::rotate_device_key))
         .route("/apiKeys", post(admin::create_api_key).get(admin::list_api_keys))
         .route("/apiKeys/{id}", axum::routing::delete(admin::delete_api_key))
+        .route("/devices/{id}/event", axum::routing::put(events::raise))
+        .route("/events/websocket", get(events::stream))
         .route("/devices/{id}/kv", get(kv::list_or_watch))
         .route("/homes/{id}/kv", get(kv::list))
         .merge(kv_routes("/devices/{id}"))

@@ -27,6 +27,7 @@ use super::upgrade::{Socket, Upgrade};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::error::{Error, Result};
+use crate::events::{EventClose, EventDelivery};
 use crate::hub::{CloseReason, Delivery};
 use crate::kv::Transport;
 use crate::sessions::SessionTicket;
@@ -258,4 +259,75 @@ async fn handle_frame(app: &App, who: &Principal, store: StoreRef, text: &str) -
     }
     .await;
     applied.err().map(|e: Error| error_frame(e.reason, &e.message, Some(key)))
+}
+
+/// Accepts an app's event stream of `homes` (`None`: every home).
+pub fn accept_events(
+    app: Arc<App>,
+    upgrade: Upgrade,
+    who: Principal,
+    homes: Option<Vec<ddp_protocol::HomeId>>,
+) -> Response {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(app.config.sessions.ws_read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(64 * 1024))
+        .max_frame_size(Some(64 * 1024));
+    upgrade.accept(config, move |socket| event_session(app, socket, who, homes))
+}
+
+enum EventInput {
+    Delivery(EventDelivery),
+    Frame(Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    Tick,
+    Shutdown,
+}
+
+/// An app's event stream: one text frame per event. Close codes: 4009 too far behind, 4003 key
+/// revoked, 4008 silent too long, 1001 shutdown.
+async fn event_session(app: Arc<App>, mut socket: Socket, who: Principal, homes: Option<Vec<ddp_protocol::HomeId>>) {
+    let listener = app.events.listen(who.clone(), homes);
+    tracing::debug!(who = %who, "event stream opened");
+    let idle = app.config.sessions.idle;
+    let mut tick = tokio::time::interval_at(Instant::now() + idle, idle);
+    let mut heard = Instant::now();
+    let close = loop {
+        let input = tokio::select! {
+            d = listener.recv() => EventInput::Delivery(d),
+            m = socket.next() => EventInput::Frame(m),
+            _ = tick.tick() => EventInput::Tick,
+            () = app.shutdown.cancelled() => EventInput::Shutdown,
+        };
+        match input {
+            EventInput::Delivery(EventDelivery::Events(frames)) => {
+                let messages: Vec<Utf8Bytes> = frames.iter().map(|f| f.json.clone()).collect();
+                if Box::pin(send_all(&mut socket, messages)).await.is_err() {
+                    break None;
+                }
+            }
+            EventInput::Delivery(EventDelivery::Closed(reason)) => {
+                tracing::info!(who = %who, why = reason.message(), "closing event stream");
+                let code = match reason {
+                    EventClose::TooSlow => 4009,
+                    EventClose::KeyRevoked => 4003,
+                };
+                break Some(close_frame(code, reason.message()));
+            }
+            EventInput::Frame(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break None,
+            EventInput::Frame(Some(Ok(_))) => heard = Instant::now(), // the stream is one-way
+            EventInput::Tick => {
+                if heard.elapsed() >= idle * 2 {
+                    break Some(close_frame(4008, "no traffic from the client for twice the idle interval"));
+                }
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
+            EventInput::Shutdown => break Some(close_for(CloseReason::ShuttingDown)),
+        }
+    };
+    if let Some(frame) = close {
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(frame))).await;
+    }
+    tracing::debug!(who = %who, "event stream closed");
 }

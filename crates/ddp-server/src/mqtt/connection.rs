@@ -267,10 +267,22 @@ where
         self.outcome(result, &key)
     }
 
-    async fn event(&mut self, _payload: Bytes) -> Result<WriteOutcome, Ended> {
-        // Device events are delivered once the events feature is in place; until then they are
-        // accepted and acknowledged.
-        Ok(WriteOutcome::Applied)
+    /// Raises a device event through the one event path.
+    async fn event(&mut self, payload: Bytes) -> Result<WriteOutcome, Ended> {
+        let Some(device) = self.session.device() else { return Ok(WriteOutcome::Refused) };
+        let result = self.app.events.raise(&Principal::Device(device), device, &payload).await;
+        match result {
+            Ok(()) => Ok(WriteOutcome::Applied),
+            Err(e) if e.status() >= 500 => {
+                tracing::warn!(peer = %self.peer, error = %e, "mqtt event failed; closing without PUBACK");
+                Err(Ended)
+            }
+            Err(e) => {
+                metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
+                tracing::info!(peer = %self.peer, reason = %e.reason, message = %e.message, "mqtt event refused");
+                Ok(WriteOutcome::Refused)
+            }
+        }
     }
 
     fn outcome(&self, result: Result<(), Error>, key: &ddp_protocol::Key) -> Result<WriteOutcome, Ended> {

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod errors;
+mod events;
 mod kv;
 mod mqtt;
 mod ops;
