@@ -19,7 +19,10 @@ pub struct Item {
 }
 
 /// A message from the server to a sync session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Deserialization is written by hand: serde's internally tagged enums buffer their fields,
+/// and a [`Value`] (an exact JSON text) cannot be read back from that buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "lowercase")]
 pub enum ServerMessage {
     /// The whole store at `rev`; replaces everything the device holds.
@@ -63,6 +66,47 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
     },
+}
+
+impl<'de> Deserialize<'de> for ServerMessage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServerMessage, D::Error> {
+        use serde::de::Error as _;
+        #[derive(Deserialize)]
+        struct Wire {
+            action: String,
+            rev: Option<Rev>,
+            key: Option<String>,
+            value: Option<Value>,
+            items: Option<Vec<Item>>,
+            reason: Option<Reason>,
+            message: Option<String>,
+        }
+        let w = Wire::deserialize(d)?;
+        let rev = |what: &str| w.rev.ok_or_else(|| D::Error::custom(format!("{what} without rev")));
+        let key = |what: &str| {
+            let k = w.key.clone().ok_or_else(|| D::Error::custom(format!("{what} without key")))?;
+            Key::try_from(k).map_err(D::Error::custom)
+        };
+        Ok(match w.action.as_str() {
+            "reload" => {
+                let items = w.items.clone().unwrap_or_default();
+                ServerMessage::Reload { rev: rev("reload")?, num_items: items.len(), items }
+            }
+            "resume" => ServerMessage::Resume { rev: rev("resume")? },
+            "set" => ServerMessage::Set {
+                rev: rev("set")?,
+                key: key("set")?,
+                value: w.value.clone().ok_or_else(|| D::Error::custom("set without value"))?,
+            },
+            "delete" => ServerMessage::Delete { rev: rev("delete")?, key: key("delete")? },
+            "error" => ServerMessage::Error {
+                reason: w.reason.ok_or_else(|| D::Error::custom("error without reason"))?,
+                message: w.message.clone().unwrap_or_default(),
+                key: w.key.clone(),
+            },
+            other => return Err(D::Error::custom(format!("unknown action {other:?}"))),
+        })
+    }
 }
 
 /// A request from a device (or a watching app) over its sync session.
@@ -181,6 +225,30 @@ mod tests {
         assert_eq!(serde_json::to_string(&del).expect("json"), r#"{"action":"delete","rev":85,"key":"xyz"}"#);
         let back: ServerMessage = serde_json::from_str(r#"{"action":"delete","rev":85,"key":"xyz"}"#).expect("parse");
         assert_eq!(back, del);
+    }
+
+    #[test]
+    fn every_server_message_round_trips_exactly() {
+        let messages = [
+            r#"{"action":"reload","rev":82,"numItems":2,"items":[{"key":"a","value":1.10,"modificationTime":"2017-11-19T01:23:22.000Z"},{"key":"b","value":{"x":[12345678901234567890]},"modificationTime":"2017-11-19T01:23:22.000Z"}]}"#,
+            r#"{"action":"resume","rev":7}"#,
+            r#"{"action":"set","rev":83,"key":"xyz","value":-0.0}"#,
+            r#"{"action":"delete","rev":85,"key":"xyz"}"#,
+            r#"{"action":"error","reason":"INVALID_KEY","message":"bad","key":"a/b"}"#,
+            r#"{"action":"error","reason":"INVALID_JSON","message":"bad"}"#,
+        ];
+        for text in messages {
+            let parsed: ServerMessage = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(serde_json::to_string(&parsed).expect("json"), text, "numbers and shape survive");
+        }
+        for bad in [
+            r#"{"action":"set","rev":1,"key":"k"}"#,
+            r#"{"action":"set","key":"k","value":1}"#,
+            r#"{"action":"nope","rev":1}"#,
+            r#"{"action":"set","rev":1,"key":"a b","value":1}"#,
+        ] {
+            assert!(serde_json::from_str::<ServerMessage>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
