@@ -1,7 +1,7 @@
 //! Device Data Proxy storage.
 //!
 //! One [`Store`] trait, implemented by every backend, and one conformance suite
-//! ([`conformance`], feature `conformance`) that every backend passes. The server talks only to
+//! (`conformance`, feature `conformance`) that every backend passes. The server talks only to
 //! the trait.
 //!
 //! A store keeps homes, devices, project API keys, and one key-value store per device and per
@@ -15,7 +15,7 @@
 //! - [`error`]: the error type, [`StoreError`].
 //! - [`sqlite`]: the embedded default, [`SqliteStore`] — WAL, `synchronous=FULL`, one writer
 //!   thread with group commit, a small pool of read connections.
-//! - [`conformance`]: the backend-independent test suite.
+//! - `conformance`: the backend-independent test suite.
 
 pub mod error;
 pub mod model;

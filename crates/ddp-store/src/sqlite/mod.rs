@@ -1,24 +1,24 @@
 //! The embedded default backend: one SQLite database file in WAL mode.
 //!
-//! - **Group commit, pipelined** ([`writer`]): one writer thread owns the only read-write
+//! - **Group commit, pipelined** (`writer`): one writer thread owns the only read-write
 //!   connection and applies every write waiting at that moment in one transaction; a syncer
 //!   thread makes each batch durable with one `fdatasync` of the WAL and only then hands its
 //!   changes to the [`CommitSink`] (in commit order) and answers the writers. While a batch is
 //!   being synced, the next one is already applied.
-//! - **Nothing unsynced is ever seen**: reads ([`readers`]) wait until what they read is durable,
+//! - **Nothing unsynced is ever seen**: reads (`readers`) wait until what they read is durable,
 //!   and sessions only hear of a change after its fsync. A crash loses only writes that were never
 //!   acknowledged and never shown, so no rev handed out is ever handed out again.
-//! - **Checkpoints** ([`checkpoint`]) run on their own connection and thread.
-//! - **History**: changes are appended under a global sequence ([`schema`]), with a small index by
+//! - **Checkpoints** (`checkpoint`) run on their own connection and thread.
+//! - **History**: changes are appended under a global sequence (`schema`), with a small index by
 //!   store and rev for resuming sessions.
 //!
 //! # Layout
-//! - [`schema`]: tables and migrations.
-//! - [`writer`]: the write pipeline and the durability watermarks.
-//! - [`ops`]: what the key-value writes and the history trimming do in SQL.
-//! - [`rows`]: row ↔ record conversions and small shared queries.
-//! - [`readers`]: the read-only connection pool.
-//! - [`checkpoint`]: WAL checkpoints.
+//! - `schema`: tables and migrations.
+//! - `writer`: the write pipeline and the durability watermarks.
+//! - `ops`: what the key-value writes and the history trimming do in SQL.
+//! - `rows`: row ↔ record conversions and small shared queries.
+//! - `readers`: the read-only connection pool.
+//! - `checkpoint`: WAL checkpoints.
 
 mod checkpoint;
 mod ops;
