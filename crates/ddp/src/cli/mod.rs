@@ -1,0 +1,566 @@
+//! The client subcommands: administration, key-value stores, and following sync streams and
+//! events — all over the server's public API.
+
+mod api;
+mod follow;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use ddp_protocol::Value;
+use ddp_protocol::sync::Item;
+use reqwest::Method;
+use serde_json::json;
+
+pub use api::Failure;
+use api::{Api, etag_rev};
+
+/// Where the server is and how to authenticate; shared by every client subcommand.
+#[derive(Args, Clone)]
+pub struct Connection {
+    /// The server's HTTP address.
+    #[arg(long, global = true, env = "DDP_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+
+    /// The token: the admin key, a project API key or a device key. Without it, the admin key
+    /// in ./ddp-data/admin.key (or $DDP_DATA_DIR/admin.key) is used when present.
+    #[arg(long, global = true, env = "DDP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Print JSON (the server's own answers) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Connection {
+    fn api(&self) -> Result<Api, Failure> {
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => {
+                let dir = std::env::var_os("DDP_DATA_DIR").map_or_else(|| PathBuf::from("./ddp-data"), PathBuf::from);
+                let file = dir.join("admin.key");
+                std::fs::read_to_string(&file).map(|k| k.trim().to_owned()).map_err(|_| {
+                    Failure::new(format!(
+                        "no token: pass --token (or set DDP_TOKEN); {} was not readable",
+                        file.display()
+                    ))
+                })?
+            }
+        };
+        Api::new(&self.server, token)
+    }
+}
+
+/// `ddp home …`
+#[derive(Subcommand)]
+pub enum Home {
+    /// Create a home.
+    #[command(after_help = "Example:\n  ddp home create --name Kitchen")]
+    Create {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List homes.
+    #[command(after_help = "Example:\n  ddp home list --json")]
+    List,
+    /// Show a home.
+    #[command(after_help = "Example:\n  ddp home show 3")]
+    Show {
+        /// Home id.
+        id: u64,
+    },
+    /// Delete a home: its devices leave it and its store is deleted.
+    #[command(after_help = "Example:\n  ddp home delete 3")]
+    Delete {
+        /// Home id.
+        id: u64,
+    },
+}
+
+/// `ddp device …`
+#[derive(Subcommand)]
+pub enum Device {
+    /// Create a device; its API key is printed this once.
+    #[command(
+        after_help = "Examples:\n  ddp device create --name Thermostat --home 3\n  ddp device create --name Sensor --json | jq -r .apiKey"
+    )]
+    Create {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// The home to put it in.
+        #[arg(long)]
+        home: Option<u64>,
+        /// Free-form class.
+        #[arg(long)]
+        class: Option<String>,
+        /// Free-form tag.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// List devices.
+    #[command(after_help = "Examples:\n  ddp device list\n  ddp device list --home 3")]
+    List {
+        /// Only the devices of this home.
+        #[arg(long)]
+        home: Option<u64>,
+    },
+    /// Show a device (a device key may show its own).
+    #[command(after_help = "Example:\n  ddp device show 7")]
+    Show {
+        /// Device id.
+        id: u64,
+    },
+    /// Move a device to another home, or out of any home.
+    #[command(after_help = "Examples:\n  ddp device move 7 --home 4\n  ddp device move 7 --no-home")]
+    Move {
+        /// Device id.
+        id: u64,
+        /// The new home.
+        #[arg(long, conflicts_with = "no_home", required_unless_present = "no_home")]
+        home: Option<u64>,
+        /// Take it out of its home.
+        #[arg(long)]
+        no_home: bool,
+    },
+    /// Give a device a new API key (printed this once); the old one stops working at once.
+    #[command(after_help = "Example:\n  ddp device rotate-key 7")]
+    RotateKey {
+        /// Device id.
+        id: u64,
+    },
+    /// Delete a device and its store.
+    #[command(after_help = "Example:\n  ddp device delete 7")]
+    Delete {
+        /// Device id.
+        id: u64,
+    },
+}
+
+/// `ddp apikey …`
+#[derive(Subcommand)]
+pub enum ApiKey {
+    /// Create a project API key for an app; the key is printed this once.
+    #[command(
+        after_help = "Examples:\n  ddp apikey create --name dashboard --home 3 --home 4 --read-only\n  ddp apikey create --name backend"
+    )]
+    Create {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// A home it may see (repeat for several; none means every home).
+        #[arg(long = "home")]
+        homes: Vec<u64>,
+        /// Read only (default: read and write).
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List project API keys (never their secrets).
+    #[command(after_help = "Example:\n  ddp apikey list")]
+    List,
+    /// Revoke a project API key; it stops working at once.
+    #[command(after_help = "Example:\n  ddp apikey revoke 2")]
+    Revoke {
+        /// Key id.
+        id: u64,
+    },
+}
+
+/// Which store.
+#[derive(Args, Clone, Copy)]
+#[group(required = true, multiple = false)]
+pub struct StoreArg {
+    /// A device's store.
+    #[arg(long)]
+    device: Option<u64>,
+    /// A home's store.
+    #[arg(long)]
+    home: Option<u64>,
+}
+
+impl StoreArg {
+    fn path(self) -> String {
+        match (self.device, self.home) {
+            (Some(d), _) => format!("/devices/{d}/kv"),
+            (None, Some(h)) => format!("/homes/{h}/kv"),
+            (None, None) => "/devices/0/kv".into(),
+        }
+    }
+}
+
+/// `ddp kv …`
+#[derive(Subcommand)]
+pub enum Kv {
+    /// Read a key.
+    #[command(after_help = "Examples:\n  ddp kv get --device 7 targetTemp\n  ddp kv get --home 3 mode --json")]
+    Get {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The key.
+        key: String,
+    },
+    /// Set a key. VALUE is taken as JSON when it is valid JSON, else as a string.
+    #[command(
+        after_help = "Examples:\n  ddp kv set --device 7 targetTemp 21.5\n  ddp kv set --device 7 mode eco            # the string \"eco\"\n  ddp kv set --device 7 schedule '{\"on\":\"07:00\"}'\n  ddp kv set --device 7 mode away --if-rev 12"
+    )]
+    Set {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Only if the key is still at this rev (else REVISION_MISMATCH).
+        #[arg(long)]
+        if_rev: Option<u64>,
+    },
+    /// Delete a key.
+    #[command(after_help = "Examples:\n  ddp kv delete --device 7 mode\n  ddp kv delete --device 7 mode --if-rev 13")]
+    Delete {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The key.
+        key: String,
+        /// Only if the key is still at this rev.
+        #[arg(long)]
+        if_rev: Option<u64>,
+    },
+    /// List a store's keys.
+    #[command(after_help = "Examples:\n  ddp kv list --device 7\n  ddp kv list --home 3 --prefix zone:")]
+    List {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only keys starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+/// What a VALUE argument means: JSON when it parses, else a string.
+pub fn parse_value(text: &str) -> Result<Value, Failure> {
+    if let Ok(value) = Value::parse(text) {
+        return Ok(value);
+    }
+    let quoted = serde_json::Value::String(text.to_owned()).to_string();
+    Value::parse(&quoted).map_err(|e| Failure::new(format!("cannot use {text:?} as a value: {e}")))
+}
+
+pub async fn home(conn: &Connection, command: Home) -> Result<(), Failure> {
+    let api = conn.api()?;
+    match command {
+        Home::Create { name } => {
+            let home = api.json(api.request(Method::POST, "/homes").json(&json!({ "name": name }))).await?;
+            if conn.json {
+                output::json(&home);
+            } else {
+                println!("created home {} ({})", home["id"], output::cell(&home["name"]));
+            }
+        }
+        Home::List => {
+            let homes = api.json(api.request(Method::GET, "/homes")).await?;
+            if conn.json {
+                output::json(&homes);
+            } else {
+                let rows: Vec<Vec<String>> = homes
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|h| vec![output::cell(&h["id"]), output::cell(&h["name"]), output::cell(&h["creationTime"])])
+                    .collect();
+                output::table(&["ID", "NAME", "CREATED"], &rows);
+            }
+        }
+        Home::Show { id } => {
+            let home = api.json(api.request(Method::GET, &format!("/homes/{id}"))).await?;
+            if conn.json {
+                output::json(&home);
+            } else {
+                output::fields(&home, &[("id", "id"), ("name", "name"), ("creationTime", "created")]);
+            }
+        }
+        Home::Delete { id } => {
+            api.send(api.request(Method::DELETE, &format!("/homes/{id}"))).await?;
+            if !conn.json {
+                println!("deleted home {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+const DEVICE_FIELDS: &[(&str, &str)] = &[
+    ("id", "id"),
+    ("name", "name"),
+    ("homeId", "home"),
+    ("deviceClass", "class"),
+    ("tag", "tag"),
+    ("isConnected", "connected"),
+    ("lastConnectTime", "last connect"),
+    ("lastDisconnectTime", "last disconnect"),
+    ("creationTime", "created"),
+];
+
+pub async fn device(conn: &Connection, command: Device) -> Result<(), Failure> {
+    let api = conn.api()?;
+    match command {
+        Device::Create { name, home, class, tag } => {
+            let mut body = json!({ "name": name });
+            if let Some(h) = home {
+                body["homeId"] = json!(h);
+            }
+            if let Some(c) = class {
+                body["deviceClass"] = json!(c);
+            }
+            if let Some(t) = tag {
+                body["tag"] = json!(t);
+            }
+            let device = api.json(api.request(Method::POST, "/devices").json(&body)).await?;
+            if conn.json {
+                output::json(&device);
+            } else {
+                println!("created device {} ({})", device["id"], output::cell(&device["name"]));
+                println!("API key (shown only now): {}", output::cell(&device["apiKey"]));
+            }
+        }
+        Device::List { home } => {
+            let path = home.map_or_else(|| "/devices".to_owned(), |h| format!("/devices?homeId={h}"));
+            let devices = api.json(api.request(Method::GET, &path)).await?;
+            if conn.json {
+                output::json(&devices);
+            } else {
+                let rows: Vec<Vec<String>> = devices
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| {
+                        vec![
+                            output::cell(&d["id"]),
+                            output::cell(&d["name"]),
+                            output::cell(&d["homeId"]),
+                            if d["isConnected"] == true { "yes".into() } else { "no".into() },
+                            output::cell(&d["lastConnectTime"]),
+                        ]
+                    })
+                    .collect();
+                output::table(&["ID", "NAME", "HOME", "CONNECTED", "LAST CONNECT"], &rows);
+            }
+        }
+        Device::Show { id } => {
+            let device = api.json(api.request(Method::GET, &format!("/devices/{id}"))).await?;
+            if conn.json {
+                output::json(&device);
+            } else {
+                output::fields(&device, DEVICE_FIELDS);
+            }
+        }
+        Device::Move { id, home, no_home } => {
+            let body = if no_home { json!({ "homeId": null }) } else { json!({ "homeId": home }) };
+            let device = api.json(api.request(Method::PATCH, &format!("/devices/{id}")).json(&body)).await?;
+            if conn.json {
+                output::json(&device);
+            } else if device["homeId"].is_null() {
+                println!("device {id} is in no home now");
+            } else {
+                println!("device {id} is in home {} now", device["homeId"]);
+            }
+        }
+        Device::RotateKey { id } => {
+            let answer = api.json(api.request(Method::POST, &format!("/devices/{id}/apiKey"))).await?;
+            if conn.json {
+                output::json(&answer);
+            } else {
+                println!("new API key for device {id} (shown only now; the old one no longer works):");
+                println!("{}", output::cell(&answer["apiKey"]));
+            }
+        }
+        Device::Delete { id } => {
+            api.send(api.request(Method::DELETE, &format!("/devices/{id}"))).await?;
+            if !conn.json {
+                println!("deleted device {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn apikey(conn: &Connection, command: ApiKey) -> Result<(), Failure> {
+    let api = conn.api()?;
+    match command {
+        ApiKey::Create { name, homes, read_only } => {
+            let mut body = json!({ "name": name, "permission": if read_only { "read" } else { "readWrite" } });
+            if !homes.is_empty() {
+                body["homes"] = json!(homes);
+            }
+            let key = api.json(api.request(Method::POST, "/apiKeys").json(&body)).await?;
+            if conn.json {
+                output::json(&key);
+            } else {
+                println!(
+                    "created API key {} ({}, {})",
+                    key["id"],
+                    output::cell(&key["name"]),
+                    output::cell(&key["permission"])
+                );
+                println!("key (shown only now): {}", output::cell(&key["key"]));
+            }
+        }
+        ApiKey::List => {
+            let keys = api.json(api.request(Method::GET, "/apiKeys")).await?;
+            if conn.json {
+                output::json(&keys);
+            } else {
+                let rows: Vec<Vec<String>> = keys
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|k| {
+                        let homes = if k["homes"].is_null() { "all".into() } else { output::cell(&k["homes"]) };
+                        vec![output::cell(&k["id"]), output::cell(&k["name"]), output::cell(&k["permission"]), homes]
+                    })
+                    .collect();
+                output::table(&["ID", "NAME", "PERMISSION", "HOMES"], &rows);
+            }
+        }
+        ApiKey::Revoke { id } => {
+            api.send(api.request(Method::DELETE, &format!("/apiKeys/{id}"))).await?;
+            if !conn.json {
+                println!("revoked API key {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key_path(store: StoreArg, key: &str) -> Result<String, Failure> {
+    ddp_protocol::Key::validate(key)
+        .map_err(|e| Failure { reason: Some("INVALID_KEY".into()), message: e.to_string() })?;
+    Ok(format!("{}/{key}", store.path()))
+}
+
+pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
+    let api = conn.api()?;
+    match command {
+        Kv::Get { store, key } => {
+            let response = api.send(api.request(Method::GET, &key_path(store, &key)?)).await?;
+            let rev = etag_rev(&response);
+            let text = response.text().await.map_err(|e| Failure::new(format!("cannot read the answer: {e}")))?;
+            if conn.json {
+                println!("{text}");
+            } else {
+                let item: Item =
+                    serde_json::from_str(&text).map_err(|e| Failure::new(format!("unexpected answer: {e}")))?;
+                println!("{}", item.value.as_json());
+                eprintln!("(rev {}, modified {})", rev.unwrap_or_default(), item.modification_time);
+            }
+        }
+        Kv::Set { store, key, value, if_rev } => {
+            let value = parse_value(&value)?;
+            let body = format!("{{\"value\":{}}}", value.as_json());
+            let mut request =
+                api.request(Method::PUT, &key_path(store, &key)?).header("Content-Type", "application/json").body(body);
+            if let Some(rev) = if_rev {
+                request = request.header("If-Match", format!("\"{rev}\""));
+            }
+            let response = api.send(request).await?;
+            let rev = etag_rev(&response).unwrap_or_default();
+            if conn.json {
+                println!("{}", json!({ "key": key, "rev": rev }));
+            } else {
+                println!("set {key} = {} at rev {rev}", value.as_json());
+            }
+        }
+        Kv::Delete { store, key, if_rev } => {
+            let mut request = api.request(Method::DELETE, &key_path(store, &key)?);
+            if let Some(rev) = if_rev {
+                request = request.header("If-Match", format!("\"{rev}\""));
+            }
+            let response = api.send(request).await?;
+            let rev = etag_rev(&response).unwrap_or_default();
+            if conn.json {
+                println!("{}", json!({ "key": key, "rev": rev }));
+            } else {
+                println!("deleted {key} at rev {rev}");
+            }
+        }
+        Kv::List { store, prefix } => {
+            let mut request = api.request(Method::GET, &store.path());
+            if let Some(p) = &prefix {
+                request = request.query(&[("keyPrefix", p)]);
+            }
+            let response = api.send(request).await?;
+            let rev = etag_rev(&response).unwrap_or_default();
+            let text = response.text().await.map_err(|e| Failure::new(format!("cannot read the answer: {e}")))?;
+            if conn.json {
+                println!("{text}");
+            } else {
+                let items: Vec<Item> =
+                    serde_json::from_str(&text).map_err(|e| Failure::new(format!("unexpected answer: {e}")))?;
+                let rows: Vec<Vec<String>> = items
+                    .iter()
+                    .map(|i| vec![i.key.to_string(), i.value.as_json().to_owned(), i.modification_time.to_string()])
+                    .collect();
+                output::table(&["KEY", "VALUE", "MODIFIED"], &rows);
+                println!("({} keys, store at rev {rev})", items.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ddp watch`
+#[derive(Args)]
+#[command(
+    after_help = "Examples:\n  ddp watch --device 7 --token ddpd_…\n  ddp watch --device 7 --since-rev 120 --json"
+)]
+pub struct WatchArgs {
+    /// The device whose store to follow.
+    #[arg(long)]
+    device: u64,
+    /// Resume after this rev (only the changes since are sent, when the server still has them).
+    #[arg(long)]
+    since_rev: Option<u64>,
+}
+
+/// `ddp events`
+#[derive(Args)]
+#[command(after_help = "Examples:\n  ddp events\n  ddp events --home 3 --json")]
+pub struct EventsArgs {
+    /// Only this home's events (repeat for several).
+    #[arg(long = "home")]
+    homes: Vec<u64>,
+}
+
+pub async fn watch(conn: &Connection, args: WatchArgs) -> Result<(), Failure> {
+    let api = conn.api()?;
+    let query = args.since_rev.map(|r| format!("?sinceRev={r}")).unwrap_or_default();
+    follow::follow(&api, &format!("/devices/{}/kv{query}", args.device), conn.json, follow::print_sync).await
+}
+
+pub async fn events(conn: &Connection, args: EventsArgs) -> Result<(), Failure> {
+    let api = conn.api()?;
+    let query = if args.homes.is_empty() {
+        String::new()
+    } else {
+        format!("?homeId={}", args.homes.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+    };
+    follow::follow(&api, &format!("/events/websocket{query}"), conn.json, follow::print_event).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_json_when_they_parse_else_strings() {
+        let v = |t: &str| parse_value(t).map(|v| v.as_json().to_owned()).unwrap_or_default();
+        assert_eq!(v("21.50"), "21.50");
+        assert_eq!(v("true"), "true");
+        assert_eq!(v(r#"{"a":[1]}"#), r#"{"a":[1]}"#);
+        assert_eq!(v("eco"), r#""eco""#);
+        assert_eq!(v("null"), r#""null""#, "null is not a value, so it is the string");
+        assert_eq!(v(r#"say "hi""#), r#""say \"hi\"""#);
+        assert_eq!(v(""), r#""""#);
+    }
+}
