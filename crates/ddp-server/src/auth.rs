@@ -136,9 +136,10 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// An authenticator for `admin_key`, looking device and project keys up in `store`.
-    pub fn new(admin_key: &str, store: Arc<dyn Store>, cache: Arc<AuthCache>) -> Authenticator {
-        Authenticator { admin_digest: secret::digest(admin_key), store, cache }
+    /// An authenticator for the admin key with SHA-256 digest `admin_digest`, looking device and
+    /// project keys up in `store`.
+    pub fn new(admin_digest: [u8; 32], store: Arc<dyn Store>, cache: Arc<AuthCache>) -> Authenticator {
+        Authenticator { admin_digest, store, cache }
     }
 
     /// The principal holding `token`, or 401.

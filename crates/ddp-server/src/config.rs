@@ -7,11 +7,20 @@ use std::time::Duration;
 /// Everything `ddp serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Directory for the database, the admin key and the lock file.
+    /// Directory for the embedded database, the admin key and the lock file (unused with
+    /// PostgreSQL).
     pub data_dir: PathBuf,
+    /// A PostgreSQL URL: store everything there, so several nodes can share it. `None`: the
+    /// embedded SQLite database in `data_dir`.
+    pub database: Option<String>,
+    /// Most pooled PostgreSQL connections.
+    pub db_pool: usize,
+    /// This node's name (in logs, `pg_stat_activity` and the database's node table).
+    pub node_name: String,
     /// Where the REST and WebSocket API listens.
     pub http_listen: SocketAddr,
-    /// The admin key; `None` reads (or on first start generates) `admin.key` in the data directory.
+    /// The admin key; `None` reads (or on first start generates) `admin.key` in the data
+    /// directory, or with PostgreSQL the key digest stored in the database.
     pub admin_key: Option<String>,
     /// Size and count limits.
     pub limits: Limits,
@@ -32,6 +41,9 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>, http_listen: SocketAddr) -> Config {
         Config {
             data_dir: data_dir.into(),
+            database: None,
+            db_pool: 32,
+            node_name: "ddp".into(),
             http_listen,
             admin_key: None,
             limits: Limits::default(),

@@ -68,6 +68,11 @@ impl Error {
         Error::new(Reason::InternalError, "the server failed to handle the request; it has been logged")
     }
 
+    /// `503 UNAVAILABLE` with `Retry-After: 1`.
+    pub fn unavailable(message: impl Into<String>) -> Error {
+        Error::new(Reason::Unavailable, message).with_retry_after(1)
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> u16 {
         self.reason.http_status()
@@ -107,6 +112,10 @@ impl From<StoreError> for Error {
                 Error::new(Reason::DeviceAlreadyInHome, format!("device {device} is already in home {home}"))
             }
             StoreError::Closed => Error::new(Reason::Unavailable, "the server is shutting down").with_retry_after(1),
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "storage unreachable");
+                Error::unavailable("storage is unreachable; retry shortly")
+            }
             StoreError::Backend(cause) => Error::internal(format_args!("storage: {cause}")),
         }
     }

@@ -9,6 +9,8 @@
 //! - **Device events** are raised by devices (`PUT /devices/{id}/event`, MQTT
 //!   `/devices/{id}/event`) through one path, [`EventBus::raise`]; reserved types (`_…_`) are
 //!   refused.
+//! - **Raised events** (device events, presence) go through [`Store::broadcast_event`] so that
+//!   every node's listeners hear them; they come back through the fan-out like changes do.
 //! - **Delivery** is in memory: events are not stored. Each listener has a bounded mailbox;
 //!   publishing never waits, and a listener that falls too far behind is closed (4009) rather than
 //!   slowing anyone down. Per home, listeners get events in the order they were raised.
@@ -164,7 +166,7 @@ struct DeviceData {
     device_id: DeviceId,
 }
 
-fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D, origin: Origin) -> Utf8Bytes {
+fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D, origin: Origin) -> String {
     let (origin_device_id, origin_project_key_id) = match origin {
         Origin::Admin => (None, None),
         Origin::Device(d) => (Some(d), None),
@@ -178,7 +180,7 @@ fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D
         origin_device_id,
         origin_project_key_id,
     };
-    Utf8Bytes::from(serde_json::to_string(&env).unwrap_or_default())
+    serde_json::to_string(&env).unwrap_or_default()
 }
 
 /// Longest event type, in characters.
@@ -260,11 +262,11 @@ impl EventBus {
         let event_type = if change.value.is_some() { saved } else { deleted };
         self.publish(home, || {
             let data = KvData { device_id, key: change.key.as_str(), value: change.value.as_ref(), rev: change.rev };
-            envelope(home, change.time, event_type, data, change.origin)
+            Utf8Bytes::from(envelope(home, change.time, event_type, data, change.origin))
         });
     }
 
-    /// `_deviceConnected_` / `_deviceDisconnected_`, to the device's current home.
+    /// `_deviceConnected_` / `_deviceDisconnected_`, to the device's current home, on every node.
     pub async fn presence(&self, device: DeviceId, connected: bool, at: Timestamp) {
         let home = match self.store.device(device).await {
             Ok(d) => d.home,
@@ -275,7 +277,10 @@ impl EventBus {
         };
         let Some(home) = home else { return };
         let event_type = if connected { "_deviceConnected_" } else { "_deviceDisconnected_" };
-        self.publish(home, || envelope(home, at, event_type, DeviceData { device_id: device }, Origin::Device(device)));
+        let json = envelope(home, at, event_type, DeviceData { device_id: device }, Origin::Device(device));
+        if let Err(e) = self.store.broadcast_event(home, json).await {
+            tracing::warn!(%device, event_type, error = %e, "presence event lost");
+        }
     }
 
     /// A device event (`{"eventType","eventData"}`), raised by or for `device` — the one path
@@ -315,10 +320,12 @@ impl EventBus {
         let home = self.store.device(device).await?.home;
         let Some(home) = home else { return Ok(()) };
         let origin = who.origin();
-        self.publish(home, || match &data {
+        let json = match &data {
             Some(v) => envelope(home, Timestamp::now(), &event_type, v, origin),
             None => envelope(home, Timestamp::now(), &event_type, serde_json::json!({}), origin),
-        });
+        };
+        // Through the store, so the listeners of every node hear it.
+        self.store.broadcast_event(home, json).await?;
         Ok(())
     }
 

@@ -1,8 +1,10 @@
 //! Where committed changes go. The store calls [`Fanout`] with every committed batch, in commit
-//! order, after it is durable and before any writer is answered.
+//! order, once it is durable: the embedded store before any writer is answered, the PostgreSQL
+//! store as soon as this node's change feed reads it (whichever node committed it).
 //!
 //! - key-value changes go to the [`Hub`], which hands them to live sessions, and become system
 //!   events on the [`EventBus`];
+//! - events raised on any node (device events, presence) go to this node's [`EventBus`];
 //! - admin changes clear the authentication cache and end the sessions they invalidate: a rotated
 //!   key's sessions, a deleted device's sessions, a revoked project key's sessions, and project-key
 //!   watchers whose view of a device may have changed (they may reconnect and be re-checked).
@@ -10,6 +12,7 @@
 use std::sync::Arc;
 
 use ddp_store::{AdminChange, CommitSink, Committed, StoreRef};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::{AuthCache, Principal};
 use crate::events::EventBus;
@@ -73,6 +76,11 @@ impl CommitSink for Fanout {
                         admin_changed = true;
                     }
                     self.admin(change);
+                }
+                Committed::Event { home, json } => {
+                    if let Some(events) = self.events.get() {
+                        events.publish(*home, || Utf8Bytes::from(&**json));
+                    }
                 }
             }
         }

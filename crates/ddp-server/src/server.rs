@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
-use ddp_store::{SqliteOptions, SqliteStore, Store, StoreError};
+use ddp_store::{PgOptions, PgStore, SqliteOptions, SqliteStore, Store, StoreError};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -56,10 +56,10 @@ pub enum StartError {
     #[error("admin key: {0}")]
     AdminKey(String),
     /// Storage cannot be opened.
-    #[error("cannot open storage {path}: {source}")]
+    #[error("cannot open storage ({what}): {source}")]
     Storage {
-        /// The database.
-        path: PathBuf,
+        /// The database (never with a password).
+        what: String,
         /// The cause.
         source: StoreError,
     },
@@ -85,31 +85,58 @@ pub struct Server {
     http_addr: SocketAddr,
     mqtt: Option<(TcpListener, SocketAddr)>,
     mqtt_tls: Option<(TcpListener, SocketAddr, tokio_rustls::TlsAcceptor)>,
-    admin_key: String,
-    admin_key_created: Option<PathBuf>,
-    _lock: std::fs::File,
+    admin: AdminKey,
+    _lock: Option<std::fs::File>,
+}
+
+/// The admin key in force.
+struct AdminKey {
+    digest: [u8; 32],
+    /// The key itself, when this node knows it (given, read from its file, or generated now).
+    key: Option<String>,
+    /// Where this start stored a key it generated.
+    created_in: Option<String>,
 }
 
 impl Server {
-    /// Prepares the data directory, the admin key and storage, and binds the listeners.
+    /// Prepares storage (the data directory and its lock, or the PostgreSQL database) and the
+    /// admin key, and binds the listeners.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let data_dir = config.data_dir.clone();
-        create_data_dir(&data_dir)?;
-        let lock = lock_data_dir(&data_dir)?;
-        let (admin_key, admin_key_created) = admin_key(&config)?;
-
         let auth_cache = Arc::new(AuthCache::default());
         let hub = Arc::new(Hub::new(config.sessions.mailbox));
         let fanout = Arc::new(Fanout::new(auth_cache.clone(), hub.clone()));
         let sink = fanout.clone();
-        let db_path = data_dir.join(DATABASE_FILE);
-        let mut options = SqliteOptions::new(&db_path);
-        options.readers = config.db_readers.max(1);
-        let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || SqliteStore::open(options, sink))
-            .await
-            .map_err(|e| StartError::Storage { path: db_path.clone(), source: StoreError::Backend(e.to_string()) })?
-            .map(Arc::new)
-            .map_err(|source| StartError::Storage { path: db_path, source })?;
+        let (store, admin, lock): (Arc<dyn Store>, AdminKey, _) = match &config.database {
+            None => {
+                let data_dir = config.data_dir.clone();
+                create_data_dir(&data_dir)?;
+                let lock = lock_data_dir(&data_dir)?;
+                let admin = admin_key_file(&config)?;
+                let db_path = data_dir.join(DATABASE_FILE);
+                let what = db_path.display().to_string();
+                let mut options = SqliteOptions::new(&db_path);
+                options.readers = config.db_readers.max(1);
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(options, sink))
+                    .await
+                    .map_err(|e| StartError::Storage {
+                        what: what.clone(),
+                        source: StoreError::Backend(e.to_string()),
+                    })?
+                    .map_err(|source| StartError::Storage { what, source })?;
+                (Arc::new(store), admin, Some(lock))
+            }
+            Some(url) => {
+                let mut options = PgOptions::new(url);
+                options.pool_size = config.db_pool.max(2);
+                options.node_name = config.node_name.clone();
+                let what = options.describe();
+                let store = PgStore::open(options, sink)
+                    .await
+                    .map_err(|source| StartError::Storage { what: what.clone(), source })?;
+                let admin = admin_key_shared(&config, &store, &what).await?;
+                (Arc::new(store), admin, None)
+            }
+        };
 
         let (http, http_addr) = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
         let mqtt = config.mqtt.listen.map(|addr| listen(addr, "--mqtt-listen / DDP_MQTT_LISTEN")).transpose()?;
@@ -128,7 +155,7 @@ impl Server {
         let events = Arc::new(EventBus::new(store.clone(), config.sessions.event_queue));
         fanout.set_events(events.clone());
         let app = Arc::new(App {
-            auth: Authenticator::new(&admin_key, store.clone(), auth_cache),
+            auth: Authenticator::new(admin.digest, store.clone(), auth_cache),
             kv: Kv::new(store.clone(), config.limits),
             limiter: RateLimiter::new(config.rate_limits),
             hub,
@@ -139,7 +166,7 @@ impl Server {
             store,
             config,
         });
-        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, admin_key, admin_key_created, _lock: lock })
+        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, admin, _lock: lock })
     }
 
     /// Where the REST and WebSocket API listens.
@@ -157,21 +184,28 @@ impl Server {
         self.mqtt_tls.as_ref().map(|(_, a, _)| *a)
     }
 
-    /// The admin key in force.
-    pub fn admin_key(&self) -> &str {
-        &self.admin_key
+    /// The admin key in force, when this node knows it (with PostgreSQL, a node that did not
+    /// generate the shared key knows only its digest).
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin.key.as_deref()
     }
 
-    /// The file the admin key was written to, when this start generated it.
-    pub fn admin_key_created(&self) -> Option<&Path> {
-        self.admin_key_created.as_deref()
+    /// Where this start stored the admin key it generated, if it generated one.
+    pub fn admin_key_created(&self) -> Option<&str> {
+        self.admin.created_in.as_deref()
     }
 
     /// Serves until `shutdown` completes; then stops accepting, finishes in-flight requests and
     /// writes, closes live sessions and storage, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let Server { app, http, http_addr, mqtt, mqtt_tls, _lock, .. } = self;
-        tracing::info!(addr = %http_addr, transport = "http", data_dir = %app.config.data_dir.display(), "listening");
+        match &app.config.database {
+            None => tracing::info!(data_dir = %app.config.data_dir.display(), "storage: embedded SQLite"),
+            Some(url) => {
+                tracing::info!(database = %PgOptions::new(url).describe(), node = %app.config.node_name, "storage: PostgreSQL")
+            }
+        }
+        tracing::info!(addr = %http_addr, transport = "http", "listening");
         let mut listeners = Vec::new();
         if let Some((listener, addr)) = mqtt {
             tracing::info!(addr = %addr, transport = "mqtt", "listening");
@@ -237,36 +271,67 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, StartError> {
     }
 }
 
-/// The admin key: given, stored, or generated now (then written mode 0600 and reported).
-fn admin_key(config: &Config) -> Result<(String, Option<PathBuf>), StartError> {
-    let check = |key: &str, from: &str| {
-        if key.len() < 16 || key.chars().any(char::is_whitespace) {
-            Err(StartError::AdminKey(format!(
-                "the admin key from {from} must be at least 16 characters with no spaces"
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    if let Some(key) = &config.admin_key {
-        check(key, "--admin-key / DDP_ADMIN_KEY")?;
-        return Ok((key.clone(), None));
+fn check_admin_key(key: &str, from: &str) -> Result<(), StartError> {
+    if key.len() < 16 || key.chars().any(char::is_whitespace) {
+        Err(StartError::AdminKey(format!("the admin key from {from} must be at least 16 characters with no spaces")))
+    } else {
+        Ok(())
+    }
+}
+
+fn given_admin_key(config: &Config) -> Result<Option<AdminKey>, StartError> {
+    let Some(key) = &config.admin_key else { return Ok(None) };
+    check_admin_key(key, "--admin-key / DDP_ADMIN_KEY")?;
+    Ok(Some(AdminKey { digest: secret::digest(key), key: Some(key.clone()), created_in: None }))
+}
+
+/// The embedded store's admin key: given, stored in the data directory, or generated now (then
+/// written there mode 0600 and reported).
+fn admin_key_file(config: &Config) -> Result<AdminKey, StartError> {
+    if let Some(given) = given_admin_key(config)? {
+        return Ok(given);
     }
     let path = config.data_dir.join(ADMIN_KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let key = text.trim().to_owned();
-            check(&key, &path.display().to_string())?;
-            Ok((key, None))
+            check_admin_key(&key, &path.display().to_string())?;
+            Ok(AdminKey { digest: secret::digest(&key), key: Some(key), created_in: None })
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = secret::generate(SecretKind::Admin);
             write_private(&path, &format!("{key}\n"))
                 .map_err(|e| StartError::AdminKey(format!("cannot write {}: {e}", path.display())))?;
-            Ok((key, Some(path)))
+            let place = format!("{} (readable only by its owner; later starts read it from there)", path.display());
+            Ok(AdminKey { digest: secret::digest(&key), key: Some(key), created_in: Some(place) })
         }
         Err(e) => Err(StartError::AdminKey(format!("cannot read {}: {e}", path.display()))),
     }
+}
+
+/// The setting that holds the shared admin key's digest in PostgreSQL.
+const ADMIN_DIGEST_SETTING: &str = "admin_key_sha256";
+
+/// The shared admin key of the nodes on one PostgreSQL database: given, or the one whose digest
+/// the first node stored (that node generated it and reports it once).
+async fn admin_key_shared(config: &Config, store: &PgStore, what: &str) -> Result<AdminKey, StartError> {
+    if let Some(given) = given_admin_key(config)? {
+        return Ok(given);
+    }
+    let key = secret::generate(SecretKind::Admin);
+    let digest = secret::digest(&key);
+    let stored = store
+        .setting_or_insert(ADMIN_DIGEST_SETTING, &digest)
+        .await
+        .map_err(|source| StartError::Storage { what: what.to_owned(), source })?;
+    let stored = <[u8; 32]>::try_from(stored.as_slice()).map_err(|_| {
+        StartError::AdminKey(format!("the database's {ADMIN_DIGEST_SETTING} setting is not a SHA-256 digest"))
+    })?;
+    Ok(if stored == digest {
+        AdminKey { digest, key: Some(key), created_in: Some("the database (as a digest; every node uses it)".into()) }
+    } else {
+        AdminKey { digest: stored, key: None, created_in: None }
+    })
 }
 
 /// Writes a new file readable by its owner only, and makes it durable.

@@ -1,18 +1,22 @@
 //! Live sync sessions, whatever their transport: the per-device cap, `isConnected`, and the
-//! device's `lastConnectTime` / `lastDisconnectTime`.
+//! device's `lastConnectTime` / `lastDisconnectTime` — counted by the store, so over every node.
 //!
 //! A transport takes a [`SessionTicket`] before it accepts a session and drops it when the
 //! session ends. Only sessions held by a device's own key count as the device being connected
-//! (and against its cap); apps watching a device do not. When a device's first session opens or
-//! its last closes, one background worker — in order — records the time and raises
-//! `_deviceConnected_` / `_deviceDisconnected_`.
+//! (and against its cap); apps watching a device do not.
+//!
+//! Opening asks the store ([`Store::session_opened`]) and, for a device's first session, raises
+//! `_deviceConnected_` before the session starts. Closing runs in the background
+//! ([`Store::session_closed`], then `_deviceDisconnected_` for the last one). A device opening a
+//! session waits until its own earlier closes are recorded, so a quick reconnect is never refused
+//! for a session that is already gone, and its events come in order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ddp_protocol::{DeviceId, Reason, Timestamp};
-use ddp_store::Store;
-use tokio::sync::{mpsc, watch};
+use ddp_store::{SessionOpened, Store};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Principal;
@@ -20,65 +24,66 @@ use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::kv::Transport;
 
-/// A device's first session opened (`true`) or its last closed, at a time.
-type Presence = (DeviceId, bool, Timestamp);
-
 /// The registry of live sessions.
 pub struct Sessions {
+    store: Arc<dyn Store>,
+    events: Arc<EventBus>,
     max_per_device: usize,
-    per_device: Mutex<HashMap<DeviceId, usize>>,
     live: watch::Sender<usize>,
-    presence: Mutex<Option<mpsc::UnboundedSender<Presence>>>,
+    /// Closes handed to the background and not yet recorded, per device.
+    closing: Mutex<HashMap<DeviceId, usize>>,
+    closed_one: Notify,
     background: TaskTracker,
 }
 
 impl Sessions {
-    /// A registry allowing `max_per_device` sessions per device key, recording connection times
-    /// in `store` and raising presence events on `events`. Must be called inside the runtime.
+    /// A registry allowing `max_per_device` sessions per device key, counted in `store`, raising
+    /// presence events on `events`.
     pub fn new(store: Arc<dyn Store>, events: Arc<EventBus>, max_per_device: usize) -> Sessions {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Presence>();
-        let background = TaskTracker::new();
-        background.spawn(async move {
-            while let Some((device, connected, at)) = rx.recv().await {
-                if let Err(e) = store.record_connection(device, connected, at).await {
-                    tracing::debug!(%device, error = %e, "connection time not recorded");
-                }
-                events.presence(device, connected, at).await;
-            }
-        });
         Sessions {
+            store,
+            events,
             max_per_device: max_per_device.max(1),
-            per_device: Mutex::new(HashMap::new()),
             live: watch::Sender::new(0),
-            presence: Mutex::new(Some(tx)),
-            background,
+            closing: Mutex::new(HashMap::new()),
+            closed_one: Notify::new(),
+            background: TaskTracker::new(),
         }
     }
 
-    /// Admits a session of `principal` on a device's store, or refuses it with
-    /// `429 TOO_MANY_CONNECTIONS` when the device already has its maximum.
-    pub fn open(self: &Arc<Self>, principal: &Principal, transport: Transport) -> Result<SessionTicket> {
+    /// Admits a session of `principal`, or refuses it with `429 TOO_MANY_CONNECTIONS` when its
+    /// device already holds its maximum on all nodes.
+    pub async fn open(self: &Arc<Self>, principal: &Principal, transport: Transport) -> Result<SessionTicket> {
         let device = match principal {
             Principal::Device(d) => Some(*d),
             _ => None,
         };
         if let Some(d) = device {
-            let first = {
-                let mut per_device =
-                    self.per_device.lock().map_err(|_| Error::internal("session registry poisoned"))?;
-                let n = per_device.entry(d).or_insert(0);
-                if *n >= self.max_per_device {
+            self.wait_for_closes(d).await;
+            // On its own task: if the caller gives up half-way, an admitted session is still
+            // closed again rather than counted forever.
+            let (reply, answer) = oneshot::channel();
+            let sessions = self.clone();
+            self.background.spawn(async move {
+                let at = Timestamp::now();
+                let opened = sessions.store.session_opened(d, sessions.max_per_device, at).await;
+                if let Ok(SessionOpened::Opened { first: true }) = opened {
+                    sessions.events.presence(d, true, at).await;
+                }
+                if let Err(Ok(SessionOpened::Opened { .. })) = reply.send(opened) {
+                    sessions.close(Some(d), None);
+                }
+            });
+            match answer.await.map_err(|_| Error::unavailable("the session registry stopped"))? {
+                Ok(SessionOpened::Opened { .. }) => {}
+                Ok(SessionOpened::Refused) => {
                     return Err(Error::new(
                         Reason::TooManyConnections,
                         format!("device {d} already has {} live sessions, the maximum", self.max_per_device),
                     )
                     .with_data(serde_json::json!({ "limit": self.max_per_device })));
                 }
-                *n += 1;
-                *n == 1
-            };
-            if first {
-                self.record(d, true);
+                Err(e) => return Err(e.into()),
             }
         }
         self.live.send_modify(|n| *n += 1);
@@ -86,57 +91,61 @@ impl Sessions {
         Ok(SessionTicket { sessions: self.clone(), device, transport })
     }
 
-    /// Whether `device` has a live session on this node.
-    pub fn is_connected(&self, device: DeviceId) -> bool {
-        self.per_device.lock().map(|m| m.contains_key(&device)).unwrap_or(false)
-    }
-
     /// Live sessions on this node.
     pub fn live(&self) -> usize {
         *self.live.borrow()
     }
 
-    /// Waits until every session has ended and every connection time is recorded.
+    /// Waits until every session on this node has ended and every close is recorded.
     pub async fn drained(&self) {
         let mut rx = self.live.subscribe();
         let _ = rx.wait_for(|n| *n == 0).await;
-        if let Ok(mut presence) = self.presence.lock() {
-            presence.take(); // the worker finishes what is queued, then stops
-        }
         self.background.close();
         self.background.wait().await;
     }
 
-    fn record(&self, device: DeviceId, connected: bool) {
-        if let Ok(presence) = self.presence.lock()
-            && let Some(tx) = presence.as_ref()
-        {
-            let _ = tx.send((device, connected, Timestamp::now()));
+    async fn wait_for_closes(&self, device: DeviceId) {
+        loop {
+            let closed = self.closed_one.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            let pending = self.closing.lock().map(|c| c.get(&device).copied().unwrap_or(0)).unwrap_or(0);
+            if pending == 0 {
+                return;
+            }
+            closed.await;
         }
     }
 
-    fn close(&self, device: Option<DeviceId>, transport: Transport) {
+    /// Ends a session: a device's is recorded in the background.
+    fn close(self: &Arc<Self>, device: Option<DeviceId>, transport: Option<Transport>) {
         if let Some(d) = device {
-            let last = match self.per_device.lock() {
-                Ok(mut per_device) => match per_device.get_mut(&d) {
-                    Some(n) if *n > 1 => {
-                        *n -= 1;
-                        false
-                    }
-                    Some(_) => {
-                        per_device.remove(&d);
-                        true
-                    }
-                    None => false,
-                },
-                Err(_) => false,
-            };
-            if last {
-                self.record(d, false);
+            if let Ok(mut closing) = self.closing.lock() {
+                *closing.entry(d).or_insert(0) += 1;
             }
+            let at = Timestamp::now();
+            let sessions = self.clone();
+            self.background.spawn(async move {
+                match sessions.store.session_closed(d, at).await {
+                    Ok(true) => sessions.events.presence(d, false, at).await,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(device = %d, error = %e, "session close not recorded"),
+                }
+                if let Ok(mut closing) = sessions.closing.lock()
+                    && let Some(n) = closing.get_mut(&d)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        closing.remove(&d);
+                    }
+                }
+                sessions.closed_one.notify_waiters();
+            });
         }
-        metrics::gauge!("ddp_sessions", "transport" => transport.as_str()).decrement(1.0);
-        self.live.send_modify(|n| *n = n.saturating_sub(1));
+        if let Some(transport) = transport {
+            metrics::gauge!("ddp_sessions", "transport" => transport.as_str()).decrement(1.0);
+            self.live.send_modify(|n| *n = n.saturating_sub(1));
+        }
     }
 }
 
@@ -149,6 +158,6 @@ pub struct SessionTicket {
 
 impl Drop for SessionTicket {
     fn drop(&mut self) {
-        self.sessions.close(self.device, self.transport);
+        self.sessions.close(self.device, Some(self.transport));
     }
 }

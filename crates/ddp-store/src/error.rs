@@ -40,6 +40,10 @@ pub enum StoreError {
     /// The store is closed (shutting down).
     #[error("storage is closed")]
     Closed,
+    /// The database cannot be reached (connection refused or lost, pool exhausted); retrying
+    /// later may work. The text is for logs, never for clients.
+    #[error("storage unreachable: {0}")]
+    Unavailable(String),
     /// The backend failed (disk, database, corruption). The text is for logs, never for clients.
     #[error("storage failure: {0}")]
     Backend(String),
@@ -48,5 +52,45 @@ pub enum StoreError {
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         StoreError::Backend(e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            let text = format!("PostgreSQL {} {code}: {}", db.severity(), db.message());
+            // Class 08: connection exceptions; 57P0x: the server is shutting down or starting;
+            // 53300: too many connections.
+            return if code.starts_with("08") || code.starts_with("57P0") || code == "53300" {
+                StoreError::Unavailable(text)
+            } else {
+                StoreError::Backend(text)
+            };
+        }
+        let cause = std::error::Error::source(&e);
+        let text = match cause {
+            Some(cause) => format!("PostgreSQL: {e}: {cause}"),
+            None => format!("PostgreSQL: {e}"),
+        };
+        let io = cause.is_some_and(|c| c.is::<std::io::Error>());
+        if e.is_closed() || io || text.contains("timeout") {
+            StoreError::Unavailable(text)
+        } else {
+            StoreError::Backend(text)
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> StoreError {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            deadpool_postgres::PoolError::Closed => StoreError::Closed,
+            deadpool_postgres::PoolError::Timeout(_) => {
+                StoreError::Unavailable("no PostgreSQL connection became free or could be made in time".into())
+            }
+            other => StoreError::Backend(format!("PostgreSQL connection pool: {other}")),
+        }
     }
 }

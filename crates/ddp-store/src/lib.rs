@@ -13,22 +13,28 @@
 //! # Layout
 //! - [`model`]: the records and operations ([`KvWrite`], [`Change`], [`DeviceRecord`], …).
 //! - [`error`]: the error type, [`StoreError`].
-//! - [`sqlite`]: the embedded default, [`SqliteStore`] — WAL, `synchronous=FULL`, one writer
-//!   thread with group commit, a small pool of read connections.
+//! - [`sqlite`]: the embedded default, [`SqliteStore`] — WAL, one writer thread with pipelined
+//!   group commit (an `fdatasync` of the log before anything is acknowledged or shown), a small
+//!   pool of read connections. One node.
+//! - [`postgres`]: [`PgStore`], for several nodes on one PostgreSQL database — one-round-trip
+//!   writes, and a change feed that brings every node's commits to every node's sink.
 //! - `conformance`: the backend-independent test suite.
 
 pub mod error;
 pub mod model;
+pub mod postgres;
+mod sql;
 pub mod sqlite;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
 use async_trait::async_trait;
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp};
 
 pub use error::StoreError;
 pub use model::*;
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// Receives every committed batch, in commit order, before the writers are answered.
@@ -92,13 +98,23 @@ pub trait Store: Send + Sync + 'static {
     async fn rotate_device_key(&self, id: DeviceId, key_hash: [u8; 32]) -> Result<(), StoreError>;
     /// Deletes a device and its store.
     async fn delete_device(&self, id: DeviceId) -> Result<(), StoreError>;
-    /// Records that a device's first sync session opened (`connected`) or its last closed.
-    async fn record_connection(
-        &self,
-        id: DeviceId,
-        connected: bool,
-        at: ddp_protocol::Timestamp,
-    ) -> Result<(), StoreError>;
+
+    // ---- live sessions, over every node ----
+
+    /// Admits a sync session of `device` if it holds fewer than `max` over all nodes; records
+    /// `at` as its `lastConnectTime` when this is its first.
+    async fn session_opened(&self, device: DeviceId, max: usize, at: Timestamp) -> Result<SessionOpened, StoreError>;
+    /// Ends a session of `device`; when it was its last over all nodes, records `at` as its
+    /// `lastDisconnectTime` and returns true.
+    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<bool, StoreError>;
+    /// Which of `devices` hold a live session on some node.
+    async fn connected(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceId>, StoreError>;
+
+    // ---- events ----
+
+    /// Hands an event for `home` to the commit sink of every node ([`Committed::Event`]).
+    /// Events are not stored: a node that is down when it is raised does not get it.
+    async fn broadcast_event(&self, home: HomeId, json: String) -> Result<(), StoreError>;
 
     // ---- project API keys ----
 

@@ -221,6 +221,22 @@ pub struct NewDevice {
     pub key_hash: [u8; 32],
 }
 
+impl NewDevice {
+    /// The record of this device once created with `id` at `created`.
+    pub fn into_record(self, id: DeviceId, created: Timestamp) -> DeviceRecord {
+        DeviceRecord {
+            id,
+            name: self.name,
+            home: self.home,
+            device_class: self.device_class,
+            tag: self.tag,
+            created,
+            last_connect: None,
+            last_disconnect: None,
+        }
+    }
+}
+
 /// Changes to a device; `None` fields stay as they are.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceUpdate {
@@ -324,4 +340,23 @@ pub enum Committed {
     Kv(Change),
     /// An admin change.
     Admin(AdminChange),
+    /// An event raised on some node, for the listeners of `home` ([`Store::broadcast_event`](crate::Store::broadcast_event)).
+    Event {
+        /// The home.
+        home: HomeId,
+        /// The event's JSON.
+        json: std::sync::Arc<str>,
+    },
+}
+
+/// The outcome of [`Store::session_opened`](crate::Store::session_opened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOpened {
+    /// Admitted; `first` when the device had no other session on any node.
+    Opened {
+        /// The device's first live session.
+        first: bool,
+    },
+    /// The device already holds its maximum.
+    Refused,
 }

@@ -1,6 +1,10 @@
 //! Test support: [`TestServer`] runs a real server (in this process, on `127.0.0.1:0`, with a
 //! temporary data directory) and stops it when dropped; its helpers create homes, devices and
 //! keys through the real admin API.
+//!
+//! With `DDP_TEST_STORE=postgres` (and `DDP_TEST_DATABASE_URL`), servers started with
+//! [`TestServer::start`] / [`TestServer::start_with`] store everything in a fresh PostgreSQL
+//! database instead, so the same suites run on both backends (`scripts/test` does both).
 
 use std::net::SocketAddr;
 
@@ -28,6 +32,27 @@ pub struct TestServer {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
     dir: Option<tempfile::TempDir>,
+    database: Option<String>,
+}
+
+/// The storage of a stopped [`TestServer`]: its data directory and, on PostgreSQL, its database.
+pub struct KeptData {
+    dir: tempfile::TempDir,
+    database: Option<String>,
+}
+
+impl KeptData {
+    /// The test configuration on this storage (change the addresses to restart "in place").
+    pub fn config(&self) -> Config {
+        let mut config = TestServer::config(&self.dir.path().join("data"));
+        config.database.clone_from(&self.database);
+        config
+    }
+
+    /// Starts a server on `config` (from [`KeptData::config`]), owning this storage.
+    pub async fn start(self, config: Config) -> TestServer {
+        TestServer::start_config(config, Some(self.dir)).await
+    }
 }
 
 impl TestServer {
@@ -40,6 +65,9 @@ impl TestServer {
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("temporary data directory");
         let mut config = TestServer::config(&dir.path().join("data"));
+        if suite_on_postgres() {
+            config.database = Some(fresh_database().await);
+        }
         tweak(&mut config);
         TestServer::start_config(config, Some(dir)).await
     }
@@ -55,6 +83,7 @@ impl TestServer {
 
     /// A server on `config` exactly (its data directory is the caller's).
     pub async fn start_config(config: Config, dir: Option<tempfile::TempDir>) -> TestServer {
+        let database = config.database.clone();
         let server = Server::bind(config).await.expect("server binds");
         let addr = server.http_addr();
         let mqtt_addr = server.mqtt_addr();
@@ -72,6 +101,7 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
             dir,
+            database,
         }
     }
 
@@ -80,10 +110,13 @@ impl TestServer {
         self.shutdown().await;
     }
 
-    /// Stops the server and hands back its data directory (to start another server on it).
-    pub async fn stop_keep_data(mut self) -> tempfile::TempDir {
+    /// Stops the server and hands back its storage (to start another server on it).
+    pub async fn stop_keep_data(mut self) -> KeptData {
         self.shutdown().await;
-        self.dir.take().expect("the test server owns its data directory")
+        KeptData {
+            dir: self.dir.take().expect("the test server owns its data directory"),
+            database: self.database.take(),
+        }
     }
 
     async fn shutdown(&mut self) {
@@ -244,25 +277,7 @@ impl TestServer {
 
     /// Opens a WebSocket on `path` with `token` in the Authorization header.
     pub async fn ws_path(&self, path: &str, token: Option<&str>) -> WsOpen {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = format!("ws://{}{path}", self.addr);
-        let mut request = url.into_client_request().expect("request");
-        if let Some(t) = token {
-            request.headers_mut().insert("Authorization", format!("ModeCloud {t}").parse().expect("header"));
-        }
-        match tokio_tungstenite::connect_async(request).await {
-            Ok((stream, _)) => WsOpen::Open(Box::new(WsClient { stream })),
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| serde_json::from_slice(b).unwrap_or(Value::Null))
-                    .unwrap_or(Value::Null);
-                WsOpen::Refused(status, body)
-            }
-            Err(e) => panic!("websocket connect failed: {e}"),
-        }
+        ws_connect(self.addr, path, token).await
     }
 
     /// Opens a session that must succeed.
@@ -271,6 +286,67 @@ impl TestServer {
             WsOpen::Open(c) => *c,
             WsOpen::Refused(status, body) => panic!("websocket refused with {status}: {body}"),
         }
+    }
+}
+
+/// Opens a WebSocket on `ws://{addr}{path}` with `token` in the Authorization header.
+pub async fn ws_connect(addr: SocketAddr, path: &str, token: Option<&str>) -> WsOpen {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("ws://{addr}{path}");
+    let mut request = url.into_client_request().expect("request");
+    if let Some(t) = token {
+        request.headers_mut().insert("Authorization", format!("ModeCloud {t}").parse().expect("header"));
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((stream, _)) => WsOpen::Open(Box::new(WsClient { stream })),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body =
+                resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null)).unwrap_or(Value::Null);
+            WsOpen::Refused(status, body)
+        }
+        Err(e) => panic!("websocket connect failed: {e}"),
+    }
+}
+
+/// Every JSON message a session received, recorded by a background task (stopped when dropped).
+pub struct Recorded {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Recorded {
+    fn start<F>(run: impl FnOnce(Box<dyn Fn(Value) + Send>) -> F) -> Recorded
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (into, done) = (seen.clone(), ended.clone());
+        let push = Box::new(move |v: Value| into.lock().expect("recorder").push(v));
+        let fut = run(push);
+        let task = tokio::spawn(async move {
+            fut.await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        Recorded { seen, ended, task }
+    }
+
+    /// The messages so far, in arrival order.
+    pub fn messages(&self) -> Vec<Value> {
+        self.seen.lock().expect("recorder").clone()
+    }
+
+    /// Whether the session has ended.
+    pub fn ended(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -348,6 +424,21 @@ impl WsClient {
         }
     }
 
+    /// Records every JSON message from now on in the background.
+    pub fn record(self) -> Recorded {
+        use futures_util::StreamExt;
+        let mut stream = self.stream;
+        Recorded::start(|push| async move {
+            while let Some(Ok(message)) = stream.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(t) = message
+                    && let Ok(v) = serde_json::from_str(t.as_str())
+                {
+                    push(v);
+                }
+            }
+        })
+    }
+
     /// Sends a text frame.
     pub async fn send_text(&mut self, text: &str) {
         use futures_util::SinkExt;
@@ -419,12 +510,7 @@ impl Drop for MqttClient {
 impl TestServer {
     /// MQTT options for a device, with the contract's credentials (username = id, password = key).
     pub fn mqtt_options(&self, device: u64, key: &str) -> rumqttc::MqttOptions {
-        let addr = self.mqtt_addr.expect("the MQTT listener is on");
-        let mut options = rumqttc::MqttOptions::new(format!("test-{device}"), addr.ip().to_string(), addr.port());
-        options.set_credentials(device.to_string(), key);
-        options.set_keep_alive(std::time::Duration::from_secs(30));
-        options.set_clean_session(true);
-        options
+        mqtt_options(self.mqtt_addr.expect("the MQTT listener is on"), device, key)
     }
 
     /// Connects `options`; returns once the CONNACK arrived (or panics with what came instead).
@@ -468,7 +554,30 @@ impl TestServer {
     }
 }
 
+/// MQTT options for a device of the server at `addr`, with the contract's credentials
+/// (username = id, password = key).
+pub fn mqtt_options(addr: SocketAddr, device: u64, key: &str) -> rumqttc::MqttOptions {
+    let mut options = rumqttc::MqttOptions::new(format!("test-{device}"), addr.ip().to_string(), addr.port());
+    options.set_credentials(device.to_string(), key);
+    options.set_keep_alive(std::time::Duration::from_secs(30));
+    options.set_clean_session(true);
+    options
+}
+
 impl MqttClient {
+    /// Records the JSON payload of every PUBLISH from now on in the background.
+    pub fn record(mut self) -> Recorded {
+        Recorded::start(|push| async move {
+            while let Some(Ok(packet)) = self.incoming.recv().await {
+                if let rumqttc::Packet::Publish(p) = packet
+                    && let Ok(v) = serde_json::from_slice(&p.payload)
+                {
+                    push(v);
+                }
+            }
+        })
+    }
+
     /// The next incoming packet (10 s at most); `Err` when the connection ended.
     pub async fn next_packet(&mut self) -> Result<rumqttc::Packet, String> {
         match tokio::time::timeout(std::time::Duration::from_secs(10), self.incoming.recv()).await {
@@ -497,6 +606,29 @@ impl MqttClient {
             }
         }
     }
+}
+
+/// Whether this run's servers use PostgreSQL (`DDP_TEST_STORE=postgres`).
+pub fn suite_on_postgres() -> bool {
+    std::env::var("DDP_TEST_STORE").is_ok_and(|s| s.eq_ignore_ascii_case("postgres"))
+}
+
+/// A fresh, empty PostgreSQL database on the test server named by `DDP_TEST_DATABASE_URL` (whose
+/// user may create databases); returns its URL.
+pub async fn fresh_database() -> String {
+    let url = std::env::var("DDP_TEST_DATABASE_URL")
+        .expect("DDP_TEST_DATABASE_URL must name a PostgreSQL database (scripts/test starts one)");
+    let (client, conn) =
+        tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to the test PostgreSQL");
+    tokio::spawn(conn);
+    let name = format!("ddp_test_{:016x}", rand::random::<u64>());
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a test database");
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url.as_str(), String::new()),
+    };
+    let (prefix, _) = base.rsplit_once('/').expect("DDP_TEST_DATABASE_URL is a URL ending in /database");
+    format!("{prefix}/{name}{query}")
 }
 
 /// A real `ddp serve` process (for tests that kill it, and for benchmarks), on loopback ports

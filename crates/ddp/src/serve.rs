@@ -22,11 +22,29 @@ pub enum LogFormat {
   ddp serve
   ddp serve --data-dir /var/lib/ddp --http-listen 0.0.0.0:8080 --mqtt-listen 0.0.0.0:1883 --log-format json
   ddp serve --mqtt-tls-listen 0.0.0.0:8883 --tls-cert cert.pem --tls-key key.pem
-  DDP_ADMIN_KEY=$(cat admin.key) ddp serve")]
+  DDP_ADMIN_KEY=$(cat admin.key) ddp serve
+  ddp serve --database postgres://ddp:secret@db.internal:5432/ddp --node-name node-a --http-listen 0.0.0.0:8080
+
+Storage: by default an embedded SQLite database in --data-dir (one node). With --database, every
+node started on the same PostgreSQL database serves the same data; put a load balancer in front.")]
 pub struct ServeArgs {
     /// Directory for the database, the generated admin key and the lock file (created if missing).
     #[arg(long, env = "DDP_DATA_DIR", default_value = "./ddp-data")]
     data_dir: PathBuf,
+
+    /// PostgreSQL URL (e.g. postgres://user:password@host:5432/db): store everything there, so
+    /// several nodes can serve the same data. The schema is created or migrated at start. Without
+    /// it, the embedded SQLite database in --data-dir is used.
+    #[arg(long, env = "DDP_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
+
+    /// Most pooled connections to PostgreSQL (each node also holds one for its change feed).
+    #[arg(long, env = "DDP_DB_POOL_SIZE", default_value_t = 32)]
+    db_pool_size: usize,
+
+    /// This node's name, in logs and in PostgreSQL's pg_stat_activity.
+    #[arg(long, env = "DDP_NODE_NAME", default_value = "ddp")]
+    node_name: String,
 
     /// Address for the REST and WebSocket API.
     #[arg(long, env = "DDP_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
@@ -53,7 +71,9 @@ pub struct ServeArgs {
     mqtt_max_packet: usize,
 
     /// The admin key (16+ characters). Without it the key stored in the data directory is used,
-    /// or on first start a new one is generated, stored there (mode 0600) and printed once.
+    /// or on first start a new one is generated, stored there (mode 0600) and printed once. With
+    /// --database, the first node generates it, prints it once and stores its digest in the
+    /// database for every node.
     #[arg(long, env = "DDP_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
 
@@ -96,7 +116,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_HISTORY_AGE", default_value = "24h", value_parser = parse_duration)]
     history_age: Duration,
 
-    /// Read connections to the embedded database.
+    /// Read connections to the embedded SQLite database.
     #[arg(long, env = "DDP_DB_READERS", default_value_t = 4)]
     db_readers: usize,
 
@@ -160,6 +180,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format, &args.log)?;
     let mut config = Config::new(&args.data_dir, args.http_listen);
     config.admin_key = args.admin_key;
+    config.database = args.database.filter(|url| !url.trim().is_empty());
+    config.db_pool = args.db_pool_size;
+    config.node_name = args.node_name;
     config.limits = Limits {
         max_value_bytes: args.max_value_bytes,
         max_keys_per_store: args.max_keys_per_store,
@@ -187,9 +210,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = Server::bind(config).await?;
-        if let Some(path) = server.admin_key_created() {
-            let key = server.admin_key();
-            println!("Generated an admin key and stored it in {} (readable only by its owner):", path.display());
+        if let (Some(place), Some(key)) = (server.admin_key_created(), server.admin_key()) {
+            println!("Generated an admin key and stored it in {place}:");
             println!();
             println!("    {key}");
             println!();
@@ -197,7 +219,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 "Use it as a token, e.g.:  curl -H 'Authorization: ModeCloud {key}' http://{}/homes",
                 server.http_addr()
             );
-            println!("It is not printed again; later starts read it from that file.");
+            println!("It is not printed again.");
         }
         server.run(shutdown_signal()).await.context("the HTTP server failed")
     })

@@ -127,7 +127,12 @@ struct DeviceJson<'a> {
     api_key: Option<&'a str>,
 }
 
-fn device_json<'a>(app: &App, d: &'a DeviceRecord, api_key: Option<&'a str>) -> DeviceJson<'a> {
+/// Which of `devices` hold a live session on some node.
+async fn connected(app: &App, devices: &[DeviceRecord]) -> Result<std::collections::HashSet<DeviceId>> {
+    Ok(app.store.connected(devices.iter().map(|d| d.id).collect()).await?.into_iter().collect())
+}
+
+fn device_json<'a>(d: &'a DeviceRecord, is_connected: bool, api_key: Option<&'a str>) -> DeviceJson<'a> {
     DeviceJson {
         id: d.id,
         name: &d.name,
@@ -135,7 +140,7 @@ fn device_json<'a>(app: &App, d: &'a DeviceRecord, api_key: Option<&'a str>) -> 
         device_class: &d.device_class,
         tag: &d.tag,
         creation_time: d.created,
-        is_connected: app.sessions.is_connected(d.id),
+        is_connected,
         last_connect_time: d.last_connect,
         last_disconnect_time: d.last_disconnect,
         api_key,
@@ -214,7 +219,7 @@ pub async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, Body(bod
     let new = NewDevice { name, home, device_class, tag, key_hash: secret::digest(&api_key) };
     let device = app.store.create_device(new).await?;
     tracing::info!(device = %device.id, home = ?device.home.map(HomeId::get), "device created");
-    Ok(created(format!("/devices/{}", device.id), device_json(&app, &device, Some(&api_key))))
+    Ok(created(format!("/devices/{}", device.id), device_json(&device, false, Some(&api_key))))
 }
 
 /// `GET /devices[?homeId=]`
@@ -225,7 +230,8 @@ pub async fn list_devices(
 ) -> Result<Response> {
     let home = query.get("homeId").map(|h| parse_id::<HomeId>("homeId", h)).transpose()?;
     let devices = app.store.devices(home).await?;
-    Ok(Json(devices.iter().map(|d| device_json(&app, d, None)).collect::<Vec<_>>()).into_response())
+    let live = connected(&app, &devices).await?;
+    Ok(Json(devices.iter().map(|d| device_json(d, live.contains(&d.id), None)).collect::<Vec<_>>()).into_response())
 }
 
 /// `GET /devices/{id}`: the admin, or the device itself.
@@ -238,7 +244,8 @@ pub async fn get_device(State(app): State<Arc<App>>, Caller(who): Caller, Path(i
         Principal::Project(_) => return Err(Error::denied("this needs the admin key")),
     }
     let device = app.store.device(id).await?;
-    Ok(Json(device_json(&app, &device, None)).into_response())
+    let live = connected(&app, std::slice::from_ref(&device)).await?;
+    Ok(Json(device_json(&device, live.contains(&id), None)).into_response())
 }
 
 /// `PATCH /devices/{id}` `{"name"?,"homeId"?}` (`homeId: null` takes it out of its home).
@@ -253,7 +260,8 @@ pub async fn update_device(
     let update = DeviceUpdate { name: fields.name(false)?, home: fields.home_id("homeId")? };
     let device = app.store.update_device(id, update).await?;
     tracing::info!(device = %id, home = ?device.home.map(HomeId::get), "device updated");
-    Ok(Json(device_json(&app, &device, None)).into_response())
+    let live = connected(&app, std::slice::from_ref(&device)).await?;
+    Ok(Json(device_json(&device, live.contains(&id), None)).into_response())
 }
 
 /// `POST /devices/{id}/apiKey`: a new key; the old one stops working at once.

@@ -51,7 +51,7 @@ pub async fn accept(
     if let (Principal::Admin, StoreRef::Device(d)) = (&who, store) {
         app.store.device(d).await?; // 404 now, not a closed session later
     }
-    let ticket = app.sessions.open(&who, Transport::WebSocket)?;
+    let ticket = app.sessions.open(&who, Transport::WebSocket).await?;
     let limits = app.config.sessions;
     let max_message = app.kv.limits().max_body_bytes;
     let config = WebSocketConfig::default()

@@ -235,12 +235,16 @@ where
                 return AuthOutcome::Unavailable;
             }
         }
-        match self.app.sessions.open(&Principal::Device(device), Transport::Mqtt) {
+        match self.app.sessions.open(&Principal::Device(device), Transport::Mqtt).await {
             Ok(ticket) => {
                 self.ticket = Some(ticket);
                 AuthOutcome::Admitted
             }
-            Err(_) => AuthOutcome::TooManySessions,
+            Err(e) if e.reason == ddp_protocol::Reason::TooManyConnections => AuthOutcome::TooManySessions,
+            Err(e) => {
+                tracing::warn!(%device, error = %e, "mqtt connect: cannot open the session");
+                AuthOutcome::Unavailable
+            }
         }
     }
 

@@ -208,9 +208,9 @@ async fn data_survives_a_restart() {
     let d = format!("/devices/{dev}");
     let put = s.admin(Method::PUT, &format!("{d}/kv/k")).body(r#"{"value": 1.10}"#).send().await.expect("put");
     assert_eq!(put.status(), StatusCode::NO_CONTENT);
-    let dir = s.stop_keep_data().await;
-    let config = ddp_testkit::TestServer::config(&dir.path().join("data"));
-    let again = TestServer::start_config(config, Some(dir)).await;
+    let kept = s.stop_keep_data().await;
+    let config = kept.config();
+    let again = kept.start(config).await;
     let got = again.req(Method::GET, &format!("{d}/kv/k"), Some(&key)).send().await.expect("get");
     assert_eq!(etag_of(&got), 1);
     assert!(

@@ -3,6 +3,8 @@
 
 mod admin;
 mod auth;
+#[cfg(feature = "postgres-tests")]
+mod cluster;
 mod errors;
 mod events;
 mod kv;

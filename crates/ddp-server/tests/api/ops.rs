@@ -22,11 +22,12 @@ async fn metrics_count_requests_and_writes() {
         resp.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("text/plain"))
     );
     let text = resp.text().await.expect("text");
+    let backend = if ddp_testkit::suite_on_postgres() { "ddp_feed_rows_total" } else { "ddp_store_batch_size" };
     for needle in [
         "ddp_http_requests_total{method=\"PUT\",route=\"/devices/{id}/kv/{*key}\",status=\"204\"}",
         "ddp_writes_total{transport=\"rest\",op=\"set\",outcome=\"ok\"}",
-        "ddp_store_batch_size",
         "ddp_store_commit_seconds",
+        backend,
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
@@ -43,7 +44,7 @@ async fn shutdown_finishes_in_flight_writes_then_refuses_connections() {
     tokio::task::yield_now().await;
     let addr = s.addr;
     let base = s.base.clone();
-    let dir = s.stop_keep_data().await;
+    let kept = s.stop_keep_data().await;
     let acked = pending
         .await
         .expect("writers")
@@ -52,8 +53,8 @@ async fn shutdown_finishes_in_flight_writes_then_refuses_connections() {
         .count();
     assert!(reqwest::get(format!("{base}/healthz")).await.is_err(), "{addr} still accepts connections after shutdown");
 
-    let config = ddp_testkit::TestServer::config(&dir.path().join("data"));
-    let again = TestServer::start_config(config, Some(dir)).await;
+    let config = kept.config();
+    let again = kept.start(config).await;
     assert!(again.items(&d).await.len() >= acked, "every acknowledged write survived the shutdown");
     assert_eq!(again.store_rev(&d).await as usize, again.items(&d).await.len());
 }

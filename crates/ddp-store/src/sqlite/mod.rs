@@ -70,6 +70,8 @@ impl SqliteOptions {
 /// The SQLite store. See the [module docs](self).
 pub struct SqliteStore {
     sender: mpsc::Sender<Msg>,
+    sink: Arc<dyn CommitSink>,
+    sessions: Mutex<std::collections::HashMap<DeviceId, usize>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<Readers>,
     checkpointer: Arc<Checkpointer>,
@@ -96,6 +98,32 @@ fn open_wal(db: &std::path::Path) -> Result<File, StoreError> {
 }
 
 impl SqliteStore {
+    /// Uncounts a session; true when it was the device's last.
+    fn forget_session(&self, device: DeviceId) -> bool {
+        let Ok(mut sessions) = self.sessions.lock() else { return false };
+        match sessions.get_mut(&device) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                sessions.remove(&device);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Writes a connection time (`column` is one of the two connection-time columns).
+    async fn record_connection(&self, id: DeviceId, column: &'static str, at: Timestamp) -> Result<(), StoreError> {
+        self.write_job(move |tx| {
+            let sql = format!("UPDATE devices SET {column} = ?2 WHERE id = ?1");
+            let n = tx.conn.prepare_cached(&sql)?.execute(params![sql_id(id.get()), at.millis()])?;
+            Ok(if n == 0 { Err(StoreError::DeviceNotFound(id)) } else { Ok(()) })
+        })
+        .await
+    }
+
     /// Opens (creating or migrating) the database and starts the writer thread. Blocking: call
     /// it at start-up or from a blocking context.
     pub fn open(options: SqliteOptions, sink: Arc<dyn CommitSink>) -> Result<SqliteStore, StoreError> {
@@ -124,8 +152,16 @@ impl SqliteStore {
         let readers = Arc::new(Readers::open(&options.path, options.readers.max(1), durability.clone())?);
         let (sender, receiver) = mpsc::channel(options.queue.max(1));
         let checkpointer = Arc::new(Checkpointer::start(&options.path)?);
-        let writer = writer::start(conn, wal, receiver, options.max_batch.max(1), sink, durability.clone())?;
-        Ok(SqliteStore { sender, writer: Mutex::new(Some(writer)), readers, checkpointer, durability })
+        let writer = writer::start(conn, wal, receiver, options.max_batch.max(1), sink.clone(), durability.clone())?;
+        Ok(SqliteStore {
+            sender,
+            sink,
+            sessions: Mutex::default(),
+            writer: Mutex::new(Some(writer)),
+            readers,
+            checkpointer,
+            durability,
+        })
     }
 
     /// Runs `f` in the writer's next batch transaction.
@@ -299,16 +335,7 @@ impl Store for SqliteStore {
             .execute(params![new.name, new.home.map(|h| sql_id(h.get())), new.device_class, new.tag, &new.key_hash[..], now.millis()])?;
             let id = DeviceId::new(to_u64(conn.last_insert_rowid())).ok_or_else(|| corrupt("device id"))?;
             create_store(conn, StoreRef::Device(id))?;
-            Ok(Ok(DeviceRecord {
-                id,
-                name: new.name,
-                home: new.home,
-                device_class: new.device_class,
-                tag: new.tag,
-                created: now,
-                last_connect: None,
-                last_disconnect: None,
-            }))
+            Ok(Ok(new.into_record(id, now)))
         })
         .await
     }
@@ -402,18 +429,45 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn record_connection(&self, id: DeviceId, connected: bool, at: Timestamp) -> Result<(), StoreError> {
-        self.write_job(move |tx| {
-            let conn = tx.conn;
-            let sql = if connected {
-                "UPDATE devices SET last_connect_ms = ?2 WHERE id = ?1"
-            } else {
-                "UPDATE devices SET last_disconnect_ms = ?2 WHERE id = ?1"
-            };
-            let n = conn.prepare_cached(sql)?.execute(params![sql_id(id.get()), at.millis()])?;
-            Ok(if n == 0 { Err(StoreError::DeviceNotFound(id)) } else { Ok(()) })
-        })
-        .await
+    async fn session_opened(&self, device: DeviceId, max: usize, at: Timestamp) -> Result<SessionOpened, StoreError> {
+        // One node: the count lives here; only the connection time needs the disk.
+        let first = {
+            let mut sessions =
+                self.sessions.lock().map_err(|_| StoreError::Backend("session registry poisoned".into()))?;
+            let n = sessions.entry(device).or_insert(0);
+            if *n >= max {
+                return Ok(SessionOpened::Refused);
+            }
+            *n += 1;
+            *n == 1
+        };
+        if first && let Err(e) = self.record_connection(device, "last_connect_ms", at).await {
+            self.forget_session(device);
+            return Err(e);
+        }
+        Ok(SessionOpened::Opened { first })
+    }
+
+    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<bool, StoreError> {
+        let last = self.forget_session(device);
+        if last {
+            match self.record_connection(device, "last_disconnect_ms", at).await {
+                Ok(()) | Err(StoreError::DeviceNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(last)
+    }
+
+    async fn connected(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceId>, StoreError> {
+        let sessions = self.sessions.lock().map_err(|_| StoreError::Backend("session registry poisoned".into()))?;
+        Ok(devices.into_iter().filter(|d| sessions.contains_key(d)).collect())
+    }
+
+    async fn broadcast_event(&self, home: HomeId, json: String) -> Result<(), StoreError> {
+        // One node: its own sink is every node's.
+        self.sink.committed(&[Committed::Event { home, json: Arc::from(json) }]);
+        Ok(())
     }
 
     async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {

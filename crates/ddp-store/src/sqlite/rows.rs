@@ -3,21 +3,9 @@
 use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp, Value};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::StoreError;
 use crate::model::*;
 
-/// An id as SQLite's i64; ids past i64::MAX cannot exist, so they map to -1 which matches nothing.
-pub(super) fn sql_id(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(-1)
-}
-
-pub(super) fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
-pub(super) fn rev_of(n: i64) -> Rev {
-    Rev(to_u64(n))
-}
+pub(crate) use crate::sql::{not_found, rev_of, sql_id, to_u64};
 
 pub(super) fn corrupt(what: &str) -> rusqlite::Error {
     rusqlite::Error::InvalidColumnType(0, what.to_owned(), rusqlite::types::Type::Null)
@@ -39,13 +27,6 @@ pub(super) fn home_col(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<HomeI
 
 pub(super) fn ts_col(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<Timestamp>> {
     Ok(row.get::<_, Option<i64>>(i)?.map(Timestamp))
-}
-
-pub(super) fn not_found(store: StoreRef) -> StoreError {
-    match store {
-        StoreRef::Device(d) => StoreError::DeviceNotFound(d),
-        StoreRef::Home(h) => StoreError::HomeNotFound(h),
-    }
 }
 
 pub(super) const DEVICE_COLUMNS: &str =

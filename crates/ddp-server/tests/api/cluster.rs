@@ -1,0 +1,124 @@
+//! Two servers on one PostgreSQL database, as two nodes behind a load balancer would be: what a
+//! client does on one node holds on the other (feature `postgres-tests`).
+
+use std::time::Duration;
+
+use ddp_testkit::{ADMIN_KEY, TestServer, WsEnd, WsOpen, expect_json, fresh_database};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+async fn two_nodes() -> (TestServer, TestServer) {
+    let url = fresh_database().await;
+    let a = TestServer::start_with(|c| {
+        c.database = Some(url.clone());
+        c.node_name = "api-a".into();
+    })
+    .await;
+    let b = TestServer::start_with(|c| {
+        c.database = Some(url.clone());
+        c.node_name = "api-b".into();
+    })
+    .await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn the_session_cap_and_presence_hold_across_nodes() {
+    let (a, b) = two_nodes().await;
+    let home = a.create_home("H").await;
+    let (dev, key) = a.create_device(Some(home)).await;
+    let mut events_on_b = b.events_open(ADMIN_KEY, "").await;
+    let mut sessions = Vec::new();
+    for node in [&a, &b, &a, &b, &a] {
+        let mut s = node.ws_open(dev, &key, "").await;
+        s.next_json().await;
+        sessions.push(s);
+    }
+    let e = events_on_b.next_json().await;
+    assert_eq!(e["eventType"], "_deviceConnected_", "node B hears node A's presence event");
+    // The sixth session is refused, on either node: five are live across both.
+    match b.ws(dev, &key, "").await {
+        WsOpen::Refused(status, body) => {
+            assert_eq!((status, &body["reason"]), (429, &json!("TOO_MANY_CONNECTIONS")), "{body}");
+        }
+        WsOpen::Open(_) => panic!("a sixth session was admitted"),
+    }
+    let seen = expect_json(b.admin(Method::GET, &format!("/devices/{dev}")).send().await, StatusCode::OK).await;
+    assert_eq!(seen["isConnected"], true);
+    for s in sessions {
+        s.close().await;
+    }
+    let e = events_on_b.next_json().await;
+    assert_eq!(e["eventType"], "_deviceDisconnected_", "once, after the last session on any node");
+    let seen = expect_json(a.admin(Method::GET, &format!("/devices/{dev}")).send().await, StatusCode::OK).await;
+    assert_eq!(seen["isConnected"], false);
+    assert!(seen["lastDisconnectTime"].is_number() || seen["lastDisconnectTime"].is_string());
+}
+
+#[tokio::test]
+async fn changes_events_and_revocations_reach_the_other_node() {
+    let (a, b) = two_nodes().await;
+    let home = a.create_home("H").await;
+    let (dev, key) = a.create_device(Some(home)).await;
+    let mut device_on_a = a.ws_open(dev, &key, "").await;
+    assert_eq!(device_on_a.next_json().await["action"], "reload");
+    let mut events_on_a = a.events_open(ADMIN_KEY, "").await;
+
+    // A write through B reaches the device's session on A, and A's event listener.
+    assert_eq!(b.put(&format!("/devices/{dev}"), "k", json!(1.50)).await, 1);
+    let change = device_on_a.next_json().await;
+    assert_eq!((&change["action"], &change["rev"]), (&json!("set"), &json!(1)));
+    let mut saved = events_on_a.next_json().await;
+    while saved["eventType"] == "_deviceConnected_" {
+        saved = events_on_a.next_json().await;
+    }
+    assert_eq!(saved["eventType"], "_deviceKVSaved_");
+    // A device event raised through B is heard on A.
+    let raised = b
+        .req(Method::PUT, &format!("/devices/{dev}/event"), Some(&key))
+        .body(r#"{"eventType":"doorOpened"}"#)
+        .send()
+        .await
+        .expect("raise");
+    assert_eq!(raised.status(), StatusCode::NO_CONTENT);
+    assert_eq!(events_on_a.next_json().await["eventType"], "doorOpened");
+
+    // Rotating the key on B ends the old key's session on A and the old key stops working on A.
+    let rotated = b.admin(Method::POST, &format!("/devices/{dev}/apiKey")).send().await.expect("rotate");
+    assert_eq!(rotated.status(), StatusCode::OK);
+    assert_eq!(device_on_a.end().await, WsEnd::Closed(4001));
+    let mut refused = false;
+    for _ in 0..100 {
+        let r = a.req(Method::GET, &format!("/devices/{dev}/kv"), Some(&key)).send().await.expect("get");
+        if r.status() == StatusCode::UNAUTHORIZED {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "node A refuses the rotated key");
+}
+
+#[tokio::test]
+async fn nodes_share_one_generated_admin_key() {
+    let url = fresh_database().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let first = ddp_server::Server::bind({
+        let mut c = TestServer::config(&dir.path().join("a"));
+        c.admin_key = None;
+        c.database = Some(url.clone());
+        c
+    })
+    .await
+    .expect("first node");
+    let key = first.admin_key().expect("the first node generated the key").to_owned();
+    assert!(first.admin_key_created().is_some());
+    let b = TestServer::start_with(|c| {
+        c.admin_key = None;
+        c.database = Some(url.clone());
+    })
+    .await;
+    let homes = b.req(Method::GET, "/homes", Some(&key)).send().await.expect("homes");
+    assert_eq!(homes.status(), StatusCode::OK, "a later node accepts the first node's key");
+    drop(first);
+}

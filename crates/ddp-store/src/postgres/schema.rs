@@ -1,0 +1,269 @@
+//! The PostgreSQL schema, its migrations (safe when several nodes start at once), and the
+//! function that does a key-value write in one round trip.
+
+use deadpool_postgres::Client;
+
+use crate::StoreError;
+
+/// Key used to hold an advisory lock while migrating, so concurrent starts take turns.
+const MIGRATION_LOCK: i64 = 0x0DD9_5C4E_4D41;
+
+/// One migration per entry; `ddp_schema.version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE settings (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
+CREATE TABLE homes (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        TEXT NOT NULL,
+    created_ms  BIGINT NOT NULL
+);
+CREATE TABLE devices (
+    id                  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name                TEXT NOT NULL,
+    home_id             BIGINT,
+    device_class        TEXT NOT NULL,
+    tag                 TEXT NOT NULL,
+    key_hash            BYTEA NOT NULL UNIQUE,
+    created_ms          BIGINT NOT NULL,
+    last_connect_ms     BIGINT,
+    last_disconnect_ms  BIGINT
+);
+CREATE INDEX devices_by_home ON devices(home_id);
+CREATE TABLE api_keys (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name        TEXT NOT NULL,
+    permission  TEXT NOT NULL,
+    all_homes   BOOLEAN NOT NULL,
+    key_hash    BYTEA NOT NULL UNIQUE,
+    created_ms  BIGINT NOT NULL
+);
+CREATE TABLE api_key_homes (key_id BIGINT NOT NULL, home_id BIGINT NOT NULL, PRIMARY KEY (key_id, home_id));
+CREATE INDEX api_key_homes_by_home ON api_key_homes(home_id);
+-- kind: 0 device store, 1 home store. The row is locked by every write to the store, so revs
+-- are assigned in commit order, whichever node writes.
+CREATE TABLE stores (
+    kind          SMALLINT NOT NULL,
+    owner         BIGINT NOT NULL,
+    rev           BIGINT NOT NULL,
+    num_keys      INT NOT NULL,
+    history_from  BIGINT NOT NULL,
+    PRIMARY KEY (kind, owner)
+);
+CREATE TABLE items (
+    kind         SMALLINT NOT NULL,
+    owner        BIGINT NOT NULL,
+    key          TEXT COLLATE "C" NOT NULL,
+    value        TEXT NOT NULL,
+    rev          BIGINT NOT NULL,
+    modified_ms  BIGINT NOT NULL,
+    PRIMARY KEY (kind, owner, key)
+);
+-- The change history, and the feed every node reads (by seq) to learn of changes.
+CREATE TABLE changes (
+    seq          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind         SMALLINT NOT NULL,
+    owner        BIGINT NOT NULL,
+    rev          BIGINT NOT NULL,
+    key          TEXT NOT NULL,
+    value        TEXT,
+    modified_ms  BIGINT NOT NULL,
+    home_id      BIGINT,
+    origin_kind  SMALLINT NOT NULL,
+    origin_id    BIGINT NOT NULL,
+    UNIQUE (kind, owner, rev)
+);
+-- Admin changes and events, for the other nodes (kept briefly).
+CREATE TABLE admin_log (
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    a           BIGINT,
+    b           BIGINT,
+    c           BIGINT,
+    created_ms  BIGINT NOT NULL
+);
+CREATE TABLE event_log (
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    home_id     BIGINT NOT NULL,
+    json        TEXT NOT NULL,
+    created_ms  BIGINT NOT NULL
+);
+-- Live sessions per device and node. A node whose heartbeat (database clock) is older than
+-- the liveness window no longer counts; its rows are reaped a while later.
+CREATE TABLE nodes (id BIGINT PRIMARY KEY, name TEXT NOT NULL, heartbeat TIMESTAMPTZ NOT NULL);
+CREATE TABLE presence (
+    device_id  BIGINT NOT NULL,
+    node_id    BIGINT NOT NULL,
+    sessions   INT NOT NULL,
+    PRIMARY KEY (device_id, node_id)
+);
+
+-- One key-value write, in one round trip. Locking the store row orders writers to one store, so
+-- within a store, change rows get increasing seqs in rev order and become visible in that order. p_value NULL is a delete. p_cond: 0 none,
+-- 1 rev in p_revs, 2 exists, 3 absent. Returns the outcome, the new rev, the home at commit
+-- and the key's rev before the write.
+CREATE FUNCTION ddp_kv_write(
+    p_kind SMALLINT, p_owner BIGINT, p_key TEXT, p_value TEXT, p_cond SMALLINT, p_revs BIGINT[],
+    p_max_keys INT, p_origin_kind SMALLINT, p_origin_id BIGINT, p_now BIGINT)
+RETURNS TABLE (out_status TEXT, out_rev BIGINT, out_home BIGINT, out_current BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_rev BIGINT;
+    v_num INT;
+    v_cur BIGINT;
+    v_new BIGINT;
+    v_home BIGINT;
+BEGIN
+    SELECT s.rev, s.num_keys INTO v_rev, v_num FROM stores s WHERE s.kind = p_kind AND s.owner = p_owner FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'no_store'::TEXT, NULL::BIGINT, NULL::BIGINT, NULL::BIGINT;
+        RETURN;
+    END IF;
+    SELECT i.rev INTO v_cur FROM items i WHERE i.kind = p_kind AND i.owner = p_owner AND i.key = p_key;
+    IF (p_cond = 1 AND (v_cur IS NULL OR NOT (v_cur = ANY(p_revs))))
+        OR (p_cond = 2 AND v_cur IS NULL)
+        OR (p_cond = 3 AND v_cur IS NOT NULL) THEN
+        RETURN QUERY SELECT 'mismatch'::TEXT, NULL::BIGINT, NULL::BIGINT, v_cur;
+        RETURN;
+    END IF;
+    v_new := v_rev + 1;
+    IF p_value IS NULL THEN
+        IF v_cur IS NULL THEN
+            RETURN QUERY SELECT 'no_key'::TEXT, NULL::BIGINT, NULL::BIGINT, NULL::BIGINT;
+            RETURN;
+        END IF;
+        DELETE FROM items i WHERE i.kind = p_kind AND i.owner = p_owner AND i.key = p_key;
+        v_num := v_num - 1;
+    ELSE
+        IF v_cur IS NULL AND v_num >= p_max_keys THEN
+            RETURN QUERY SELECT 'too_many'::TEXT, NULL::BIGINT, NULL::BIGINT, NULL::BIGINT;
+            RETURN;
+        END IF;
+        INSERT INTO items AS i (kind, owner, key, value, rev, modified_ms) VALUES (p_kind, p_owner, p_key, p_value, v_new, p_now)
+            ON CONFLICT (kind, owner, key) DO UPDATE SET value = EXCLUDED.value, rev = EXCLUDED.rev, modified_ms = EXCLUDED.modified_ms;
+        IF v_cur IS NULL THEN
+            v_num := v_num + 1;
+        END IF;
+    END IF;
+    IF p_kind = 0 THEN
+        SELECT d.home_id INTO v_home FROM devices d WHERE d.id = p_owner;
+    ELSE
+        v_home := p_owner;
+    END IF;
+    INSERT INTO changes (kind, owner, rev, key, value, modified_ms, home_id, origin_kind, origin_id)
+        VALUES (p_kind, p_owner, v_new, p_key, p_value, p_now, v_home, p_origin_kind, p_origin_id);
+    UPDATE stores s SET rev = v_new, num_keys = v_num WHERE s.kind = p_kind AND s.owner = p_owner;
+    RETURN QUERY SELECT 'ok'::TEXT, v_new, v_home, v_cur;
+END $$;
+
+-- Admits a session of a device on a node if the device holds fewer than p_max over the live
+-- nodes. Returns 'first', 'more', 'refused' or 'no_device'. Presence is soft state: its commits
+-- do not wait for the disk.
+CREATE FUNCTION ddp_session_open(p_device BIGINT, p_node BIGINT, p_max INT, p_now BIGINT, p_alive_ms BIGINT)
+RETURNS TEXT LANGUAGE plpgsql AS $$
+DECLARE
+    v_total BIGINT;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM 1 FROM devices d WHERE d.id = p_device FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'no_device';
+    END IF;
+    SELECT COALESCE(SUM(p.sessions), 0) INTO v_total FROM presence p JOIN nodes n ON n.id = p.node_id
+        WHERE p.device_id = p_device AND n.heartbeat > clock_timestamp() - p_alive_ms * INTERVAL '1 millisecond';
+    IF v_total >= p_max THEN
+        RETURN 'refused';
+    END IF;
+    INSERT INTO presence AS p (device_id, node_id, sessions) VALUES (p_device, p_node, 1)
+        ON CONFLICT (device_id, node_id) DO UPDATE SET sessions = p.sessions + 1;
+    IF v_total = 0 THEN
+        UPDATE devices d SET last_connect_ms = p_now WHERE d.id = p_device;
+        RETURN 'first';
+    END IF;
+    RETURN 'more';
+END $$;
+
+-- Ends a session of a device on a node. Returns true when it was the device's last on the live
+-- nodes (and then records the time).
+CREATE FUNCTION ddp_session_close(p_device BIGINT, p_node BIGINT, p_now BIGINT, p_alive_ms BIGINT)
+RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+DECLARE
+    v_total BIGINT;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    PERFORM 1 FROM devices d WHERE d.id = p_device FOR UPDATE;
+    UPDATE presence p SET sessions = p.sessions - 1 WHERE p.device_id = p_device AND p.node_id = p_node AND p.sessions > 0;
+    IF NOT FOUND THEN
+        RETURN FALSE;
+    END IF;
+    DELETE FROM presence p WHERE p.device_id = p_device AND p.node_id = p_node AND p.sessions <= 0;
+    SELECT COALESCE(SUM(p.sessions), 0) INTO v_total FROM presence p JOIN nodes n ON n.id = p.node_id
+        WHERE p.device_id = p_device AND n.heartbeat > clock_timestamp() - p_alive_ms * INTERVAL '1 millisecond';
+    IF v_total = 0 THEN
+        UPDATE devices d SET last_disconnect_ms = p_now WHERE d.id = p_device;
+        RETURN TRUE;
+    END IF;
+    RETURN FALSE;
+END $$;
+
+-- Drops the presence of nodes silent for longer than p_dead_ms; a device left with no session on a
+-- live node gets the silent node's last heartbeat as its lastDisconnectTime. Returns the nodes
+-- dropped.
+CREATE FUNCTION ddp_reap_nodes(p_dead_ms BIGINT)
+RETURNS INT LANGUAGE plpgsql AS $$
+DECLARE
+    v_nodes INT;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    WITH dead AS (
+        SELECT id, heartbeat FROM nodes WHERE heartbeat < clock_timestamp() - p_dead_ms * INTERVAL '1 millisecond'
+    ), gone AS (
+        DELETE FROM presence p USING dead WHERE p.node_id = dead.id RETURNING p.device_id, dead.heartbeat
+    )
+    UPDATE devices d SET last_disconnect_ms = (EXTRACT(EPOCH FROM g.at) * 1000)::BIGINT
+        FROM (SELECT device_id, MAX(heartbeat) AS at FROM gone GROUP BY device_id) g
+        WHERE d.id = g.device_id
+          AND NOT EXISTS (SELECT 1 FROM presence p WHERE p.device_id = g.device_id AND p.sessions > 0
+                          AND p.node_id NOT IN (SELECT id FROM dead));
+    DELETE FROM nodes WHERE heartbeat < clock_timestamp() - p_dead_ms * INTERVAL '1 millisecond';
+    GET DIAGNOSTICS v_nodes = ROW_COUNT;
+    RETURN v_nodes;
+END $$;
+
+-- Hands an event to every node (not kept: trimmed after a few minutes, not made durable).
+CREATE FUNCTION ddp_event(p_home BIGINT, p_json TEXT, p_now BIGINT)
+RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO event_log (home_id, json, created_ms) VALUES (p_home, p_json, p_now);
+END $$;
+"#];
+
+fn backend(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Creates or migrates the schema. Holds an advisory lock for the duration, so nodes starting
+/// together take turns and later ones find the work done.
+pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(backend)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(backend)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS ddp_schema (version INT NOT NULL)").await.map_err(backend)?;
+    let version: i32 = match tx.query_opt("SELECT version FROM ddp_schema", &[]).await.map_err(backend)? {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO ddp_schema (version) VALUES (0)", &[]).await.map_err(backend)?;
+            0
+        }
+    };
+    let known = MIGRATIONS.len() as i32;
+    if version > known {
+        return Err(StoreError::Backend(format!(
+            "the database has schema version {version}, newer than this ddp knows ({known}); use a newer ddp"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        tx.batch_execute(sql).await.map_err(backend)?;
+        tx.execute("UPDATE ddp_schema SET version = $1", &[&(i as i32 + 1)]).await.map_err(backend)?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    tx.commit().await.map_err(backend)
+}
