@@ -5,6 +5,10 @@
 //! same run and on the same file system, then drives `PUT /devices/{id}/kv/{key}` with 1 and 64
 //! concurrent clients, several times each, and prints medians and ratios.
 //!
+//! With `--postgres URL`, `writes` also runs a server on a fresh PostgreSQL database, alternating
+//! with the embedded one, and `latency` also measures two nodes on PostgreSQL (devices on one,
+//! writes through the other).
+//!
 //! `ddp-bench store` measures the storage engine alone, in process, to show what group commit
 //! does without HTTP in the way.
 //!

@@ -101,6 +101,10 @@ pub struct LatencyArgs {
     /// Also measure Mosquitto (Debian's `mosquitto`) relaying QoS 1 messages to as many subscribers.
     #[arg(long)]
     mosquitto: bool,
+    /// Also measure two nodes on PostgreSQL, devices on node A and writes through node B: a URL
+    /// whose user may create databases (a fresh one is made per transport).
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 fn small_buffers() -> WebSocketConfig {
@@ -325,8 +329,25 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
         let work = tempfile::tempdir_in(".")?;
         let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
         let devices = devices::create(&ddp.base, args.devices, 0, 0).await?;
-        let result = measure(&ddp.base, &ddp.mqtt, &devices, args.rate, duration, *transport).await?;
+        let result = measure(&ddp.base, &ddp.base, &ddp.mqtt, &devices, args.rate, duration, *transport).await?;
         rows.push(result.row(&format!("DDP over {} (durable REST write → device)", transport.label())));
+    }
+    if let Some(url) = &args.postgres {
+        for transport in &args.transports {
+            let work = tempfile::tempdir_in(".")?;
+            let db = ddp_testkit::create_database(url, "ddp_bench").await.map_err(anyhow::Error::msg)?;
+            let start = |name: &str| {
+                let flags = ["--log", "warn,ddp_server::server=info", "--database", &db, "--node-name", name];
+                server::start(&bin, &work.path().join(name), &flags)
+            };
+            let (a, b) = (start("node-a")?, start("node-b")?);
+            let devices = devices::create(&a.base, args.devices, 0, 0).await?;
+            let result = measure(&b.base, &a.base, &a.mqtt, &devices, args.rate, duration, *transport).await?;
+            rows.push(result.row(&format!(
+                "DDP on PostgreSQL over {}, 2 nodes (REST write on node B → device on node A)",
+                transport.label()
+            )));
+        }
     }
     if args.mosquitto {
         let result = crate::mosquitto::measure(args.devices, args.rate, duration).await?;
@@ -371,16 +392,18 @@ impl LatencyResult {
     }
 }
 
-/// Connects `devices`, writes at `rate` for `duration`, and measures delivery.
+/// Connects `devices` to the node at `session_base` (WebSocket) or `mqtt`, writes through the node
+/// at `write_base` at `rate` for `duration`, and measures delivery.
 pub async fn measure(
-    base: &str,
+    write_base: &str,
+    session_base: &str,
     mqtt: &str,
     devices: &[Device],
     rate: u64,
     duration: Duration,
     transport: Transport,
 ) -> anyhow::Result<LatencyResult> {
-    let addr = base.trim_start_matches("http://").to_owned();
+    let addr = session_base.trim_start_matches("http://").to_owned();
     let epoch = Instant::now();
     let (report_tx, report_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, u64, bool)>();
     let mut readers = Vec::new();
@@ -427,7 +450,7 @@ pub async fn measure(
         }
     }
     drop(report_tx);
-    let result = write_and_collect(base, devices, rate, duration, epoch, report_rx).await;
+    let result = write_and_collect(write_base, devices, rate, duration, epoch, report_rx).await;
     for r in readers {
         r.abort();
     }

@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use crate::report::WriteLoad;
-use crate::report::{RunResult, alternating, print_table};
+use crate::report::{RunResult, alternating, median, print_table};
 use crate::{fsync, server};
 
 /// Settings of the write benchmark.
@@ -21,6 +21,11 @@ pub struct WritesArgs {
     /// Seconds of warm-up before each run.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// Also measure a server on PostgreSQL: a URL whose user may create databases (a fresh one
+    /// is made), e.g. postgres://postgres@127.0.0.1:5432/postgres. Runs alternate between the
+    /// backends.
+    #[arg(long)]
+    postgres: Option<String>,
     #[command(flatten)]
     load: WriteLoad,
 }
@@ -36,46 +41,59 @@ pub async fn run(args: WritesArgs) -> anyhow::Result<()> {
     };
     println!("{fsync_rate}");
 
-    let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
-    let client = reqwest::Client::new();
-    let mut devices = Vec::with_capacity(args.load.devices);
-    for i in 0..args.load.devices {
-        let created: serde_json::Value = client
-            .post(format!("{}/devices", ddp.base))
-            .header("Authorization", format!("ModeCloud {}", server::ADMIN_KEY))
-            .json(&json!({ "name": format!("bench-{i}") }))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        devices.push(created["id"].as_u64().context("device id")?);
+    let log = ["--log", "warn,ddp_server::server=info"];
+    let mut backends = vec![("SQLite (embedded)", server::start(&bin, &work.path().join("data"), &log)?)];
+    if let Some(url) = &args.postgres {
+        let db = ddp_testkit::create_database(url, "ddp_bench").await.map_err(anyhow::Error::msg)?;
+        let flags = [&log[..], &["--database", &db]].concat();
+        backends.push(("PostgreSQL", server::start(&bin, &work.path().join("pg"), &flags)?));
     }
-    let devices = Arc::new(devices);
     let value = json!({ "value": "x".repeat(args.load.value_bytes.saturating_sub(2)) }).to_string();
+    let mut devices = Vec::new();
+    for (_, ddp) in &backends {
+        let made = crate::devices::create(&ddp.base, args.load.devices, 0, 0).await?;
+        devices.push(Arc::new(made.into_iter().map(|d| d.id).collect::<Vec<_>>()));
+    }
 
-    let mut results: Vec<Vec<RunResult>> = vec![Vec::new(); args.load.clients.len()];
+    // results[backend][clients index]
+    let mut results: Vec<Vec<Vec<RunResult>>> = vec![vec![Vec::new(); args.load.clients.len()]; backends.len()];
     for round in 0..args.load.repeat {
-        for i in alternating(args.load.clients.len(), round) {
-            let c = args.load.clients[i];
-            load(&ddp.base, &devices, c, Duration::from_secs_f64(args.warmup), &value).await?;
-            let r = load(&ddp.base, &devices, c, Duration::from_secs_f64(args.load.seconds), &value).await?;
-            eprintln!(
-                "  run {}/{}: {c:>3} clients: {:>8.0} writes/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
-                round + 1,
-                args.load.repeat,
-                r.per_sec,
-                r.p50_ms,
-                r.p99_ms,
-                r.errors
-            );
-            results[i].push(r);
+        for b in alternating(backends.len(), round) {
+            let (name, ddp) = &backends[b];
+            for i in alternating(args.load.clients.len(), round) {
+                let c = args.load.clients[i];
+                load(&ddp.base, &devices[b], c, Duration::from_secs_f64(args.warmup), &value).await?;
+                let r = load(&ddp.base, &devices[b], c, Duration::from_secs_f64(args.load.seconds), &value).await?;
+                eprintln!(
+                    "  run {}/{}: {name:<18} {c:>3} clients: {:>8.0} writes/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+                    round + 1,
+                    args.load.repeat,
+                    r.per_sec,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.errors
+                );
+                results[b][i].push(r);
+            }
         }
     }
-    drop(ddp);
+    let names: Vec<&str> = backends.iter().map(|(name, _)| *name).collect();
+    drop(backends); // stops the servers
 
-    println!();
-    print_table("clients", "durable PUT/s over HTTP", &args.load.clients, &results, fsync_rate.per_sec);
+    for (b, name) in names.iter().enumerate() {
+        println!();
+        println!("{name}:");
+        print_table("clients", "durable PUT/s over HTTP", &args.load.clients, &results[b], fsync_rate.per_sec);
+    }
+    if results.len() == 2 {
+        println!();
+        println!("| clients | PostgreSQL / SQLite writes/s | p99 PostgreSQL / SQLite |");
+        println!("|---:|---:|---:|");
+        for (i, c) in args.load.clients.iter().enumerate() {
+            let (s, p) = (median(&results[0][i]), median(&results[1][i]));
+            println!("| {c} | {:.2}× | {:.2}× |", p.per_sec / s.per_sec, p.p99_ms / s.p99_ms);
+        }
+    }
     Ok(())
 }
 

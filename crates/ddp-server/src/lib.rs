@@ -8,7 +8,8 @@
 //! where live sessions, events and caches learn about changes.
 //!
 //! # Layout
-//! - [`server`]: start-up (data directory, lock, admin key, storage, listeners) and shutdown.
+//! - [`server`]: start-up (storage — the embedded SQLite data directory and its lock, or a
+//!   PostgreSQL database shared by several nodes — admin key, listeners) and shutdown.
 //! - [`config`]: every setting.
 //! - [`app`]: the state all transports share.
 //! - [`http`]: the REST API and the WebSocket sync sessions (axum).
@@ -19,7 +20,8 @@
 //! - [`ratelimit`]: per-key request rates.
 //! - [`hub`]: committed changes to live sessions, per store.
 //! - [`watch`]: the one watch path: subscribe, then snapshot or resume, then live.
-//! - [`sessions`]: live sessions: cap per device, presence, connection times.
+//! - [`sessions`]: live sessions: cap per device, presence, connection times (counted by the
+//!   store, so over every node).
 //! - [`events`]: home events: system events from the commit feed, device events, app streams.
 //! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions.
 //! - [`metrics`]: Prometheus metrics.

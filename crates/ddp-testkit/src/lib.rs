@@ -618,17 +618,24 @@ pub fn suite_on_postgres() -> bool {
 pub async fn fresh_database() -> String {
     let url = std::env::var("DDP_TEST_DATABASE_URL")
         .expect("DDP_TEST_DATABASE_URL must name a PostgreSQL database (scripts/test starts one)");
-    let (client, conn) =
-        tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect to the test PostgreSQL");
+    create_database(&url, "ddp_test").await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Creates an empty database named `{prefix}_{random}` on the PostgreSQL server of `url` (a
+/// `postgres://…/db` URL whose user may create databases); returns the new database's URL.
+pub async fn create_database(url: &str, prefix: &str) -> Result<String, String> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
     tokio::spawn(conn);
-    let name = format!("ddp_test_{:016x}", rand::random::<u64>());
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create a test database");
+    let name = format!("{prefix}_{:016x}", rand::random::<u64>());
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.map_err(|e| format!("CREATE DATABASE: {e}"))?;
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, format!("?{query}")),
-        None => (url.as_str(), String::new()),
+        None => (url, String::new()),
     };
-    let (prefix, _) = base.rsplit_once('/').expect("DDP_TEST_DATABASE_URL is a URL ending in /database");
-    format!("{prefix}/{name}{query}")
+    let (prefix, _) = base.rsplit_once('/').ok_or("the PostgreSQL URL must end in /database")?;
+    Ok(format!("{prefix}/{name}{query}"))
 }
 
 /// A real `ddp serve` process (for tests that kill it, and for benchmarks), on loopback ports

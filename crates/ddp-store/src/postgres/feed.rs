@@ -332,8 +332,13 @@ impl Listener {
             feed.wake(); // the reader notices the closed connection at once
         });
         client.batch_execute("LISTEN ddp").await?;
+        // Two index scans: the rows after the cursor, and the gaps. (One `seq > $1 OR seq =
+        // ANY($2)` filter makes PostgreSQL walk the whole index.)
         let query = |table: &str, columns: &str| {
-            format!("SELECT {columns} FROM {table} WHERE seq > $1 OR seq = ANY($2) ORDER BY seq LIMIT $3")
+            format!(
+                "(SELECT {columns} FROM {table} WHERE seq > $1 ORDER BY seq LIMIT $3)
+                 UNION ALL (SELECT {columns} FROM {table} WHERE seq = ANY($2)) ORDER BY 1"
+            )
         };
         let changes = client
             .prepare(&query(
