@@ -4,8 +4,8 @@
 //! by every server in it (tests start several). Metric names:
 //! - `ddp_http_requests_total{method,route,status}`, `ddp_http_request_seconds{method,route}`
 //! - `ddp_writes_total{transport,op,outcome}`
-//! - `ddp_store_commit_seconds` (a commit: a group commit on SQLite, one write on PostgreSQL),
-//!   `ddp_store_batch_size`, `ddp_store_fsync_seconds`, `ddp_store_wal_frames` (SQLite)
+//! - `ddp_store_commit_seconds`, `ddp_store_batch_size` (group commits, on both backends),
+//!   `ddp_store_fsync_seconds`, `ddp_store_wal_frames` (SQLite)
 //! - `ddp_feed_rows_total`, `ddp_feed_reconnects_total` (PostgreSQL: what this node's change feed
 //!   read, and how often its connection was re-established)
 //! - `ddp_sessions{transport}` (live sync sessions), `ddp_sync_messages_sent_total{transport}`,

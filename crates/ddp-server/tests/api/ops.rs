@@ -22,11 +22,12 @@ async fn metrics_count_requests_and_writes() {
         resp.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("text/plain"))
     );
     let text = resp.text().await.expect("text");
-    let backend = if ddp_testkit::suite_on_postgres() { "ddp_feed_rows_total" } else { "ddp_store_batch_size" };
+    let backend = if ddp_testkit::suite_on_postgres() { "ddp_feed_rows_total" } else { "ddp_store_fsync_seconds" };
     for needle in [
         "ddp_http_requests_total{method=\"PUT\",route=\"/devices/{id}/kv/{*key}\",status=\"204\"}",
         "ddp_writes_total{transport=\"rest\",op=\"set\",outcome=\"ok\"}",
         "ddp_store_commit_seconds",
+        "ddp_store_batch_size",
         backend,
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");

@@ -1,10 +1,11 @@
 //! The scale-out backend: several `ddp serve` nodes on one PostgreSQL database.
 //!
-//! - **Writes** are one round trip each: the `ddp_kv_write` function (`schema`) locks the store's
-//!   row, checks the precondition and the key limit, assigns the next rev, writes the item and
-//!   appends the change, in one transaction committed with `synchronous_commit = on`. Locking the
-//!   store row serialises writers to one store whichever node they are on, so revs are contiguous
-//!   and change rows of one store become visible in rev order.
+//! - **Writes** (`writer`) are group-committed: a few batcher tasks each send every write waiting
+//!   (up to 128) in one `ddp_kv_write_batch` call — one round trip, one commit with
+//!   `synchronous_commit = on`. For each write, `ddp_kv_write` (`schema`) locks the store's row,
+//!   checks the precondition and the key limit, assigns the next rev, writes the item and appends
+//!   the change. Locking the store row serialises writers to one store whichever node they are
+//!   on, so revs are contiguous and change rows of one store become visible in rev order.
 //! - **Fan-out** (`feed`): every node reads the `changes`, `admin_log` and `event_log` tables
 //!   after a cursor of sequence numbers, and hands what it has not seen to its [`CommitSink`].
 //!   A write's node announces it with `NOTIFY ddp` after commit (outside the write transaction, so
@@ -22,6 +23,7 @@
 
 mod feed;
 mod schema;
+mod writer;
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -49,6 +51,12 @@ const NODE_DEAD: Duration = Duration::from_secs(120);
 const HEARTBEAT: Duration = Duration::from_secs(3);
 /// How long admin changes and events stay in their logs for nodes that are catching up.
 const LOG_KEEP_MS: i64 = 3_600_000;
+/// Tasks committing batches of writes at the same time.
+const BATCHERS: usize = 4;
+/// Most writes in one batch.
+const MAX_BATCH: usize = 128;
+/// Writes that may wait for a batcher before callers wait for room.
+const WRITE_QUEUE: usize = 8192;
 
 /// Settings of the PostgreSQL backend.
 #[derive(Debug, Clone)]
@@ -99,6 +107,9 @@ pub struct PgStore {
     announcer: Arc<Announcer>,
     /// This node's live sessions per device, to re-register after its presence was reaped.
     local: Arc<Mutex<HashMap<DeviceId, i32>>>,
+    /// The write queue; `None` once closed.
+    writes: Mutex<Option<tokio::sync::mpsc::Sender<writer::Pending>>>,
+    writers: Mutex<Vec<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
@@ -259,6 +270,8 @@ impl PgStore {
         let announcer = Arc::new(Announcer::default());
         let (stop, stopped) = watch::channel(false);
         let local = Arc::new(Mutex::new(HashMap::new()));
+        let (writes, writers) =
+            writer::start(pool.clone(), BATCHERS, MAX_BATCH, WRITE_QUEUE, feed.clone(), announcer.clone());
         let tasks = vec![
             tokio::spawn(feed::read_loop(config, cursors, feed.clone(), sink.clone(), stopped.clone())),
             tokio::spawn(feed::announce_loop(pool.clone(), announcer.clone(), stopped.clone())),
@@ -272,6 +285,8 @@ impl PgStore {
             feed,
             announcer,
             local,
+            writes: Mutex::new(Some(writes)),
+            writers: Mutex::new(writers),
             stop,
             tasks: Mutex::new(tasks),
             closed: AtomicBool::new(false),
@@ -393,71 +408,11 @@ async fn heartbeat_loop(
 
 #[async_trait]
 impl Store for PgStore {
-    async fn write(&self, w: KvWrite) -> Result<Change, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT out_status, out_rev, out_home, out_current FROM ddp_kv_write($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .await?;
-        let (cond, revs): (i16, Vec<i64>) = match &w.condition {
-            Condition::None => (0, Vec::new()),
-            Condition::RevIn(revs) => (1, revs.iter().map(|r| sql_id(r.0)).collect()),
-            Condition::Exists => (2, Vec::new()),
-            Condition::Absent => (3, Vec::new()),
-        };
-        let value = match &w.action {
-            KvAction::Set(v) => Some(v.as_json()),
-            KvAction::Delete => None,
-        };
-        let (origin_kind, origin_id) = w.origin.to_parts();
-        let now = Timestamp::now();
-        let max_keys = i32::try_from(w.max_keys).unwrap_or(i32::MAX);
-        let started = std::time::Instant::now();
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &(w.store.kind() as i16),
-                    &sql_id(w.store.owner()),
-                    &w.key.as_str(),
-                    &value,
-                    &cond,
-                    &revs,
-                    &max_keys,
-                    &(origin_kind as i16),
-                    &sql_id(origin_id),
-                    &now.millis(),
-                ],
-            )
-            .await?;
-        metrics::histogram!("ddp_store_commit_seconds").record(started.elapsed().as_secs_f64());
-        let status: &str = row.try_get(0)?;
-        match status {
-            "ok" => {}
-            "no_store" => return Err(not_found(w.store)),
-            "mismatch" => {
-                return Err(StoreError::RevisionMismatch { current: row.try_get::<_, Option<i64>>(3)?.map(rev_of) });
-            }
-            "no_key" => return Err(StoreError::KeyNotFound),
-            "too_many" => return Err(StoreError::TooManyKeys { limit: w.max_keys }),
-            other => return Err(StoreError::Backend(format!("ddp_kv_write answered {other:?}"))),
-        }
-        let rev = rev_of(row.try_get(1)?);
-        self.announcer.announce(&format!("{}:{}:{}", w.store.kind(), w.store.owner(), rev.0));
-        self.feed.wake();
-        Ok(Change {
-            store: w.store,
-            rev,
-            key: w.key,
-            value: match w.action {
-                KvAction::Set(v) => Some(v),
-                KvAction::Delete => None,
-            },
-            time: now,
-            home: home_of(row.try_get(2)?),
-            origin: w.origin,
-        })
+    async fn write(&self, write: KvWrite) -> Result<Change, StoreError> {
+        let queue = self.writes.lock().ok().and_then(|w| w.clone()).ok_or(StoreError::Closed)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        queue.send(writer::Pending { write, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.unwrap_or(Err(StoreError::Closed))
     }
 
     async fn get(&self, store: StoreRef, key: Key) -> Result<ItemRecord, StoreError> {
@@ -872,6 +827,14 @@ impl Store for PgStore {
     async fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
+        }
+        // Queued writes are committed (and answered) first; later ones find the queue closed.
+        if let Ok(mut writes) = self.writes.lock() {
+            writes.take();
+        }
+        let writers = self.writers.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for task in writers {
+            let _ = task.await;
         }
         let _ = self.stop.send(true);
         let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();

@@ -154,6 +154,31 @@ BEGIN
     RETURN QUERY SELECT 'ok'::TEXT, v_new, v_home, v_cur;
 END $$;
 
+-- Several writes in one transaction (one round trip, one commit): ddp_kv_write for each, in the
+-- order given. Callers order a batch by store, so concurrent batches lock stores in the same
+-- order and cannot deadlock. p_revs[i] is the comma-separated rev list of condition 1.
+CREATE FUNCTION ddp_kv_write_batch(
+    p_kinds SMALLINT[], p_owners BIGINT[], p_keys TEXT[], p_values TEXT[], p_conds SMALLINT[], p_revs TEXT[],
+    p_max_keys INT[], p_origin_kinds SMALLINT[], p_origin_ids BIGINT[], p_now BIGINT)
+RETURNS TABLE (out_idx INT, out_status TEXT, out_rev BIGINT, out_home BIGINT, out_current BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i INT;
+    r RECORD;
+BEGIN
+    FOR i IN 1..COALESCE(array_length(p_kinds, 1), 0) LOOP
+        SELECT * INTO r FROM ddp_kv_write(p_kinds[i], p_owners[i], p_keys[i], p_values[i], p_conds[i],
+            COALESCE(string_to_array(NULLIF(p_revs[i], ''), ',')::BIGINT[], '{}'::BIGINT[]), p_max_keys[i],
+            p_origin_kinds[i], p_origin_ids[i], p_now);
+        out_idx := i;
+        out_status := r.out_status;
+        out_rev := r.out_rev;
+        out_home := r.out_home;
+        out_current := r.out_current;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
 -- Admits a session of a device on a node if the device holds fewer than p_max over the live
 -- nodes. Returns 'first', 'more', 'refused' or 'no_device'. Presence is soft state: its commits
 -- do not wait for the disk.
