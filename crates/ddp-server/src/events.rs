@@ -266,15 +266,9 @@ impl EventBus {
         });
     }
 
-    /// `_deviceConnected_` / `_deviceDisconnected_`, to the device's current home, on every node.
-    pub async fn presence(&self, device: DeviceId, connected: bool, at: Timestamp) {
-        let home = match self.store.device(device).await {
-            Ok(d) => d.home,
-            Err(e) => {
-                tracing::debug!(%device, error = %e, "no presence event: device not readable");
-                return;
-            }
-        };
+    /// `_deviceConnected_` / `_deviceDisconnected_` of a device in `home` (none for a device in
+    /// no home), on every node.
+    pub async fn presence(&self, home: Option<HomeId>, device: DeviceId, connected: bool, at: Timestamp) {
         let Some(home) = home else { return };
         let event_type = if connected { "_deviceConnected_" } else { "_deviceDisconnected_" };
         let json = envelope(home, at, event_type, DeviceData { device_id: device }, Origin::Device(device));

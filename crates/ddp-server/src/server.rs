@@ -36,7 +36,8 @@ pub const LOCK_FILE: &str = "ddp.lock";
 const SESSION_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Listen backlog: a reconnect storm of thousands of devices must not overflow the accept queue.
-const LISTEN_BACKLOG: u32 = 4096;
+/// The kernel caps it at `net.core.somaxconn`; the server says so at start when that is lower.
+const LISTEN_BACKLOG: u32 = 16384;
 
 /// Why the server could not start. Every message names the setting to change.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,7 @@ impl Server {
         };
 
         let (http, http_addr) = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
+        check_somaxconn();
         let mqtt = config.mqtt.listen.map(|addr| listen(addr, "--mqtt-listen / DDP_MQTT_LISTEN")).transpose()?;
         let mqtt_tls = match config.mqtt.tls_listen {
             None => None,
@@ -354,6 +356,22 @@ fn listen(addr: SocketAddr, flag: &'static str) -> Result<(TcpListener, SocketAd
     let listener = socket.listen(LISTEN_BACKLOG).map_err(fail)?;
     let bound = listener.local_addr().map_err(fail)?;
     Ok((listener, bound))
+}
+
+/// Says at start when the kernel caps the listen backlog below [`LISTEN_BACKLOG`]: connections
+/// beyond the cap that arrive at the same moment (a reconnect storm) wait for a SYN retransmit.
+fn check_somaxconn() {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/core/somaxconn") else { return };
+    if let Ok(cap) = text.trim().parse::<u32>()
+        && cap < LISTEN_BACKLOG
+    {
+        tracing::info!(
+            somaxconn = cap,
+            wanted = LISTEN_BACKLOG,
+            "the kernel caps the listen backlog at net.core.somaxconn; for reconnect storms of more \
+             devices than that at once, raise it (sysctl -w net.core.somaxconn={LISTEN_BACKLOG})"
+        );
+    }
 }
 
 /// Trims change history now and then, until shutdown.

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ddp_protocol::{DeviceId, Reason, Timestamp};
-use ddp_store::{SessionOpened, Store};
+use ddp_store::{SessionClosed, SessionOpened, Store};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
@@ -24,15 +24,21 @@ use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::kv::Transport;
 
+/// A device's closes in progress.
+struct Closing {
+    pending: usize,
+    done: Arc<Notify>,
+}
+
 /// The registry of live sessions.
 pub struct Sessions {
     store: Arc<dyn Store>,
     events: Arc<EventBus>,
     max_per_device: usize,
     live: watch::Sender<usize>,
-    /// Closes handed to the background and not yet recorded, per device.
-    closing: Mutex<HashMap<DeviceId, usize>>,
-    closed_one: Notify,
+    /// Closes handed to the background and not yet recorded, per device, with what wakes the
+    /// device's next open when they are.
+    closing: Mutex<HashMap<DeviceId, Closing>>,
     background: TaskTracker,
 }
 
@@ -46,7 +52,6 @@ impl Sessions {
             max_per_device: max_per_device.max(1),
             live: watch::Sender::new(0),
             closing: Mutex::new(HashMap::new()),
-            closed_one: Notify::new(),
             background: TaskTracker::new(),
         }
     }
@@ -67,8 +72,8 @@ impl Sessions {
             self.background.spawn(async move {
                 let at = Timestamp::now();
                 let opened = sessions.store.session_opened(d, sessions.max_per_device, at).await;
-                if let Ok(SessionOpened::Opened { first: true }) = opened {
-                    sessions.events.presence(d, true, at).await;
+                if let Ok(SessionOpened::Opened { first: true, home }) = opened {
+                    sessions.events.presence(home, d, true, at).await;
                 }
                 if let Err(Ok(SessionOpened::Opened { .. })) = reply.send(opened) {
                     sessions.close(Some(d), None);
@@ -104,13 +109,19 @@ impl Sessions {
         self.background.wait().await;
     }
 
+    /// Waits until the device's closes in progress are recorded. Only this device's opens are
+    /// woken when they are (a storm of reconnects must not wake every waiter on every close).
     async fn wait_for_closes(&self, device: DeviceId) {
         loop {
-            let closed = self.closed_one.notified();
+            let Some(done) = self.closing.lock().ok().and_then(|c| c.get(&device).map(|c| c.done.clone())) else {
+                return;
+            };
+            let closed = done.notified();
             tokio::pin!(closed);
             closed.as_mut().enable();
-            let pending = self.closing.lock().map(|c| c.get(&device).copied().unwrap_or(0)).unwrap_or(0);
-            if pending == 0 {
+            // Still pending after registering? Then wait; otherwise the wake-up was missed.
+            let pending = self.closing.lock().map(|c| c.contains_key(&device)).unwrap_or(false);
+            if !pending {
                 return;
             }
             closed.await;
@@ -121,25 +132,26 @@ impl Sessions {
     fn close(self: &Arc<Self>, device: Option<DeviceId>, transport: Option<Transport>) {
         if let Some(d) = device {
             if let Ok(mut closing) = self.closing.lock() {
-                *closing.entry(d).or_insert(0) += 1;
+                closing.entry(d).or_insert_with(|| Closing { pending: 0, done: Arc::new(Notify::new()) }).pending += 1;
             }
             let at = Timestamp::now();
             let sessions = self.clone();
             self.background.spawn(async move {
                 match sessions.store.session_closed(d, at).await {
-                    Ok(true) => sessions.events.presence(d, false, at).await,
-                    Ok(false) => {}
+                    Ok(SessionClosed::Last { home }) => sessions.events.presence(home, d, false, at).await,
+                    Ok(SessionClosed::Others) => {}
                     Err(e) => tracing::warn!(device = %d, error = %e, "session close not recorded"),
                 }
                 if let Ok(mut closing) = sessions.closing.lock()
-                    && let Some(n) = closing.get_mut(&d)
+                    && let Some(c) = closing.get_mut(&d)
                 {
-                    *n -= 1;
-                    if *n == 0 {
-                        closing.remove(&d);
+                    c.pending -= 1;
+                    if c.pending == 0
+                        && let Some(c) = closing.remove(&d)
+                    {
+                        c.done.notify_waiters();
                     }
                 }
-                sessions.closed_one.notify_waiters();
             });
         }
         if let Some(transport) = transport {

@@ -90,20 +90,26 @@ async fn sessions_are_counted_and_capped(store: &dyn Store) {
     let dev = new_device(store, None).await;
     let other = new_device(store, None).await;
     let t = |ms: i64| ddp_protocol::Timestamp(1_700_000_000_000 + ms);
-    assert_eq!(store.session_opened(dev, 2, t(1)).await, Ok(SessionOpened::Opened { first: true }));
-    assert_eq!(store.session_opened(dev, 2, t(2)).await, Ok(SessionOpened::Opened { first: false }));
+    let first = Ok(SessionOpened::Opened { first: true, home: None });
+    assert_eq!(store.session_opened(dev, 2, t(1)).await, first);
+    assert_eq!(store.session_opened(dev, 2, t(2)).await, Ok(SessionOpened::Opened { first: false, home: None }));
     assert_eq!(store.session_opened(dev, 2, t(3)).await, Ok(SessionOpened::Refused), "the cap");
     assert_eq!(store.connected(vec![dev, other]).await, Ok(vec![dev]));
     assert_eq!(store.device(dev).await.expect("device").last_connect, Some(t(1)), "the first session's time");
-    assert_eq!(store.session_closed(dev, t(4)).await, Ok(false));
-    assert_eq!(store.session_closed(dev, t(5)).await, Ok(true), "the last one");
+    assert_eq!(store.session_closed(dev, t(4)).await, Ok(SessionClosed::Others));
+    assert_eq!(store.session_closed(dev, t(5)).await, Ok(SessionClosed::Last { home: None }), "the last one");
     let seen = store.device(dev).await.expect("device");
     assert_eq!((seen.last_connect, seen.last_disconnect), (Some(t(1)), Some(t(5))));
     assert_eq!(store.connected(vec![dev, other]).await, Ok(vec![]));
-    assert_eq!(store.session_opened(dev, 2, t(6)).await, Ok(SessionOpened::Opened { first: true }), "room again");
-    assert_eq!(store.session_closed(dev, t(7)).await, Ok(true));
+    assert_eq!(store.session_opened(dev, 2, t(6)).await, first, "room again");
+    assert_eq!(store.session_closed(dev, t(7)).await, Ok(SessionClosed::Last { home: None }));
     let ghost = DeviceId::new(u64::MAX - 4).expect("id");
     assert_eq!(store.session_opened(ghost, 2, t(8)).await, Err(StoreError::DeviceNotFound(ghost)));
+    // A device in a home: its first and last sessions tell the home, for presence events.
+    let home = store.create_home("presence".into()).await.expect("home").id;
+    let homed = new_device(store, Some(home)).await;
+    assert_eq!(store.session_opened(homed, 2, t(9)).await, Ok(SessionOpened::Opened { first: true, home: Some(home) }));
+    assert_eq!(store.session_closed(homed, t(10)).await, Ok(SessionClosed::Last { home: Some(home) }));
 }
 
 async fn events_reach_the_sink(store: &dyn Store, recorder: &Recorder) {

@@ -102,11 +102,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- live sessions, over every node ----
 
     /// Admits a sync session of `device` if it holds fewer than `max` over all nodes; records
-    /// `at` as its `lastConnectTime` when this is its first.
+    /// `at` as its `lastConnectTime` when this is its first (and then returns its home, for the
+    /// `_deviceConnected_` event).
     async fn session_opened(&self, device: DeviceId, max: usize, at: Timestamp) -> Result<SessionOpened, StoreError>;
     /// Ends a session of `device`; when it was its last over all nodes, records `at` as its
-    /// `lastDisconnectTime` and returns true.
-    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<bool, StoreError>;
+    /// `lastDisconnectTime` and returns its home (for `_deviceDisconnected_`).
+    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<SessionClosed, StoreError>;
     /// Which of `devices` hold a live session on some node.
     async fn connected(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceId>, StoreError>;
 

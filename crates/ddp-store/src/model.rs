@@ -356,7 +356,21 @@ pub enum SessionOpened {
     Opened {
         /// The device's first live session.
         first: bool,
+        /// For a first session, the device's home (for its `_deviceConnected_`); else `None`.
+        home: Option<HomeId>,
     },
     /// The device already holds its maximum.
     Refused,
+}
+
+/// The outcome of [`Store::session_closed`](crate::Store::session_closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionClosed {
+    /// The device still holds other sessions.
+    Others,
+    /// That was its last session on every node.
+    Last {
+        /// The device's home (for its `_deviceDisconnected_`), if it is in one.
+        home: Option<HomeId>,
+    },
 }

@@ -180,17 +180,21 @@ async fn sessions_are_counted_across_nodes() {
     let (b, _) = node(&url, "node-b").await;
     let dev = device(&a, 3).await;
     let t = Timestamp(1_800_000_000_000);
-    assert_eq!(a.session_opened(dev, 2, t).await, Ok(SessionOpened::Opened { first: true }));
+    assert_eq!(a.session_opened(dev, 2, t).await, Ok(SessionOpened::Opened { first: true, home: None }));
     assert_eq!(b.connected(vec![dev]).await, Ok(vec![dev]), "b sees a's session");
-    assert_eq!(b.session_opened(dev, 2, t).await, Ok(SessionOpened::Opened { first: false }));
+    assert_eq!(b.session_opened(dev, 2, t).await, Ok(SessionOpened::Opened { first: false, home: None }));
     assert_eq!(a.session_opened(dev, 2, t).await, Ok(SessionOpened::Refused), "the cap holds over both nodes");
-    assert_eq!(a.session_closed(dev, t).await, Ok(false), "b still holds one");
-    assert_eq!(b.session_closed(dev, Timestamp(t.0 + 5)).await, Ok(true), "the last one, on another node");
+    assert_eq!(a.session_closed(dev, t).await, Ok(SessionClosed::Others), "b still holds one");
+    assert_eq!(
+        b.session_closed(dev, Timestamp(t.0 + 5)).await,
+        Ok(SessionClosed::Last { home: None }),
+        "the last one, on another node"
+    );
     assert_eq!(a.connected(vec![dev]).await, Ok(vec![]));
     assert_eq!(a.device(dev).await.expect("device").last_disconnect, Some(Timestamp(t.0 + 5)));
 
     // A node that goes away (closed here) leaves no session behind.
-    assert_eq!(b.session_opened(dev, 2, t).await, Ok(SessionOpened::Opened { first: true }));
+    assert_eq!(b.session_opened(dev, 2, t).await, Ok(SessionOpened::Opened { first: true, home: None }));
     b.close().await;
     assert_eq!(a.connected(vec![dev]).await, Ok(vec![]), "a closed node's sessions do not count");
     a.close().await;

@@ -87,6 +87,7 @@ async fn every_session_converges_and_never_skips_or_repeats_a_rev() {
     let (dev, key) = s.create_device(None).await;
     let d = format!("/devices/{dev}");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(0u64);
+    let (written_tx, written_rx) = tokio::sync::watch::channel(false);
 
     // Sessions: two keep up, two are slow, one pauses for a long time once.
     let mut followers = Vec::new();
@@ -95,13 +96,15 @@ async fn every_session_converges_and_never_skips_or_repeats_a_rev() {
         let pause = Duration::from_millis(pause);
         let name = format!("session {i}");
         if i == 4 {
-            // Reads its reload, then stops reading while the writes happen.
+            // Reads its reload, then stops reading until every REST write is done: megabytes
+            // pile up behind it, more than socket buffers and its mailbox hold, so it must lag.
             let stop_rx = stop_rx.clone();
+            let mut written = written_rx.clone();
             followers.push(tokio::spawn(async move {
                 let mut ws = ws;
                 let mut mirror = Mirror::default();
                 mirror.apply(&name, &ws.next_json().await);
-                tokio::time::sleep(Duration::from_millis(1500)).await;
+                written.wait_for(|done| *done).await.expect("the writers finish");
                 let mut rest = follow(name.clone(), ws, 0, Duration::ZERO, stop_rx).await;
                 rest.reloads += mirror.reloads;
                 rest
@@ -139,6 +142,7 @@ async fn every_session_converges_and_never_skips_or_repeats_a_rev() {
     for w in writers {
         w.await.expect("writer");
     }
+    written_tx.send(true).expect("session 4 waits");
 
     // A session applies its frames in order: once the marker is in the store, all 40 are.
     device_writer.send_json(&json!({"action":"set","key":"done","value":true})).await;

@@ -670,14 +670,15 @@ impl Store for PgStore {
 
     async fn session_opened(&self, device: DeviceId, max: usize, at: Timestamp) -> Result<SessionOpened, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT ddp_session_open($1, $2, $3, $4, $5)").await?;
+        let stmt =
+            client.prepare_cached("SELECT out_status, out_home FROM ddp_session_open($1, $2, $3, $4, $5)").await?;
         let max = i32::try_from(max).unwrap_or(i32::MAX);
         let row =
             client.query_one(&stmt, &[&sql_id(device.get()), &self.node, &max, &at.millis(), &ms(NODE_ALIVE)]).await?;
         let outcome: &str = row.try_get(0)?;
         let opened = match outcome {
-            "first" => SessionOpened::Opened { first: true },
-            "more" => SessionOpened::Opened { first: false },
+            "first" => SessionOpened::Opened { first: true, home: home_of(row.try_get(1)?) },
+            "more" => SessionOpened::Opened { first: false, home: None },
             "refused" => return Ok(SessionOpened::Refused),
             "no_device" => return Err(StoreError::DeviceNotFound(device)),
             other => return Err(StoreError::Backend(format!("ddp_session_open answered {other:?}"))),
@@ -686,12 +687,12 @@ impl Store for PgStore {
         Ok(opened)
     }
 
-    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<bool, StoreError> {
+    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<SessionClosed, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT ddp_session_close($1, $2, $3, $4)").await?;
+        let stmt = client.prepare_cached("SELECT out_last, out_home FROM ddp_session_close($1, $2, $3, $4)").await?;
         let row = client.query_one(&stmt, &[&sql_id(device.get()), &self.node, &at.millis(), &ms(NODE_ALIVE)]).await?;
         self.local_sessions(device, -1);
-        Ok(row.try_get(0)?)
+        Ok(if row.try_get(0)? { SessionClosed::Last { home: home_of(row.try_get(1)?) } } else { SessionClosed::Others })
     }
 
     async fn connected(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceId>, StoreError> {

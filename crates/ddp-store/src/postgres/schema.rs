@@ -183,50 +183,57 @@ END $$;
 -- nodes. Returns 'first', 'more', 'refused' or 'no_device'. Presence is soft state: its commits
 -- do not wait for the disk.
 CREATE FUNCTION ddp_session_open(p_device BIGINT, p_node BIGINT, p_max INT, p_now BIGINT, p_alive_ms BIGINT)
-RETURNS TEXT LANGUAGE plpgsql AS $$
+RETURNS TABLE (out_status TEXT, out_home BIGINT) LANGUAGE plpgsql AS $$
 DECLARE
     v_total BIGINT;
+    v_home BIGINT;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM 1 FROM devices d WHERE d.id = p_device FOR UPDATE;
+    SELECT d.home_id INTO v_home FROM devices d WHERE d.id = p_device FOR UPDATE;
     IF NOT FOUND THEN
-        RETURN 'no_device';
+        RETURN QUERY SELECT 'no_device'::TEXT, NULL::BIGINT;
+        RETURN;
     END IF;
     SELECT COALESCE(SUM(p.sessions), 0) INTO v_total FROM presence p JOIN nodes n ON n.id = p.node_id
         WHERE p.device_id = p_device AND n.heartbeat > clock_timestamp() - p_alive_ms * INTERVAL '1 millisecond';
     IF v_total >= p_max THEN
-        RETURN 'refused';
+        RETURN QUERY SELECT 'refused'::TEXT, NULL::BIGINT;
+        RETURN;
     END IF;
     INSERT INTO presence AS p (device_id, node_id, sessions) VALUES (p_device, p_node, 1)
         ON CONFLICT (device_id, node_id) DO UPDATE SET sessions = p.sessions + 1;
     IF v_total = 0 THEN
         UPDATE devices d SET last_connect_ms = p_now WHERE d.id = p_device;
-        RETURN 'first';
+        RETURN QUERY SELECT 'first'::TEXT, v_home;
+        RETURN;
     END IF;
-    RETURN 'more';
+    RETURN QUERY SELECT 'more'::TEXT, NULL::BIGINT;
 END $$;
 
--- Ends a session of a device on a node. Returns true when it was the device's last on the live
--- nodes (and then records the time).
+-- Ends a session of a device on a node. out_last is true when it was the device's last on the
+-- live nodes (and then the time is recorded and out_home is the device's home).
 CREATE FUNCTION ddp_session_close(p_device BIGINT, p_node BIGINT, p_now BIGINT, p_alive_ms BIGINT)
-RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+RETURNS TABLE (out_last BOOLEAN, out_home BIGINT) LANGUAGE plpgsql AS $$
 DECLARE
     v_total BIGINT;
+    v_home BIGINT;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
-    PERFORM 1 FROM devices d WHERE d.id = p_device FOR UPDATE;
+    SELECT d.home_id INTO v_home FROM devices d WHERE d.id = p_device FOR UPDATE;
     UPDATE presence p SET sessions = p.sessions - 1 WHERE p.device_id = p_device AND p.node_id = p_node AND p.sessions > 0;
     IF NOT FOUND THEN
-        RETURN FALSE;
+        RETURN QUERY SELECT FALSE, NULL::BIGINT;
+        RETURN;
     END IF;
     DELETE FROM presence p WHERE p.device_id = p_device AND p.node_id = p_node AND p.sessions <= 0;
     SELECT COALESCE(SUM(p.sessions), 0) INTO v_total FROM presence p JOIN nodes n ON n.id = p.node_id
         WHERE p.device_id = p_device AND n.heartbeat > clock_timestamp() - p_alive_ms * INTERVAL '1 millisecond';
     IF v_total = 0 THEN
         UPDATE devices d SET last_disconnect_ms = p_now WHERE d.id = p_device;
-        RETURN TRUE;
+        RETURN QUERY SELECT TRUE, v_home;
+        RETURN;
     END IF;
-    RETURN FALSE;
+    RETURN QUERY SELECT FALSE, NULL::BIGINT;
 END $$;
 
 -- Drops the presence of nodes silent for longer than p_dead_ms; a device left with no session on a

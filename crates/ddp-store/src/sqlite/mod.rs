@@ -114,12 +114,22 @@ impl SqliteStore {
         }
     }
 
-    /// Writes a connection time (`column` is one of the two connection-time columns).
-    async fn record_connection(&self, id: DeviceId, column: &'static str, at: Timestamp) -> Result<(), StoreError> {
+    /// Writes a connection time (`column` is one of the two connection-time columns); returns the
+    /// device's home.
+    async fn record_connection(
+        &self,
+        id: DeviceId,
+        column: &'static str,
+        at: Timestamp,
+    ) -> Result<Option<HomeId>, StoreError> {
         self.write_job(move |tx| {
-            let sql = format!("UPDATE devices SET {column} = ?2 WHERE id = ?1");
-            let n = tx.conn.prepare_cached(&sql)?.execute(params![sql_id(id.get()), at.millis()])?;
-            Ok(if n == 0 { Err(StoreError::DeviceNotFound(id)) } else { Ok(()) })
+            let sql = format!("UPDATE devices SET {column} = ?2 WHERE id = ?1 RETURNING home_id");
+            let home = tx
+                .conn
+                .prepare_cached(&sql)?
+                .query_row(params![sql_id(id.get()), at.millis()], |r| home_col(r, 0))
+                .optional()?;
+            Ok(home.ok_or(StoreError::DeviceNotFound(id)))
         })
         .await
     }
@@ -143,7 +153,7 @@ impl SqliteStore {
         // anyone hears of the batch. Checkpoints run on their own thread, never in a commit.
         conn.execute_batch(
             "PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=0;
-             PRAGMA cache_size=-65536;",
+             PRAGMA cache_size=-8192;",
         )?;
         migrate(&mut conn)?;
         let wal = open_wal(&options.path)?;
@@ -441,22 +451,27 @@ impl Store for SqliteStore {
             *n += 1;
             *n == 1
         };
-        if first && let Err(e) = self.record_connection(device, "last_connect_ms", at).await {
-            self.forget_session(device);
-            return Err(e);
+        if !first {
+            return Ok(SessionOpened::Opened { first, home: None });
         }
-        Ok(SessionOpened::Opened { first })
-    }
-
-    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<bool, StoreError> {
-        let last = self.forget_session(device);
-        if last {
-            match self.record_connection(device, "last_disconnect_ms", at).await {
-                Ok(()) | Err(StoreError::DeviceNotFound(_)) => {}
-                Err(e) => return Err(e),
+        match self.record_connection(device, "last_connect_ms", at).await {
+            Ok(home) => Ok(SessionOpened::Opened { first, home }),
+            Err(e) => {
+                self.forget_session(device);
+                Err(e)
             }
         }
-        Ok(last)
+    }
+
+    async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<SessionClosed, StoreError> {
+        if !self.forget_session(device) {
+            return Ok(SessionClosed::Others);
+        }
+        match self.record_connection(device, "last_disconnect_ms", at).await {
+            Ok(home) => Ok(SessionClosed::Last { home }),
+            Err(StoreError::DeviceNotFound(_)) => Ok(SessionClosed::Last { home: None }),
+            Err(e) => Err(e),
+        }
     }
 
     async fn connected(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceId>, StoreError> {
