@@ -66,3 +66,48 @@ pub async fn create(base: &str, n: usize, keys: usize, value_bytes: usize) -> an
     devices.sort_by_key(|d| d.id);
     Ok(devices)
 }
+
+/// A client process of the benchmark (`ddp-bench idle-client` or `storm-client`) holding its share
+/// of the devices, with its stdout lines.
+pub type ClientProcess = (tokio::process::Child, tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>);
+
+/// Starts `processes` processes of this executable's hidden `subcommand` (with `args`), each
+/// given its share of `devices` in a file under `work`, and waits until each prints `ready N`.
+/// Returns them and the sum of their Ns.
+pub async fn spawn_clients(
+    subcommand: &str,
+    args: &[&str],
+    devices: &[Device],
+    processes: usize,
+    work: &std::path::Path,
+) -> anyhow::Result<(Vec<ClientProcess>, usize)> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe()?;
+    let per = devices.len().div_ceil(processes.max(1)).max(1);
+    let mut children = Vec::new();
+    for (i, chunk) in devices.chunks(per).enumerate() {
+        let file = work.join(format!("{subcommand}-devices-{i}.json"));
+        std::fs::write(&file, serde_json::to_vec(chunk)?)?;
+        let mut child = tokio::process::Command::new(&exe)
+            .arg(subcommand)
+            .args(args)
+            .arg("--devices")
+            .arg(&file)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        children.push((child, tokio::io::BufReader::new(stdout).lines()));
+    }
+    let mut ready = 0;
+    for (_, lines) in &mut children {
+        let line =
+            lines.next_line().await?.with_context(|| format!("a {subcommand} process ended before it was ready"))?;
+        ready += line
+            .strip_prefix("ready ")
+            .with_context(|| format!("unexpected {subcommand} output: {line}"))?
+            .parse::<usize>()?;
+    }
+    Ok((children, ready))
+}

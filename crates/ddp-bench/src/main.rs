@@ -14,12 +14,16 @@
 //!
 //! Run it with `cargo build --release -p ddp -p ddp-bench && target/release/ddp-bench writes`.
 
+mod baselines;
+mod chart;
 mod devices;
 mod fsync;
 mod mosquitto;
 mod report;
 mod server;
 mod store;
+mod storm;
+mod suite;
 mod sync;
 mod writes;
 
@@ -34,6 +38,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// DDP side by side with etcd, Redis and Mosquitto: durable writes, write-to-device latency,
+    /// idle memory and a reconnect storm, with medians, ratios and the goals judged.
+    Compare(suite::CompareArgs),
     /// Durable REST writes per second at several client counts, beside the serial fsync rate.
     Writes(writes::WritesArgs),
     /// Durable writes/s of the storage engine alone, in process (no HTTP), beside the serial
@@ -48,17 +55,22 @@ enum Command {
     IdleClient(sync::IdleClientArgs),
     /// Write-to-device latency with many connected devices under a steady write rate.
     Latency(sync::LatencyArgs),
+    /// A client process of the reconnect storm (started by `compare`).
+    #[command(hide = true)]
+    StormClient(storm::StormClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
+        Command::Compare(args) => runtime.block_on(suite::run(args)),
         Command::Writes(args) => runtime.block_on(writes::run(args)),
         Command::Store(args) => runtime.block_on(store::run(args)),
         Command::Idle(args) => runtime.block_on(sync::idle(args)),
         Command::IdleClient(args) => runtime.block_on(sync::idle_client(args)),
         Command::Latency(args) => runtime.block_on(sync::latency(args)),
+        Command::StormClient(args) => runtime.block_on(storm::client(args)),
         Command::Fsync(args) => {
             let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;
             println!("{r}");

@@ -19,6 +19,13 @@ pub struct Mosquitto {
     _dir: tempfile::TempDir,
 }
 
+impl Mosquitto {
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -32,13 +32,27 @@ pub enum Transport {
     Ws,
     /// MQTT 3.1.1 sessions subscribed to `/devices/{id}/kv`.
     Mqtt,
+    /// Plain MQTT 3.1.1 to a broker (the Mosquitto baseline): no credentials, subscribed to
+    /// `bench/{id}`, no reload.
+    Broker,
 }
 
 impl Transport {
-    fn label(self) -> &'static str {
+    /// A name for tables.
+    pub fn label(self) -> &'static str {
         match self {
             Transport::Ws => "WebSocket",
             Transport::Mqtt => "MQTT",
+            Transport::Broker => "MQTT (broker)",
+        }
+    }
+
+    /// The command-line spelling.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Mqtt => "mqtt",
+            Transport::Broker => "broker",
         }
     }
 }
@@ -111,16 +125,28 @@ fn small_buffers() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A client WebSocket.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens a device's session and reads its first message (the reload).
-async fn open_ws(addr: &str, device: &Device) -> anyhow::Result<Ws> {
+/// Opens a device's session and reads its first message (the reload); returns the session and
+/// the reload's rev.
+async fn open_ws(addr: &str, device: &Device) -> anyhow::Result<(Ws, u64)> {
     let mut request = format!("ws://{addr}/devices/{}/kv", device.id).into_client_request()?;
     request.headers_mut().insert("Authorization", format!("ModeCloud {}", device.key).parse()?);
     let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(small_buffers()), false).await?;
     match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().contains("\"reload\"") => Ok(ws),
+        Some(Ok(Message::Text(t))) => Ok((ws, reload_rev(t.as_bytes(), device)?)),
         other => bail!("device {}: expected a reload, got {other:?}", device.id),
+    }
+}
+
+/// The rev of a reload message.
+fn reload_rev(text: &[u8], device: &Device) -> anyhow::Result<u64> {
+    let v: serde_json::Value = serde_json::from_slice(text)?;
+    match (v["action"].as_str(), v["rev"].as_u64()) {
+        (Some("reload"), Some(rev)) => Ok(rev),
+        _ => bail!("device {}: expected a reload, got {v}", device.id),
     }
 }
 
@@ -130,7 +156,15 @@ pub struct MqttDevice {
     pub payloads: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     /// The client, kept so the connection stays open.
     _client: rumqttc::AsyncClient,
-    _task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MqttDevice {
+    /// Closes the connection: the event loop task holds a client handle of its own, so it would
+    /// otherwise keep the connection open.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Opens an MQTT 3.1.1 session subscribed to `topic` at QoS 1 (granted QoS 0 by DDP).
@@ -148,6 +182,11 @@ pub async fn open_mqtt(
         options.set_credentials(user, pass);
     }
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 16);
+    // rumqttc gives up on a connect after 5 s by default; in a reconnect storm of thousands a
+    // device may wait longer than that in the listen queue, which is not a failure of the server.
+    let mut network = eventloop.network_options();
+    network.set_connection_timeout(60);
+    eventloop.set_network_options(network);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
     let subscriber = client.clone();
@@ -183,32 +222,98 @@ pub async fn open_mqtt(
     let subscribed =
         tokio::time::timeout(Duration::from_secs(30), ready_rx).await.context("mqtt subscribe timed out")?;
     subscribed.context("the mqtt connection ended")??;
-    Ok(MqttDevice { payloads: rx, _client: client, _task: task })
+    Ok(MqttDevice { payloads: rx, _client: client, task })
 }
 
 /// Opens a device's MQTT session on DDP and reads its reload.
-async fn open_ddp_mqtt(addr: &str, device: &Device) -> anyhow::Result<MqttDevice> {
+async fn open_ddp_mqtt(addr: &str, device: &Device) -> anyhow::Result<(MqttDevice, u64)> {
+    let (d, first) = open_ddp_mqtt_reload(addr, "bench", device).await?;
+    let rev = reload_rev(&first, device)?;
+    Ok((d, rev))
+}
+
+/// Opens a device's MQTT session on DDP (client id `{prefix}-{id}`) and waits up to 60 s for
+/// its first message, the reload, which it returns.
+pub async fn open_ddp_mqtt_reload(addr: &str, prefix: &str, device: &Device) -> anyhow::Result<(MqttDevice, Vec<u8>)> {
     let mut d = open_mqtt(
         addr,
-        format!("bench-{}", device.id),
+        format!("{prefix}-{}", device.id),
         Some((device.id.to_string(), device.key.clone())),
         format!("/devices/{}/kv", device.id),
     )
     .await?;
-    let first = tokio::time::timeout(Duration::from_secs(30), d.payloads.recv())
+    let first = tokio::time::timeout(Duration::from_secs(60), d.payloads.recv())
         .await
-        .context("no reload")?
-        .context("closed")?;
-    if !String::from_utf8_lossy(&first).contains("\"reload\"") {
-        bail!("device {}: expected a reload", device.id);
-    }
-    Ok(d)
+        .context("no reload within 60 s")?
+        .context("the connection closed before the reload")?;
+    Ok((d, first))
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
     line.split_whitespace().nth(1).context("bad VmRSS")?.parse().context("bad VmRSS number")
+}
+
+/// What an idle-sessions run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleResult {
+    /// Sessions opened.
+    pub sessions: usize,
+    /// Seconds to open them all.
+    pub connect_secs: f64,
+    /// Server resident memory before, KiB.
+    pub before_kib: u64,
+    /// And with every session open, KiB.
+    pub after_kib: u64,
+}
+
+impl IdleResult {
+    /// Resident memory per session, bytes.
+    pub fn per_session(&self) -> f64 {
+        self.after_kib.saturating_sub(self.before_kib) as f64 * 1024.0 / self.sessions.max(1) as f64
+    }
+
+    /// A markdown table row: `name`, sessions, time to open, RSS before and after, per session.
+    pub fn table_row(&self, name: &str) -> String {
+        format!(
+            "| {name} | {} | {:.1} s | {:.1} MiB | {:.1} MiB | {:.0} bytes ({:.1} KiB) |",
+            self.sessions,
+            self.connect_secs,
+            self.before_kib as f64 / 1024.0,
+            self.after_kib as f64 / 1024.0,
+            self.per_session(),
+            self.per_session() / 1024.0
+        )
+    }
+}
+
+/// Opens one session per device against `addr` from `processes` client processes, holds them all,
+/// and measures the resident memory of the server process `pid` before and after.
+pub async fn measure_idle(
+    pid: u32,
+    addr: &str,
+    devices: &[Device],
+    processes: usize,
+    transport: Transport,
+    work: &std::path::Path,
+) -> anyhow::Result<IdleResult> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_kib(pid)?;
+    let started = Instant::now();
+    let (children, opened) = devices::spawn_clients(
+        "idle-client",
+        &["--addr", addr, "--transport", transport.arg()],
+        devices,
+        processes,
+        work,
+    )
+    .await?;
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    drop(children);
+    Ok(IdleResult { sessions: opened, connect_secs, before_kib: before, after_kib: after })
 }
 
 /// `ddp-bench idle`.
@@ -218,53 +323,14 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
     eprintln!("creating {} devices with {} keys each…", args.sessions, args.keys);
     let devices = devices::create(&ddp.base, args.sessions, args.keys, args.value_bytes).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = rss_kib(ddp.pid)?;
-
     let addr = match args.transport {
         Transport::Ws => ddp.base.trim_start_matches("http://").to_owned(),
-        Transport::Mqtt => ddp.mqtt.clone(),
+        Transport::Mqtt | Transport::Broker => ddp.mqtt.clone(),
     };
-    let per = args.sessions.div_ceil(args.processes.max(1));
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for (i, chunk) in devices.chunks(per).enumerate() {
-        let file = work.path().join(format!("devices-{i}.json"));
-        std::fs::write(&file, serde_json::to_vec(chunk)?)?;
-        let mut child = tokio::process::Command::new(&exe)
-            .arg("idle-client")
-            .args(["--addr", &addr])
-            .args(["--transport", if args.transport == Transport::Ws { "ws" } else { "mqtt" }])
-            .arg("--devices")
-            .arg(&file)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        children.push((child, tokio::io::BufReader::new(stdout).lines()));
-    }
-    let started = Instant::now();
-    let mut opened = 0usize;
-    for (_, lines) in &mut children {
-        let line = lines.next_line().await?.context("client process ended before it was ready")?;
-        opened += line.strip_prefix("ready ").context("unexpected client output")?.parse::<usize>()?;
-    }
-    let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(ddp.pid)?;
-    let per_session = (after.saturating_sub(before)) as f64 * 1024.0 / opened as f64;
+    let r = measure_idle(ddp.pid, &addr, &devices, args.processes, args.transport, work.path()).await?;
     println!("| transport | sessions | opened in | server RSS before | after | per session |");
     println!("|---|---:|---:|---:|---:|---:|");
-    println!(
-        "| {} | {opened} | {connect_secs:.1} s | {:.1} MiB | {:.1} MiB | {:.0} bytes ({:.1} KiB) |",
-        args.transport.label(),
-        before as f64 / 1024.0,
-        after as f64 / 1024.0,
-        per_session,
-        per_session / 1024.0
-    );
-    drop(children);
+    println!("{}", r.table_row(args.transport.label()));
     Ok(())
 }
 
@@ -286,15 +352,24 @@ pub async fn idle_client(args: IdleClientArgs) -> anyhow::Result<()> {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(device) = devices.get(i) else { break };
                 let result = match transport {
-                    Transport::Ws => open_ws(&addr, device).await.map(|mut ws| {
+                    Transport::Ws => open_ws(&addr, device).await.map(|(mut ws, _)| {
                         // Keep reading so the server's pings are answered.
                         tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
                     }),
-                    Transport::Mqtt => open_ddp_mqtt(&addr, device).await.map(|d| {
+                    Transport::Mqtt => open_ddp_mqtt(&addr, device).await.map(|(d, _)| {
                         if let Ok(mut held) = held.lock() {
                             held.push(d);
                         }
                     }),
+                    Transport::Broker => {
+                        open_mqtt(&addr, format!("idle-{}", device.id), None, format!("bench/{}", device.id)).await.map(
+                            |d| {
+                                if let Ok(mut held) = held.lock() {
+                                    held.push(d);
+                                }
+                            },
+                        )
+                    }
                 };
                 match result {
                     Ok(()) => {
@@ -421,12 +496,12 @@ pub async fn measure(
         };
     for chunk in devices.chunks(100) {
         match transport {
+            Transport::Broker => bail!("the DDP latency benchmark runs over ws or mqtt"),
             Transport::Ws => {
                 let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ws(&addr, d))).await?;
-                for mut ws in opened {
+                for (mut ws, mut last_rev) in opened {
                     let report = report_tx.clone();
                     readers.push(tokio::spawn(async move {
-                        let mut last_rev = 0u64;
                         while let Some(Ok(message)) = ws.next().await {
                             if let Message::Text(text) = message {
                                 check(&report, &mut last_rev, text.as_bytes());
@@ -437,10 +512,9 @@ pub async fn measure(
             }
             Transport::Mqtt => {
                 let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ddp_mqtt(mqtt, d))).await?;
-                for mut device in opened {
+                for (mut device, mut last_rev) in opened {
                     let report = report_tx.clone();
                     readers.push(tokio::spawn(async move {
-                        let mut last_rev = 0u64;
                         while let Some(payload) = device.payloads.recv().await {
                             check(&report, &mut last_rev, &payload);
                         }
@@ -464,6 +538,30 @@ async fn write_and_collect(
     rate: u64,
     duration: Duration,
     epoch: Instant,
+    report_rx: tokio::sync::mpsc::UnboundedReceiver<(u64, u64, bool)>,
+) -> anyhow::Result<LatencyResult> {
+    let (base, ids) = (base.to_owned(), devices.iter().map(|d| d.id).collect::<Vec<_>>());
+    let request: WriteRequest = Arc::new(move |client, i, payload| {
+        let device = ids[(i as usize * 7919) % ids.len()];
+        client
+            .put(format!("{base}/devices/{device}/kv/k"))
+            .header("Authorization", format!("ModeCloud {}", server::ADMIN_KEY))
+            .header("Content-Type", "application/json")
+            .body(format!(r#"{{"value":{payload}}}"#))
+    });
+    timed_writes(request, rate, duration, epoch, report_rx).await
+}
+
+/// Builds write `i` carrying `payload` (a JSON object with its issue time).
+pub type WriteRequest = Arc<dyn Fn(&reqwest::Client, u64, String) -> reqwest::RequestBuilder + Send + Sync>;
+
+/// Issues `request`s at `rate` (open loop) for `duration`, each carrying its issue time (µs since
+/// `epoch`) in `{"t","s"}`, then collects what the receivers report: (latency µs, rev, in order).
+pub async fn timed_writes(
+    request: WriteRequest,
+    rate: u64,
+    duration: Duration,
+    epoch: Instant,
     mut report_rx: tokio::sync::mpsc::UnboundedReceiver<(u64, u64, bool)>,
 ) -> anyhow::Result<LatencyResult> {
     let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
@@ -473,19 +571,11 @@ async fn write_and_collect(
     let mut writes = Vec::with_capacity(total as usize);
     for i in 0..total {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
-        let device = &devices[(i as usize * 7919) % devices.len()];
-        let url = format!("{base}/devices/{}/kv/k", device.id);
-        let body = json!({ "value": { "t": epoch.elapsed().as_micros() as u64, "s": i } }).to_string();
-        let (client, acked) = (client.clone(), acked.clone());
+        let payload = json!({ "t": epoch.elapsed().as_micros() as u64, "s": i }).to_string();
+        let sent = request(&client, i, payload);
+        let acked = acked.clone();
         writes.push(tokio::spawn(async move {
-            let resp = client
-                .put(url)
-                .header("Authorization", format!("ModeCloud {}", server::ADMIN_KEY))
-                .header("Content-Type", "application/json")
-                .body(body)
-                .send()
-                .await;
-            if resp.is_ok_and(|r| r.status() == reqwest::StatusCode::NO_CONTENT) {
+            if sent.send().await.is_ok_and(|r| r.status().is_success()) {
                 acked.fetch_add(1, Ordering::Relaxed);
             }
         }));

@@ -97,13 +97,18 @@ pub async fn run(args: WritesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn kernel() -> String {
+/// The kernel, for reports.
+pub fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|_| "unknown kernel".into(), |k| format!("Linux {}", k.trim()))
 }
 
-/// `clients` connections writing in a closed loop for `duration`.
-async fn load(
+/// Builds the bytes of the `n`-th request of a closed-loop client.
+pub type MakeRequest = Arc<dyn Fn(usize) -> Vec<u8> + Send + Sync>;
+
+/// `clients` connections writing to DDP in a closed loop for `duration`: `PUT` of `body` to
+/// key `k0..k9` of the devices in turn.
+pub async fn load(
     base: &str,
     devices: &Arc<Vec<u64>>,
     clients: usize,
@@ -113,50 +118,177 @@ async fn load(
     if devices.is_empty() {
         bail!("no devices to write to");
     }
+    let addr = base.trim_start_matches("http://").to_owned();
+    let (devices, body) = (devices.clone(), body.to_owned());
+    let host = addr.clone();
+    let request: MakeRequest = Arc::new(move |i| {
+        let device = devices[i % devices.len()];
+        format!(
+            "PUT /devices/{device}/kv/k{} HTTP/1.1\r\nHost: {host}\r\nAuthorization: ModeCloud {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            i % 10,
+            server::ADMIN_KEY,
+            body.len()
+        )
+        .into_bytes()
+    });
+    http_load(&addr, clients, duration, request).await
+}
+
+/// `clients` HTTP/1.1 keep-alive connections to `addr`, each sending `request(n)` and reading
+/// its answer, in a closed loop for `duration`. A 2xx answer counts, anything else is an error.
+///
+/// The client is a minimal HTTP/1.1 writer and reader over a TCP stream, so that on a machine
+/// whose cores the servers share, the load generator costs as little as the Redis one does.
+pub async fn http_load(
+    addr: &str,
+    clients: usize,
+    duration: Duration,
+    request: MakeRequest,
+) -> anyhow::Result<RunResult> {
+    let addr = addr.to_owned();
+    closed_loop(clients, duration, request, move || {
+        let addr = addr.clone();
+        async move { RawHttp::connect(&addr).await }
+    })
+    .await
+}
+
+/// One connection of a closed-loop load: sends a request, waits for its answer.
+pub trait Exchange: Send + 'static {
+    /// Sends `request`, reads the answer; `Ok(true)` when it was a success.
+    fn exchange_ok(&mut self, request: &[u8]) -> impl std::future::Future<Output = anyhow::Result<bool>> + Send;
+}
+
+impl Exchange for RawHttp {
+    async fn exchange_ok(&mut self, request: &[u8]) -> anyhow::Result<bool> {
+        Ok((200..300).contains(&self.exchange(request).await?))
+    }
+}
+
+/// `clients` connections made by `connect`, each sending `request(n)` and waiting for the
+/// answer before the next, for `duration`. Latency is recorded for successes only.
+pub async fn closed_loop<C, F, Fut>(
+    clients: usize,
+    duration: Duration,
+    request: MakeRequest,
+    connect: F,
+) -> anyhow::Result<RunResult>
+where
+    C: Exchange,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<C>> + Send + 'static,
+{
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let base = base.to_owned();
-            let devices = devices.clone();
-            let body = body.to_owned();
+            let (request, connecting) = (request.clone(), connect());
             tokio::spawn(async move {
-                let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+                let mut conn = connecting.await?;
                 let mut hist = Histogram::<u64>::new(3)?;
-                let (mut ok, mut errors) = (0u64, 0u64);
+                let mut errors = 0u64;
                 let mut i = c * 7919;
                 while Instant::now() < deadline {
                     i += 1;
-                    let device = devices[i % devices.len()];
-                    let url = format!("{base}/devices/{device}/kv/k{}", i % 10);
+                    let bytes = request(i);
                     let t = Instant::now();
-                    let resp = client
-                        .put(url)
-                        .header("Authorization", format!("ModeCloud {}", server::ADMIN_KEY))
-                        .header("Content-Type", "application/json")
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    match resp {
-                        Ok(r) if r.status() == reqwest::StatusCode::NO_CONTENT => {
-                            hist.record(t.elapsed().as_micros() as u64)?;
-                            ok += 1;
-                        }
-                        _ => errors += 1,
+                    if conn.exchange_ok(&bytes).await? {
+                        hist.record(t.elapsed().as_micros() as u64)?;
+                    } else {
+                        errors += 1;
                     }
                 }
-                anyhow::Ok((hist, ok, errors))
+                anyhow::Ok((hist, errors))
             })
         })
         .collect();
     let mut hist = Histogram::<u64>::new(3)?;
-    let (mut ok, mut errors) = (0u64, 0u64);
+    let mut errors = 0u64;
     for t in tasks {
-        let (h, o, e) = t.await??;
+        let (h, e) = t.await??;
         hist.add(h)?;
-        ok += o;
         errors += e;
     }
-    debug_assert_eq!(hist.len(), ok);
     Ok(RunResult::from_histogram(&hist, started.elapsed().as_secs_f64(), errors))
+}
+
+/// One keep-alive HTTP/1.1 connection: writes a request, reads one response (Content-Length or
+/// chunked), returns its status.
+pub struct RawHttp {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawHttp {
+    /// Connects to `addr` (`host:port`).
+    pub async fn connect(addr: &str) -> anyhow::Result<RawHttp> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(RawHttp { stream, buf: Vec::with_capacity(4096) })
+    }
+
+    /// Sends `request` and reads the whole response; returns its status code.
+    pub async fn exchange(&mut self, request: &[u8]) -> anyhow::Result<u16> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        let head_end = loop {
+            if let Some(p) = find(&self.buf, b"\r\n\r\n") {
+                break p + 4;
+            }
+            self.fill().await?;
+        };
+        let head = std::str::from_utf8(&self.buf[..head_end]).context("response head is not UTF-8")?;
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no status code")?;
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_ascii_lowercase())
+            })
+        };
+        if header("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+            let mut at = head_end;
+            loop {
+                let line_end = loop {
+                    if let Some(p) = find(&self.buf[at..], b"\r\n") {
+                        break at + p;
+                    }
+                    self.fill().await?;
+                };
+                let size_text =
+                    std::str::from_utf8(&self.buf[at..line_end])?.split(';').next().unwrap_or("").trim().to_owned();
+                let size = usize::from_str_radix(&size_text, 16).context("bad chunk size")?;
+                let end = line_end + 2 + size + 2;
+                while self.buf.len() < end {
+                    self.fill().await?;
+                }
+                at = end;
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            let length: usize = header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+            while self.buf.len() < head_end + length {
+                self.fill().await?;
+            }
+        }
+        Ok(status)
+    }
+
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the server closed the connection");
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }

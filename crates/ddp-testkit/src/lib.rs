@@ -688,8 +688,16 @@ impl DdpProcess {
                 }
             }
         }
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining the log so the server never blocks on a full pipe; pass on what it warns of.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Ok(entry) = serde_json::from_str::<Value>(&line)
+                    && matches!(entry["level"].as_str(), Some("WARN" | "ERROR"))
+                {
+                    eprintln!("ddp serve: {line}");
+                }
+            }
+        });
         let pid = child.id();
         Ok(DdpProcess {
             child,
