@@ -150,10 +150,11 @@ impl SqliteStore {
             return Err(StoreError::Backend(format!("SQLite refused WAL mode (got {mode})")));
         }
         // NORMAL: COMMIT does not wait for the disk; the syncer's fdatasync of the WAL does, before
-        // anyone hears of the batch. Checkpoints run on their own thread, never in a commit.
+        // anyone hears of the batch. Checkpoints run on their own thread, never in a commit (the
+        // writer only copies the last frames between two batches, so the WAL starts over).
         conn.execute_batch(
             "PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=0;
-             PRAGMA cache_size=-8192;",
+             PRAGMA cache_size=-8192; PRAGMA journal_size_limit=67108864;",
         )?;
         migrate(&mut conn)?;
         let wal = open_wal(&options.path)?;
@@ -162,7 +163,15 @@ impl SqliteStore {
         let readers = Arc::new(Readers::open(&options.path, options.readers.max(1), durability.clone())?);
         let (sender, receiver) = mpsc::channel(options.queue.max(1));
         let checkpointer = Arc::new(Checkpointer::start(&options.path)?);
-        let writer = writer::start(conn, wal, receiver, options.max_batch.max(1), sink.clone(), durability.clone())?;
+        let writer = writer::start(
+            conn,
+            wal,
+            receiver,
+            options.max_batch.max(1),
+            sink.clone(),
+            durability.clone(),
+            checkpointer.tail(),
+        )?;
         Ok(SqliteStore {
             sender,
             sink,

@@ -31,6 +31,10 @@ use super::state::StoreStates;
 use crate::model::Committed;
 use crate::{CommitSink, StoreError};
 
+/// A disk operation on the write path that takes this long is logged as a warning: it delays
+/// every write waiting behind it.
+const SLOW: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A message to the writer thread.
 pub(super) enum Msg {
     /// Apply a job in the next batch.
@@ -141,6 +145,7 @@ pub(super) fn start(
     max_batch: usize,
     sink: Arc<dyn CommitSink>,
     durability: Arc<Durability>,
+    tail: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, StoreError> {
     // Bounded: if the disk falls behind, the writer waits instead of piling up batches.
     let (to_syncer, from_writer) = std_mpsc::sync_channel::<Pending>(64);
@@ -152,7 +157,7 @@ pub(super) fn start(
     std::thread::Builder::new()
         .name("ddp-sqlite-writer".into())
         .spawn(move || {
-            write_loop(&conn, receiver, max_batch, &to_syncer, &durability);
+            write_loop(&conn, receiver, max_batch, &to_syncer, &durability, &tail);
             drop(to_syncer);
             if syncer.join().is_err() {
                 tracing::error!("storage sync thread panicked");
@@ -168,6 +173,7 @@ fn write_loop(
     max_batch: usize,
     to_syncer: &std_mpsc::SyncSender<Pending>,
     durability: &Durability,
+    tail: &AtomicBool,
 ) {
     let mut number = 0u64;
     let mut stopping = false;
@@ -177,6 +183,16 @@ fn write_loop(
         match receiver.blocking_recv() {
             Some(Msg::Job(first)) => jobs.push(first),
             Some(Msg::Shutdown) | None => break,
+        }
+        if tail.swap(false, Ordering::AcqRel) {
+            // Between batches nothing is appended: the checkpoint catches up with the WAL and
+            // this batch starts it over from its beginning (see `checkpoint::Checkpointer`).
+            let started = Instant::now();
+            super::checkpoint::checkpoint_tail(conn);
+            let took = started.elapsed();
+            if took >= SLOW {
+                tracing::warn!(ms = took.as_millis() as u64, "slow disk: the writer's checkpoint took long");
+            }
         }
         while jobs.len() < max_batch {
             match receiver.try_recv() {
@@ -197,8 +213,12 @@ fn write_loop(
             durability.committed.store(number, Ordering::Release);
             let started = Instant::now();
             let result = commit(conn, &mut jobs, Timestamp::now(), &mut out, &mut states);
+            let took = started.elapsed();
             metrics::histogram!("ddp_store_batch_size").record(jobs.len() as f64);
-            metrics::histogram!("ddp_store_commit_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("ddp_store_commit_seconds").record(took.as_secs_f64());
+            if took >= SLOW {
+                tracing::warn!(ms = took.as_millis() as u64, writes = jobs.len(), "slow commit");
+            }
             result.map_err(|e| {
                 tracing::error!(error = %e, writes = jobs.len(), "storage commit failed; the batch was rolled back");
                 if let Err(e) = conn.execute_batch("ROLLBACK") {
@@ -243,7 +263,11 @@ fn sync_loop(wal: &File, from_writer: &std_mpsc::Receiver<Pending>, sink: &dyn C
         let started = Instant::now();
         // One fdatasync covers every batch already committed: they all wrote to this file.
         let synced = if ready.iter().any(|p| p.result.is_ok()) { wal.sync_data() } else { Ok(()) };
-        metrics::histogram!("ddp_store_fsync_seconds").record(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        metrics::histogram!("ddp_store_fsync_seconds").record(took.as_secs_f64());
+        if took >= SLOW {
+            tracing::warn!(ms = took.as_millis() as u64, "slow disk: fdatasync of the write-ahead log took long");
+        }
         if let Err(e) = &synced {
             tracing::error!(error = %e, "fsync of the write-ahead log failed; refusing all further writes");
             durability.failed.store(true, Ordering::Release);
