@@ -260,17 +260,9 @@ pub async fn home(conn: &Connection, command: Home) -> Result<(), Failure> {
         }
         Home::List => {
             let homes = api.json(api.request(Method::GET, "/homes")).await?;
-            if conn.json {
-                output::json(&homes);
-            } else {
-                let rows: Vec<Vec<String>> = homes
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|h| vec![output::cell(&h["id"]), output::cell(&h["name"]), output::cell(&h["creationTime"])])
-                    .collect();
-                output::table(&["ID", "NAME", "CREATED"], &rows);
-            }
+            output::list(conn.json, &homes, &["ID", "NAME", "CREATED"], |h| {
+                vec![output::cell(&h["id"]), output::cell(&h["name"]), output::cell(&h["creationTime"])]
+            });
         }
         Home::Show { id } => {
             let home = api.json(api.request(Method::GET, &format!("/homes/{id}"))).await?;
@@ -327,25 +319,15 @@ pub async fn device(conn: &Connection, command: Device) -> Result<(), Failure> {
         Device::List { home } => {
             let path = home.map_or_else(|| "/devices".to_owned(), |h| format!("/devices?homeId={h}"));
             let devices = api.json(api.request(Method::GET, &path)).await?;
-            if conn.json {
-                output::json(&devices);
-            } else {
-                let rows: Vec<Vec<String>> = devices
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|d| {
-                        vec![
-                            output::cell(&d["id"]),
-                            output::cell(&d["name"]),
-                            output::cell(&d["homeId"]),
-                            if d["isConnected"] == true { "yes".into() } else { "no".into() },
-                            output::cell(&d["lastConnectTime"]),
-                        ]
-                    })
-                    .collect();
-                output::table(&["ID", "NAME", "HOME", "CONNECTED", "LAST CONNECT"], &rows);
-            }
+            output::list(conn.json, &devices, &["ID", "NAME", "HOME", "CONNECTED", "LAST CONNECT"], |d| {
+                vec![
+                    output::cell(&d["id"]),
+                    output::cell(&d["name"]),
+                    output::cell(&d["homeId"]),
+                    if d["isConnected"] == true { "yes".into() } else { "no".into() },
+                    output::cell(&d["lastConnectTime"]),
+                ]
+            });
         }
         Device::Show { id } => {
             let device = api.json(api.request(Method::GET, &format!("/devices/{id}"))).await?;
@@ -408,20 +390,10 @@ pub async fn apikey(conn: &Connection, command: ApiKey) -> Result<(), Failure> {
         }
         ApiKey::List => {
             let keys = api.json(api.request(Method::GET, "/apiKeys")).await?;
-            if conn.json {
-                output::json(&keys);
-            } else {
-                let rows: Vec<Vec<String>> = keys
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|k| {
-                        let homes = if k["homes"].is_null() { "all".into() } else { output::cell(&k["homes"]) };
-                        vec![output::cell(&k["id"]), output::cell(&k["name"]), output::cell(&k["permission"]), homes]
-                    })
-                    .collect();
-                output::table(&["ID", "NAME", "PERMISSION", "HOMES"], &rows);
-            }
+            output::list(conn.json, &keys, &["ID", "NAME", "PERMISSION", "HOMES"], |k| {
+                let homes = if k["homes"].is_null() { "all".into() } else { output::cell(&k["homes"]) };
+                vec![output::cell(&k["id"]), output::cell(&k["name"]), output::cell(&k["permission"]), homes]
+            });
         }
         ApiKey::Revoke { id } => {
             api.send(api.request(Method::DELETE, &format!("/apiKeys/{id}"))).await?;

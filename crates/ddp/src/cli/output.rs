@@ -20,6 +20,17 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Prints a JSON array answer: as JSON for scripts (`json`), else as a table of `row` of each
+/// element under `headers`.
+pub fn list(json: bool, value: &Value, headers: &[&str], row: impl Fn(&Value) -> Vec<String>) {
+    if json {
+        self::json(value);
+    } else {
+        let rows: Vec<Vec<String>> = value.as_array().into_iter().flatten().map(row).collect();
+        table(headers, &rows);
+    }
+}
+
 /// Prints `key: value` lines for an object's fields.
 pub fn fields(value: &Value, order: &[(&str, &str)]) {
     let width = order.iter().map(|(_, label)| label.chars().count()).max().unwrap_or(0);
