@@ -263,21 +263,11 @@ async fn reads_work_offline_from_the_persisted_mirror() {
 
 #[tokio::test]
 async fn mqtts_with_a_private_ca() {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write");
-    let s = TestServer::start_with(|c| {
-        c.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
-        c.mqtt.tls_cert = Some(cert_path.clone());
-        c.mqtt.tls_key = Some(key_path.clone());
-    })
-    .await;
+    let (s, ca_pem) = TestServer::start_with_mqtt_tls(&["localhost"]).await;
     let (dev, key) = s.create_device(None).await;
     let port = s.mqtt_tls_addr.expect("tls").port();
     let client = fast(Client::builder(&format!("mqtts://localhost:{port}"), dev, &key))
-        .tls_ca_pem(cert.cert.pem())
+        .tls_ca_pem(ca_pem)
         .start()
         .expect("start");
     ready(&client).await;

@@ -72,6 +72,25 @@ impl TestServer {
         TestServer::start_config(config, Some(dir)).await
     }
 
+    /// A server with an MQTT TLS listener (`mqtt_tls_addr`) whose certificate is self-signed for
+    /// `names`; returns it with that certificate in PEM, for clients to trust as their CA.
+    pub async fn start_with_mqtt_tls(names: &[&str]) -> (TestServer, String) {
+        let cert = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .expect("certificate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        // The server reads both files at start; the directory may go afterwards.
+        let server = TestServer::start_with(|c| {
+            c.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
+            c.mqtt.tls_cert = Some(cert_path);
+            c.mqtt.tls_key = Some(key_path);
+        })
+        .await;
+        (server, cert.cert.pem())
+    }
+
     /// The test configuration for a data directory: loopback ports chosen by the system, the
     /// test admin key.
     pub fn config(data_dir: &std::path::Path) -> Config {

@@ -532,22 +532,12 @@ async fn mosquitto_clients_work_against_the_server() {
 
 #[tokio::test]
 async fn the_tls_listener_serves_mqtts() {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).expect("certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-    let s = TestServer::start_with(|c| {
-        c.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
-        c.mqtt.tls_cert = Some(cert_path.clone());
-        c.mqtt.tls_key = Some(key_path.clone());
-    })
-    .await;
+    let (s, ca_pem) = TestServer::start_with_mqtt_tls(&["localhost", "127.0.0.1"]).await;
     let (dev, key) = s.create_device(None).await;
     let tls_addr = s.mqtt_tls_addr.expect("tls listener");
     let mut options = rumqttc::MqttOptions::new("tls", "localhost", tls_addr.port());
     options.set_credentials(dev.to_string(), key);
-    options.set_transport(rumqttc::Transport::tls(cert.cert.pem().into_bytes(), None, None));
+    options.set_transport(rumqttc::Transport::tls(ca_pem.into_bytes(), None, None));
     let mut c = TestServer::mqtt_connect(options).await.expect("TLS connect");
     c.client.subscribe(format!("/devices/{dev}/kv"), QoS::AtMostOnce).await.expect("subscribe");
     assert_eq!(c.next_json().await["action"], "reload");
