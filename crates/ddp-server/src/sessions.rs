@@ -112,19 +112,18 @@ impl Sessions {
     /// Waits until the device's closes in progress are recorded. Only this device's opens are
     /// woken when they are (a storm of reconnects must not wake every waiter on every close).
     async fn wait_for_closes(&self, device: DeviceId) {
-        loop {
-            let Some(done) = self.closing.lock().ok().and_then(|c| c.get(&device).map(|c| c.done.clone())) else {
-                return;
-            };
+        let pending = || self.closing.lock().ok().and_then(|c| c.get(&device).map(|c| c.done.clone()));
+        while let Some(done) = pending() {
             let closed = done.notified();
             tokio::pin!(closed);
             closed.as_mut().enable();
-            // Still pending after registering? Then wait; otherwise the wake-up was missed.
-            let pending = self.closing.lock().map(|c| c.contains_key(&device)).unwrap_or(false);
-            if !pending {
-                return;
+            // Look again after registering: the closes may have been recorded just before (the
+            // wake-up then went by), and a new close may have started with a new `done`.
+            match pending() {
+                Some(still) if Arc::ptr_eq(&still, &done) => closed.await,
+                Some(_) => {}
+                None => return,
             }
-            closed.await;
         }
     }
 
