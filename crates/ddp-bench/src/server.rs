@@ -12,8 +12,14 @@ pub fn default_ddp_bin() -> PathBuf {
     std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("ddp"))).unwrap_or_else(|| PathBuf::from("ddp"))
 }
 
-/// Starts `ddp serve` on free loopback ports with its data in `data_dir`, plus `extra` flags.
+/// The server's log under a benchmark: warnings only, plus the `listening` lines that
+/// [`DdpProcess`] waits for (logging every request would cost the server CPU it is measured on).
+const LOG: [&str; 2] = ["--log", "warn,ddp_server::server=info"];
+
+/// Starts `ddp serve` on free loopback ports with its data in `data_dir`, quiet logging, plus
+/// `extra` flags.
 pub fn start(bin: &Path, data_dir: &Path, extra: &[&str]) -> anyhow::Result<DdpProcess> {
-    DdpProcess::start(bin, data_dir, ADMIN_KEY, extra)
+    let flags = [&LOG[..], extra].concat();
+    DdpProcess::start(bin, data_dir, ADMIN_KEY, &flags)
         .map_err(|e| anyhow::anyhow!("{e} (build it with `cargo build --release -p ddp`)"))
 }

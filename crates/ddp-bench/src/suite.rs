@@ -50,9 +50,6 @@ pub struct CompareArgs {
     scenarios: Vec<u8>,
 }
 
-/// Quiet servers, except the lines that say where they listen (which the benchmark reads).
-const LOG: &[&str] = &["--log", "warn,ddp_server::server=info"];
-
 /// How big each scenario is.
 struct Plan {
     fsync_seconds: f64,
@@ -274,7 +271,7 @@ async fn writes_scenario(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     eprintln!("scenario 1: durable writes…");
-    let ddp = server::start(bin, &work.join("s1-ddp"), LOG)?;
+    let ddp = server::start(bin, &work.join("s1-ddp"), &[])?;
     let made = devices::create(&ddp.base, plan.write_devices, 0, 0).await?;
     let ids = std::sync::Arc::new(made.iter().map(|d| d.id).collect::<Vec<_>>());
     let etcd = Etcd::start(&work.join("s1-etcd"))?;
@@ -379,7 +376,7 @@ impl LatencyRun {
 
 async fn latency_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report) -> anyhow::Result<()> {
     eprintln!("scenario 2: write-to-device latency…");
-    let ddp = server::start(bin, &work.join("s2-ddp"), LOG)?;
+    let ddp = server::start(bin, &work.join("s2-ddp"), &[])?;
     let made = devices::create(&ddp.base, plan.lat_devices, 0, 0).await?;
     let etcd = Etcd::start(&work.join("s2-etcd"))?;
     let names = [
@@ -477,13 +474,13 @@ async fn idle_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report
     eprintln!("scenario 3: memory per idle session…");
     let data = work.join("s3-ddp");
     let made = {
-        let ddp = server::start(bin, &data, LOG)?;
+        let ddp = server::start(bin, &data, &[])?;
         devices::create(&ddp.base, plan.idle_sessions, 10, 32).await?
     };
     let mut rows: Vec<(String, IdleResult)> = Vec::new();
     // A fresh server process for each transport, on the same data.
     for transport in [Transport::Ws, Transport::Mqtt] {
-        let ddp = server::start(bin, &data, LOG)?;
+        let ddp = server::start(bin, &data, &[])?;
         let addr = match transport {
             Transport::Ws => ddp.base.trim_start_matches("http://").to_owned(),
             _ => ddp.mqtt.clone(),
@@ -527,7 +524,7 @@ async fn idle_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report
 
 async fn storm_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report) -> anyhow::Result<()> {
     eprintln!("scenario 4: reconnect storm…");
-    let ddp = server::start(bin, &work.join("s4-ddp"), LOG)?;
+    let ddp = server::start(bin, &work.join("s4-ddp"), &[])?;
     let made = devices::create(&ddp.base, plan.storm_devices, plan.storm_keys, 64).await?;
     let broker = mosquitto::start()?;
     retain(&broker.addr, &made, plan.storm_keys).await?;

@@ -320,7 +320,7 @@ pub async fn measure_idle(
 pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let bin = args.ddp_bin.clone().unwrap_or_else(server::default_ddp_bin);
     let work = tempfile::tempdir_in(".")?;
-    let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
+    let ddp = server::start(&bin, &work.path().join("data"), &[])?;
     eprintln!("creating {} devices with {} keys each…", args.sessions, args.keys);
     let devices = devices::create(&ddp.base, args.sessions, args.keys, args.value_bytes).await?;
     let addr = match args.transport {
@@ -402,7 +402,7 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for transport in &args.transports {
         let work = tempfile::tempdir_in(".")?;
-        let ddp = server::start(&bin, &work.path().join("data"), &["--log", "warn,ddp_server::server=info"])?;
+        let ddp = server::start(&bin, &work.path().join("data"), &[])?;
         let devices = devices::create(&ddp.base, args.devices, 0, 0).await?;
         let result = measure(&ddp.base, &ddp.base, &ddp.mqtt, &devices, args.rate, duration, *transport).await?;
         rows.push(result.row(&format!("DDP over {} (durable REST write → device)", transport.label())));
@@ -412,7 +412,7 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
             let work = tempfile::tempdir_in(".")?;
             let db = ddp_testkit::create_database(url, "ddp_bench").await.map_err(anyhow::Error::msg)?;
             let start = |name: &str| {
-                let flags = ["--log", "warn,ddp_server::server=info", "--database", &db, "--node-name", name];
+                let flags = ["--database", &db, "--node-name", name];
                 server::start(&bin, &work.path().join(name), &flags)
             };
             let (a, b) = (start("node-a")?, start("node-b")?);

@@ -41,12 +41,10 @@ pub async fn run(args: WritesArgs) -> anyhow::Result<()> {
     };
     println!("{fsync_rate}");
 
-    let log = ["--log", "warn,ddp_server::server=info"];
-    let mut backends = vec![("SQLite (embedded)", server::start(&bin, &work.path().join("data"), &log)?)];
+    let mut backends = vec![("SQLite (embedded)", server::start(&bin, &work.path().join("data"), &[])?)];
     if let Some(url) = &args.postgres {
         let db = ddp_testkit::create_database(url, "ddp_bench").await.map_err(anyhow::Error::msg)?;
-        let flags = [&log[..], &["--database", &db]].concat();
-        backends.push(("PostgreSQL", server::start(&bin, &work.path().join("pg"), &flags)?));
+        backends.push(("PostgreSQL", server::start(&bin, &work.path().join("pg"), &["--database", &db])?));
     }
     let value = json!({ "value": "x".repeat(args.load.value_bytes.saturating_sub(2)) }).to_string();
     let mut devices = Vec::new();
