@@ -328,6 +328,18 @@ impl PgStore {
 
     /// After a committed admin change: this node's sink reacts now, the others when they read
     /// the log.
+    /// Logs `change` in the admin log inside `tx`, commits, and tells this node at once.
+    async fn commit_admin(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        change: AdminChange,
+    ) -> Result<(), StoreError> {
+        log_admin(&tx, &change, Timestamp::now()).await?;
+        tx.commit().await?;
+        self.admin_committed(change);
+        Ok(())
+    }
+
     fn admin_committed(&self, change: AdminChange) {
         self.sink.committed(&[Committed::Admin(change)]);
         self.announcer.announce("admin");
@@ -537,11 +549,7 @@ impl Store for PgStore {
         tx.execute("UPDATE devices SET home_id = NULL WHERE home_id = $1", &[&home_id(id)]).await?;
         tx.execute("DELETE FROM api_key_homes WHERE home_id = $1", &[&home_id(id)]).await?;
         delete_store(&tx, StoreRef::Home(id)).await?;
-        let change = AdminChange::HomeDeleted(id);
-        log_admin(&tx, &change, Timestamp::now()).await?;
-        tx.commit().await?;
-        self.admin_committed(change);
-        Ok(())
+        self.commit_admin(tx, AdminChange::HomeDeleted(id)).await
     }
 
     async fn create_device(&self, new: NewDevice) -> Result<DeviceRecord, StoreError> {
@@ -646,11 +654,7 @@ impl Store for PgStore {
         if n == 0 {
             return Err(StoreError::DeviceNotFound(id));
         }
-        let change = AdminChange::DeviceKeyRotated(id);
-        log_admin(&tx, &change, Timestamp::now()).await?;
-        tx.commit().await?;
-        self.admin_committed(change);
-        Ok(())
+        self.commit_admin(tx, AdminChange::DeviceKeyRotated(id)).await
     }
 
     async fn delete_device(&self, id: DeviceId) -> Result<(), StoreError> {
@@ -661,11 +665,7 @@ impl Store for PgStore {
         }
         delete_store(&tx, StoreRef::Device(id)).await?;
         tx.execute("DELETE FROM presence WHERE device_id = $1", &[&sql_id(id.get())]).await?;
-        let change = AdminChange::DeviceDeleted(id);
-        log_admin(&tx, &change, Timestamp::now()).await?;
-        tx.commit().await?;
-        self.admin_committed(change);
-        Ok(())
+        self.commit_admin(tx, AdminChange::DeviceDeleted(id)).await
     }
 
     async fn session_opened(&self, device: DeviceId, max: usize, at: Timestamp) -> Result<SessionOpened, StoreError> {
@@ -765,11 +765,7 @@ impl Store for PgStore {
             return Err(StoreError::ApiKeyNotFound(id));
         }
         tx.execute("DELETE FROM api_key_homes WHERE key_id = $1", &[&sql_id(id.get())]).await?;
-        let change = AdminChange::ApiKeyDeleted(id);
-        log_admin(&tx, &change, Timestamp::now()).await?;
-        tx.commit().await?;
-        self.admin_committed(change);
-        Ok(())
+        self.commit_admin(tx, AdminChange::ApiKeyDeleted(id)).await
     }
 
     async fn principal_by_key_hash(&self, key_hash: [u8; 32]) -> Result<Option<KeyHolder>, StoreError> {
