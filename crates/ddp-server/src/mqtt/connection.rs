@@ -268,37 +268,35 @@ where
                 self.app.kv.delete(&who, Transport::Mqtt, store, key, Condition::None).await.map(|_| ())
             }
         };
-        self.outcome(result, &key)
+        self.outcome(result, "write", Some(&key))
     }
 
     /// Raises a device event through the one event path.
     async fn event(&mut self, payload: Bytes) -> Result<WriteOutcome, Ended> {
         let Some(device) = self.session.device() else { return Ok(WriteOutcome::Refused) };
         let result = self.app.events.raise(&Principal::Device(device), device, &payload).await;
-        match result {
-            Ok(()) => Ok(WriteOutcome::Applied),
-            Err(e) if e.status() >= 500 => {
-                tracing::warn!(peer = %self.peer, error = %e, "mqtt event failed; closing without PUBACK");
-                Err(Ended)
-            }
-            Err(e) => {
-                metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
-                tracing::info!(peer = %self.peer, reason = %e.reason, message = %e.message, "mqtt event refused");
-                Ok(WriteOutcome::Refused)
-            }
-        }
+        self.outcome(result, "event", None)
     }
 
-    fn outcome(&self, result: Result<(), Error>, key: &ddp_protocol::Key) -> Result<WriteOutcome, Ended> {
+    /// What a PUBLISH gets for `result`: applied, refused (the client's fault; it gets its
+    /// PUBACK and the session stays), or the end of the session without PUBACK (our fault, so
+    /// that a QoS 1 publish is sent again). `what` and `key` say what it was, for the log.
+    fn outcome(
+        &self,
+        result: Result<(), Error>,
+        what: &str,
+        key: Option<&ddp_protocol::Key>,
+    ) -> Result<WriteOutcome, Ended> {
         match result {
             Ok(()) => Ok(WriteOutcome::Applied),
             Err(e) if e.status() >= 500 => {
-                tracing::warn!(peer = %self.peer, error = %e, "mqtt write failed; closing without PUBACK");
+                tracing::warn!(peer = %self.peer, error = %e, "mqtt {what} failed; closing without PUBACK");
                 Err(Ended)
             }
             Err(e) => {
                 metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
-                tracing::info!(peer = %self.peer, %key, reason = %e.reason, message = %e.message, "mqtt write refused");
+                let key = key.map(ddp_protocol::Key::as_str);
+                tracing::info!(peer = %self.peer, key, reason = %e.reason, message = %e.message, "mqtt {what} refused");
                 Ok(WriteOutcome::Refused)
             }
         }
