@@ -19,9 +19,9 @@ use crate::StoreError;
 /// begins, and SQLite only starts the WAL over from its beginning in that case. The WAL then grows
 /// for ever (until the RESTART valve), and every commit appends to new pages of the file: the
 /// kernel zeroes each new page (a tenth of the writer's CPU at 20,000 writes/s) and every
-/// `fdatasync` must also write the file's new size. So after a checkpoint that left frames
-/// behind, this thread asks the writer (the [`tail`](Checkpointer::tail) flag) to copy the few
-/// remaining ones itself between two batches; nothing is appended meanwhile, the WAL is then
+/// `fdatasync` must also write the file's new size. So after each checkpoint of a WAL of more than
+/// a few frames, this thread asks the writer (the [`tail`](Checkpointer::tail) flag) to copy the
+/// frames that came meanwhile itself, between two batches; nothing is appended then, the WAL is
 /// wholly copied, and the writer's next batch starts it over (and, past `journal_size_limit`,
 /// truncates it). While the WAL grows fast, checkpoints come every 100 ms instead of every 2 s.
 pub(super) struct Checkpointer {
@@ -93,10 +93,15 @@ impl Checkpointer {
 /// Run by the writer between two batches when [`Checkpointer::tail`] asks: copies the frames the
 /// last background checkpoint left behind, so the next batch starts the WAL over.
 pub(super) fn checkpoint_tail(conn: &Connection) {
-    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+    match checkpoint(conn, "PASSIVE") {
         Ok((log, done)) => tracing::trace!(log, done, "tail checkpoint"),
         Err(e) => tracing::debug!(error = %e, "tail checkpoint"),
     }
+}
+
+/// Runs a checkpoint in `mode`; returns the frames in the WAL and how many are copied.
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(1)?, r.get(2)?)))
 }
 
 fn checkpoint_loop(conn: &Connection, stop: &StopFlag, tail: &AtomicBool) {
@@ -104,8 +109,7 @@ fn checkpoint_loop(conn: &Connection, stop: &StopFlag, tail: &AtomicBool) {
     loop {
         let mut pause = CHECKPOINT_EVERY;
         let mode = if frames > WAL_RESTART_FRAMES { "RESTART" } else { "PASSIVE" };
-        let sql = format!("PRAGMA wal_checkpoint({mode})");
-        match conn.query_row(&sql, [], |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))) {
+        match checkpoint(conn, mode) {
             Ok((log, done)) => {
                 frames = log;
                 metrics::histogram!("ddp_store_wal_frames").record(log as f64);
