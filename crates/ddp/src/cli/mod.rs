@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use ddp_protocol::Value;
 use ddp_protocol::sync::Item;
-use reqwest::Method;
+use reqwest::{Method, RequestBuilder};
 use serde_json::json;
 
 pub use api::Failure;
@@ -411,6 +411,16 @@ fn key_path(store: StoreArg, key: &str) -> Result<String, Failure> {
     Ok(format!("{}/{key}", store.path()))
 }
 
+/// Sends a key-value write, with `If-Match` when `--if-rev` was given; returns the store's rev
+/// after it (from the ETag).
+async fn write_if_rev(api: &Api, mut request: RequestBuilder, if_rev: Option<u64>) -> Result<u64, Failure> {
+    if let Some(rev) = if_rev {
+        request = request.header("If-Match", format!("\"{rev}\""));
+    }
+    let response = api.send(request).await?;
+    Ok(etag_rev(&response).unwrap_or_default())
+}
+
 pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
     let api = conn.api()?;
     match command {
@@ -430,13 +440,9 @@ pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
         Kv::Set { store, key, value, if_rev } => {
             let value = parse_value(&value)?;
             let body = format!("{{\"value\":{}}}", value.as_json());
-            let mut request =
+            let request =
                 api.request(Method::PUT, &key_path(store, &key)?).header("Content-Type", "application/json").body(body);
-            if let Some(rev) = if_rev {
-                request = request.header("If-Match", format!("\"{rev}\""));
-            }
-            let response = api.send(request).await?;
-            let rev = etag_rev(&response).unwrap_or_default();
+            let rev = write_if_rev(&api, request, if_rev).await?;
             if conn.json {
                 println!("{}", json!({ "key": key, "rev": rev }));
             } else {
@@ -444,12 +450,8 @@ pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
             }
         }
         Kv::Delete { store, key, if_rev } => {
-            let mut request = api.request(Method::DELETE, &key_path(store, &key)?);
-            if let Some(rev) = if_rev {
-                request = request.header("If-Match", format!("\"{rev}\""));
-            }
-            let response = api.send(request).await?;
-            let rev = etag_rev(&response).unwrap_or_default();
+            let request = api.request(Method::DELETE, &key_path(store, &key)?);
+            let rev = write_if_rev(&api, request, if_rev).await?;
             if conn.json {
                 println!("{}", json!({ "key": key, "rev": rev }));
             } else {
