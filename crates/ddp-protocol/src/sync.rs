@@ -159,8 +159,12 @@ struct RawFrame<'a> {
 }
 
 impl DeviceRequest {
-    /// Parses a frame sent by a device.
+    /// Parses a frame sent by a device: a JSON object of the contract, nothing else (serde
+    /// would also read a struct from a JSON array, so `["set","k",1]` is refused here).
     pub fn parse(text: &[u8]) -> Result<DeviceRequest, FrameError> {
+        if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(FrameError::new(Reason::InvalidJson, "a frame is a JSON object {\"action\", …}", None));
+        }
         let raw: RawFrame<'_> = serde_json::from_slice(text)
             .map_err(|e| FrameError::new(Reason::InvalidJson, format!("frame is not a JSON object: {e}"), None))?;
         let key_text = raw.key;
@@ -267,6 +271,10 @@ mod tests {
         let reason = |t: &[u8]| DeviceRequest::parse(t).map_err(|e| e.reason).err();
         assert_eq!(reason(b"not json"), Some(Reason::InvalidJson));
         assert_eq!(reason(b"[1]"), Some(Reason::InvalidJson));
+        assert_eq!(reason(br#"["set","k",1]"#), Some(Reason::InvalidJson), "an array is not a frame");
+        assert_eq!(reason(br#" ["delete","k"]"#), Some(Reason::InvalidJson));
+        assert_eq!(reason(br#""set""#), Some(Reason::InvalidJson));
+        assert_eq!(reason(b"17"), Some(Reason::InvalidJson));
         assert_eq!(reason(br#"{"action":"set","key":"a/b","value":1}"#), Some(Reason::InvalidKey));
         assert_eq!(reason(br#"{"action":"set","key":"a","value":null}"#), Some(Reason::InvalidValue));
         assert_eq!(reason(br#"{"action":"set","key":"a"}"#), Some(Reason::InvalidValue));
