@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
+use ddp_testkit::raw::{self, connect_packet, publish_packet, read_packet};
 use ddp_testkit::{ADMIN_KEY, TestServer, WsEnd};
 use reqwest::{Method, StatusCode};
 use rumqttc::{Packet, QoS};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 #[tokio::test]
@@ -348,77 +349,8 @@ async fn shutdown_disconnects_mqtt_sessions() {
 
 // ---- the protocol's edges, with a raw client ----
 
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-fn packet(first: u8, body: Vec<u8>) -> Vec<u8> {
-    let mut p = vec![first];
-    remaining_length(body.len(), &mut p);
-    p.extend(body);
-    p
-}
-
-fn connect_packet(device: u64, key: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    body.push(4); // 3.1.1
-    body.push(0x80 | 0x40 | 0x02); // username, password, clean session
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    string(b"", &mut body); // blank client id
-    string(device.to_string().as_bytes(), &mut body);
-    string(key.as_bytes(), &mut body);
-    packet(0x10, body)
-}
-
-fn publish_packet(topic: &str, payload: &str, packet_id: u16, dup: bool) -> Vec<u8> {
-    let mut body = Vec::new();
-    string(topic.as_bytes(), &mut body);
-    body.extend_from_slice(&packet_id.to_be_bytes());
-    body.extend_from_slice(payload.as_bytes());
-    packet(0x30 | (u8::from(dup) << 3) | (1 << 1), body)
-}
-
-/// Reads one packet: (first byte, body); `None` when the server closed the connection.
-async fn read_packet(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut first = [0u8; 1];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut first)).await.expect("in time").ok()?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut b = [0u8; 1];
-        stream.read_exact(&mut b).await.ok()?;
-        len |= usize::from(b[0] & 0x7f) << shift;
-        shift += 7;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.ok()?;
-    Some((first[0], body))
-}
-
 async fn raw_connect(s: &TestServer, device: u64, key: &str, keep_alive: u16) -> TcpStream {
-    let mut stream = TcpStream::connect(s.mqtt_addr.expect("mqtt")).await.expect("tcp");
-    stream.write_all(&connect_packet(device, key, keep_alive)).await.expect("write");
-    let (first, body) = read_packet(&mut stream).await.expect("CONNACK");
-    assert_eq!((first, body), (0x20, vec![0, 0]), "CONNACK accepted");
-    stream
+    raw::mqtt_connect(s.mqtt_addr.expect("mqtt"), device, key, keep_alive).await
 }
 
 #[tokio::test]
