@@ -4,6 +4,8 @@
 //! machine-readable `data`. Internal causes are logged where they happen and never put in the
 //! message.
 
+use std::time::Duration;
+
 use ddp_protocol::Reason;
 use ddp_store::StoreError;
 
@@ -17,12 +19,13 @@ pub struct Error {
     pub message: String,
     /// Details, e.g. the limit that was exceeded.
     pub data: Option<serde_json::Value>,
-    /// For 429/503: seconds after which a retry may succeed.
-    pub retry_after: Option<u64>,
+    /// For 429/503: how long after which a retry may succeed (HTTP's `Retry-After` rounds it up
+    /// to whole seconds).
+    pub retry_after: Option<Duration>,
 }
 
 /// Results of the service.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// An error with `reason` and `message`.
@@ -36,10 +39,15 @@ impl Error {
         self
     }
 
-    /// Adds a retry hint in seconds.
-    pub fn with_retry_after(mut self, seconds: u64) -> Error {
-        self.retry_after = Some(seconds);
+    /// Adds a retry hint.
+    pub fn with_retry_after(mut self, after: Duration) -> Error {
+        self.retry_after = Some(after);
         self
+    }
+
+    /// The retry hint in whole seconds, rounded up (at least 1), for `Retry-After`.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after.map(|d| d.as_secs_f64().ceil().max(1.0) as u64)
     }
 
     /// `401 UNAUTHENTICATED_CLIENT`.
@@ -70,7 +78,7 @@ impl Error {
 
     /// `503 UNAVAILABLE` with `Retry-After: 1`.
     pub fn unavailable(message: impl Into<String>) -> Error {
-        Error::new(Reason::Unavailable, message).with_retry_after(1)
+        Error::new(Reason::Unavailable, message).with_retry_after(Duration::from_secs(1))
     }
 
     /// The HTTP status of this error.
@@ -111,7 +119,7 @@ impl From<StoreError> for Error {
             StoreError::DeviceAlreadyInHome { device, home } => {
                 Error::new(Reason::DeviceAlreadyInHome, format!("device {device} is already in home {home}"))
             }
-            StoreError::Closed => Error::new(Reason::Unavailable, "the server is shutting down").with_retry_after(1),
+            StoreError::Closed => Error::unavailable("the server is shutting down"),
             StoreError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "storage unreachable");
                 Error::unavailable("storage is unreachable; retry shortly")

@@ -14,6 +14,8 @@
 //! - **Delivery** is in memory: events are not stored. Each listener has a bounded mailbox;
 //!   publishing never waits, and a listener that falls too far behind is closed (4009) rather than
 //!   slowing anyone down. Per home, listeners get events in the order they were raised.
+//! - Who may listen to which homes, and ending a stream whose key is revoked, are the gate's and
+//!   the session registry's ([`Kv::open_events`](crate::kv::Kv::open_events)).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,58 +26,38 @@ use ddp_store::{Change, Origin, Store, StoreRef};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::Principal;
 use crate::error::{Error, Result};
+use crate::json::Json;
+use crate::locks;
 
 /// An event, serialized once for every listener of its home.
 #[derive(Debug)]
-pub struct EventFrame {
-    /// The home it was raised to.
-    pub home: HomeId,
+pub(crate) struct EventFrame {
     /// The envelope's JSON.
-    pub json: Utf8Bytes,
-}
-
-/// Why the server ended an event stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventClose {
-    /// The listener fell too far behind.
-    TooSlow,
-    /// Its project key was revoked.
-    KeyRevoked,
-}
-
-impl EventClose {
-    /// A sentence for close frames and logs.
-    pub fn message(self) -> &'static str {
-        match self {
-            EventClose::TooSlow => "too far behind: events are not stored, reconnect and re-read the stores",
-            EventClose::KeyRevoked => "the API key was revoked",
-        }
-    }
+    pub(crate) json: Json,
 }
 
 /// What a listener gets.
 #[derive(Debug)]
-pub enum EventDelivery {
+pub(crate) enum EventDelivery {
     /// Events in the order they were raised.
     Events(VecDeque<Arc<EventFrame>>),
-    /// The stream ended.
-    Closed(EventClose),
+    /// The listener fell too far behind and was dropped: events are not stored, so it must
+    /// reconnect and re-read the stores.
+    TooSlow,
 }
 
 #[derive(Default)]
 struct Mailbox {
     queue: VecDeque<Arc<EventFrame>>,
-    closed: Option<EventClose>,
+    too_slow: bool,
 }
 
 /// One app's event stream.
-pub struct Listener {
+pub(crate) struct Listener {
     id: u64,
-    principal: Principal,
     homes: Option<Vec<HomeId>>,
     mailbox: Mutex<Mailbox>,
     wake: Notify,
@@ -83,11 +65,12 @@ pub struct Listener {
 
 impl Listener {
     /// The next delivery. Cancel-safe.
-    pub async fn recv(&self) -> EventDelivery {
+    pub(crate) async fn recv(&self) -> EventDelivery {
         loop {
-            if let Ok(mut m) = self.mailbox.lock() {
-                if let Some(reason) = m.closed {
-                    return EventDelivery::Closed(reason);
+            {
+                let mut m = locks::recover(&self.mailbox);
+                if m.too_slow {
+                    return EventDelivery::TooSlow;
                 }
                 if !m.queue.is_empty() {
                     return EventDelivery::Events(std::mem::take(&mut m.queue));
@@ -98,25 +81,18 @@ impl Listener {
     }
 
     fn deliver(&self, frame: &Arc<EventFrame>, limit: usize) {
-        let Ok(mut m) = self.mailbox.lock() else { return };
-        if m.closed.is_some() {
+        let mut m = locks::recover(&self.mailbox);
+        if m.too_slow {
             return;
         }
         if m.queue.len() >= limit {
-            m.closed = Some(EventClose::TooSlow);
+            m.too_slow = true;
             m.queue.clear();
             metrics::counter!("ddp_event_listeners_dropped_total").increment(1);
         } else {
             m.queue.push_back(frame.clone());
         }
         drop(m);
-        self.wake.notify_one();
-    }
-
-    fn close(&self, reason: EventClose) {
-        if let Ok(mut m) = self.mailbox.lock() {
-            m.closed.get_or_insert(reason);
-        }
         self.wake.notify_one();
     }
 }
@@ -128,7 +104,7 @@ struct Listeners {
 }
 
 /// The event bus. See the [module docs](self).
-pub struct EventBus {
+pub(crate) struct EventBus {
     listeners: Mutex<Listeners>,
     next_id: AtomicU64,
     mailbox_limit: usize,
@@ -166,7 +142,7 @@ struct DeviceData {
     device_id: DeviceId,
 }
 
-fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D, origin: Origin) -> String {
+fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D, origin: Origin) -> Result<String> {
     let (origin_device_id, origin_project_key_id) = match origin {
         Origin::Admin => (None, None),
         Origin::Device(d) => (Some(d), None),
@@ -180,7 +156,7 @@ fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D
         origin_device_id,
         origin_project_key_id,
     };
-    serde_json::to_string(&env).unwrap_or_default()
+    serde_json::to_string(&env).map_err(Error::internal)
 }
 
 /// Longest event type, in characters.
@@ -189,21 +165,21 @@ const MAX_EVENT_TYPE: usize = 255;
 impl EventBus {
     /// A bus whose listeners may fall `mailbox_limit` events behind; device homes are read from
     /// `store`.
-    pub fn new(store: Arc<dyn Store>, mailbox_limit: usize) -> EventBus {
+    pub(crate) fn new(store: Arc<dyn Store>, mailbox_limit: usize) -> EventBus {
         EventBus { listeners: Mutex::default(), next_id: AtomicU64::new(1), mailbox_limit: mailbox_limit.max(1), store }
     }
 
-    /// Starts a stream for `principal`, of `homes` (`None`: every home). The caller has checked
-    /// that the principal may see them.
-    pub fn listen(self: &Arc<Self>, principal: Principal, homes: Option<Vec<HomeId>>) -> ListenerGuard {
+    /// Starts a stream of `homes` (`None`: every home). The gate has checked that its holder
+    /// may see them.
+    pub(crate) fn listen(self: &Arc<Self>, homes: Option<Vec<HomeId>>) -> Result<ListenerGuard> {
         let listener = Arc::new(Listener {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            principal,
             homes: homes.clone(),
             mailbox: Mutex::default(),
             wake: Notify::new(),
         });
-        if let Ok(mut l) = self.listeners.lock() {
+        {
+            let mut l = locks::grant(&self.listeners)?;
             match &homes {
                 None => l.all_homes.push(listener.clone()),
                 Some(homes) => {
@@ -214,11 +190,12 @@ impl EventBus {
             }
         }
         metrics::gauge!("ddp_event_listeners").increment(1.0);
-        ListenerGuard { bus: self.clone(), listener }
+        Ok(ListenerGuard { bus: self.clone(), listener })
     }
 
     fn unlisten(&self, listener: &Listener) {
-        if let Ok(mut l) = self.listeners.lock() {
+        {
+            let mut l = locks::recover(&self.listeners);
             match &listener.homes {
                 None => l.all_homes.retain(|x| x.id != listener.id),
                 Some(homes) => {
@@ -237,23 +214,26 @@ impl EventBus {
     }
 
     /// Hands an event to every listener of `home`; `make` builds it only if someone listens.
-    pub fn publish(&self, home: HomeId, make: impl FnOnce() -> Utf8Bytes) {
-        let targets: Vec<Arc<Listener>> = match self.listeners.lock() {
-            Ok(l) => l.all_homes.iter().chain(l.by_home.get(&home).into_iter().flatten()).cloned().collect(),
-            Err(_) => return,
+    /// An event whose envelope cannot be serialized is logged and dropped (events are not
+    /// stored; listeners re-read the stores).
+    pub(crate) fn publish(&self, home: HomeId, make: impl FnOnce() -> Result<Json>) {
+        let targets: Vec<Arc<Listener>> = {
+            let l = locks::recover(&self.listeners);
+            l.all_homes.iter().chain(l.by_home.get(&home).into_iter().flatten()).cloned().collect()
         };
         metrics::counter!("ddp_events_total").increment(1);
         if targets.is_empty() {
             return;
         }
-        let frame = Arc::new(EventFrame { home, json: make() });
+        let Ok(json) = make() else { return };
+        let frame = Arc::new(EventFrame { json });
         for listener in &targets {
             listener.deliver(&frame, self.mailbox_limit);
         }
     }
 
     /// The system event of a committed key-value change (none for a device in no home).
-    pub fn change(&self, change: &Change) {
+    pub(crate) fn change(&self, change: &Change) {
         let Some(home) = change.home else { return };
         let (device_id, saved, deleted) = match change.store {
             StoreRef::Device(d) => (Some(d), "_deviceKVSaved_", "_deviceKVDeleted_"),
@@ -262,24 +242,26 @@ impl EventBus {
         let event_type = if change.value.is_some() { saved } else { deleted };
         self.publish(home, || {
             let data = KvData { device_id, key: change.key.as_str(), value: change.value.as_ref(), rev: change.rev };
-            Utf8Bytes::from(envelope(home, change.time, event_type, data, change.origin))
+            envelope(home, change.time, event_type, data, change.origin).map(Json::from_serialized)
         });
     }
 
     /// `_deviceConnected_` / `_deviceDisconnected_` of a device in `home` (none for a device in
     /// no home), on every node.
-    pub async fn presence(&self, home: Option<HomeId>, device: DeviceId, connected: bool, at: Timestamp) {
+    pub(crate) async fn presence(&self, home: Option<HomeId>, device: DeviceId, connected: bool, at: Timestamp) {
         let Some(home) = home else { return };
         let event_type = if connected { "_deviceConnected_" } else { "_deviceDisconnected_" };
-        let json = envelope(home, at, event_type, DeviceData { device_id: device }, Origin::Device(device));
+        let Ok(json) = envelope(home, at, event_type, DeviceData { device_id: device }, Origin::Device(device)) else {
+            return;
+        };
         if let Err(e) = self.store.broadcast_event(home, json).await {
             tracing::warn!(%device, event_type, error = %e, "presence event lost");
         }
     }
 
     /// A device event (`{"eventType","eventData"}`), raised by or for `device` — the one path
-    /// for REST and MQTT. A device in no home raises nothing.
-    pub async fn raise(&self, who: &Principal, device: DeviceId, body: &[u8]) -> Result<()> {
+    /// for every transport, reached through the gate. A device in no home raises nothing.
+    pub(crate) async fn raise(&self, who: &Principal, device: DeviceId, body: &[u8]) -> Result<()> {
         #[derive(serde::Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct Body<'a> {
@@ -315,27 +297,17 @@ impl EventBus {
         let Some(home) = home else { return Ok(()) };
         let origin = who.origin();
         let json = match &data {
-            Some(v) => envelope(home, Timestamp::now(), &event_type, v, origin),
-            None => envelope(home, Timestamp::now(), &event_type, serde_json::json!({}), origin),
+            Some(v) => envelope(home, Timestamp::now(), &event_type, v, origin)?,
+            None => envelope(home, Timestamp::now(), &event_type, serde_json::json!({}), origin)?,
         };
         // Through the store, so the listeners of every node hear it.
         self.store.broadcast_event(home, json).await?;
         Ok(())
     }
-
-    /// Ends the streams of a revoked project key.
-    pub fn close_project_key(&self, key: ApiKeyId) {
-        let Ok(l) = self.listeners.lock() else { return };
-        for listener in l.all_homes.iter().chain(l.by_home.values().flatten()) {
-            if matches!(&listener.principal, Principal::Project(k) if k.id == key) {
-                listener.close(EventClose::KeyRevoked);
-            }
-        }
-    }
 }
 
 /// A live event stream; stops when dropped.
-pub struct ListenerGuard {
+pub(crate) struct ListenerGuard {
     bus: Arc<EventBus>,
     listener: Arc<Listener>,
 }

@@ -5,81 +5,78 @@
 //! - key-value changes go to the [`Hub`], which hands them to live sessions, and become system
 //!   events on the [`EventBus`];
 //! - events raised on any node (device events, presence) go to this node's [`EventBus`];
-//! - admin changes clear the authentication cache and end the sessions they invalidate: a rotated
-//!   key's sessions, a deleted device's sessions, a revoked project key's sessions, and project-key
-//!   watchers whose view of a device may have changed (they may reconnect and be re-checked).
+//! - admin changes clear the authentication cache and end, through the session registry
+//!   ([`Sessions`]), every session they invalidate — a rotated key's, a deleted device's (its own
+//!   and those watching it), a revoked project key's, and scoped project keys' sessions whose
+//!   view changed (they may reconnect and are checked again) — whatever transport they use and
+//!   whatever they have subscribed to.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use ddp_store::{AdminChange, CommitSink, Committed, StoreRef};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use ddp_store::{AdminChange, CommitSink, Committed};
 
-use crate::auth::{AuthCache, Principal};
+use crate::auth::AuthCache;
 use crate::events::EventBus;
-use crate::hub::{CloseReason, Hub};
+use crate::hub::Hub;
+use crate::json::Json;
+use crate::sessions::Sessions;
 
 /// The server's [`CommitSink`].
-pub struct Fanout {
+pub(crate) struct Fanout {
     auth_cache: Arc<AuthCache>,
     hub: Arc<Hub>,
-    events: std::sync::OnceLock<Arc<EventBus>>,
+    /// The event bus and the session registry read the store, so they exist only after it is
+    /// open; nothing can be live before then.
+    after_open: OnceLock<(Arc<EventBus>, Arc<Sessions>)>,
 }
 
 impl Fanout {
     /// A fan-out to `hub` that keeps `auth_cache` true to admin changes.
-    pub fn new(auth_cache: Arc<AuthCache>, hub: Arc<Hub>) -> Fanout {
-        Fanout { auth_cache, hub, events: std::sync::OnceLock::new() }
+    pub(crate) fn new(auth_cache: Arc<AuthCache>, hub: Arc<Hub>) -> Fanout {
+        Fanout { auth_cache, hub, after_open: OnceLock::new() }
     }
 
-    /// Connects the event bus (it reads the store, so it exists only after the store is open).
-    pub fn set_events(&self, events: Arc<EventBus>) {
-        let _ = self.events.set(events);
+    /// Connects the event bus and the session registry.
+    pub(crate) fn connect(&self, events: Arc<EventBus>, sessions: Arc<Sessions>) {
+        let _ = self.after_open.set((events, sessions));
     }
 
-    fn admin(&self, change: &AdminChange) {
-        let is_scoped_project = |p: &Principal| matches!(p, Principal::Project(k) if k.homes.is_some());
+    fn admin(sessions: &Sessions, change: &AdminChange) {
         match *change {
-            AdminChange::DeviceKeyRotated(d) => self.hub.close_device_key(d, CloseReason::KeyRotated),
-            AdminChange::DeviceDeleted(d) => {
-                self.hub.close_store(StoreRef::Device(d), |_| true, CloseReason::DeviceDeleted)
-            }
-            AdminChange::ApiKeyDeleted(k) => {
-                self.hub.close_project_key(k, CloseReason::KeyRevoked);
-                if let Some(events) = self.events.get() {
-                    events.close_project_key(k);
-                }
-            }
-            AdminChange::DeviceMoved { device, to, .. } => self.hub.close_store(
-                StoreRef::Device(device),
-                |p| is_scoped_project(p) && !to.is_some_and(|h| p.sees_home(h)),
-                CloseReason::AccessChanged,
-            ),
-            AdminChange::HomeDeleted(_) => self.hub.close_where(is_scoped_project, CloseReason::AccessChanged),
+            AdminChange::DeviceKeyRotated(d) => sessions.key_rotated(d),
+            AdminChange::DeviceDeleted(d) => sessions.device_deleted(d),
+            AdminChange::ApiKeyDeleted(k) => sessions.key_revoked(k),
+            AdminChange::DeviceMoved { device, to, .. } => sessions.device_moved(device, to),
+            AdminChange::HomeDeleted(h) => sessions.home_deleted(h),
         }
     }
 }
 
 impl CommitSink for Fanout {
     fn committed(&self, batch: &[Committed]) {
+        let after_open = self.after_open.get();
         let mut admin_changed = false;
         for item in batch {
             match item {
                 Committed::Kv(change) => {
                     self.hub.publish(change);
-                    if let Some(events) = self.events.get() {
+                    if let Some((events, _)) = after_open {
                         events.change(change);
                     }
                 }
                 Committed::Admin(change) => {
+                    // First the cache (so no new lookup finds the old key), then the sessions.
                     if !admin_changed {
                         self.auth_cache.invalidate();
                         admin_changed = true;
                     }
-                    self.admin(change);
+                    if let Some((_, sessions)) = after_open {
+                        Fanout::admin(sessions, change);
+                    }
                 }
                 Committed::Event { home, json } => {
-                    if let Some(events) = self.events.get() {
-                        events.publish(*home, || Utf8Bytes::from(&**json));
+                    if let Some((events, _)) = after_open {
+                        events.publish(*home, || Ok(Json::from_shared(json.clone())));
                     }
                 }
             }

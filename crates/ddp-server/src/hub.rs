@@ -7,99 +7,70 @@
 //! snapshot. A change's sync message is serialized once and shared by every session (and every
 //! transport: WebSocket text frames and MQTT payloads carry the same JSON).
 //!
-//! The hub knows nothing of transports or of where changes come from, so the MQTT listener and
-//! (with a shared database) changes made on other nodes feed the same sessions the same way.
+//! The hub only moves data: who may watch a store is decided before a subscription exists (by
+//! the gate, [`Kv`](crate::kv::Kv)), and ending sessions is the session registry's
+//! ([`Sessions`](crate::sessions::Sessions)). It knows nothing of transports or of where changes
+//! come from, so changes made on other nodes feed the same sessions the same way.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ddp_protocol::Rev;
 use ddp_protocol::sync::ServerMessage;
-use ddp_protocol::{ApiKeyId, DeviceId, Rev};
 use ddp_store::{Change, StoreRef};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::auth::Principal;
+use crate::error::Result;
+use crate::json::Json;
+use crate::locks;
 
 /// A committed change with its sync message, serialized once for every session.
 #[derive(Debug)]
-pub struct ChangeFrame {
+pub(crate) struct ChangeFrame {
     /// The change.
-    pub change: Change,
+    pub(crate) change: Change,
     /// `{"action":"set"|"delete","rev":…,"key":…[,"value":…]}`.
-    pub json: Utf8Bytes,
+    pub(crate) json: Json,
 }
 
 impl ChangeFrame {
     /// The frame for `change`.
-    pub fn new(change: Change) -> ChangeFrame {
+    pub(crate) fn new(change: Change) -> Result<ChangeFrame> {
         let message = match &change.value {
             Some(value) => ServerMessage::Set { rev: change.rev, key: change.key.clone(), value: value.clone() },
             None => ServerMessage::Delete { rev: change.rev, key: change.key.clone() },
         };
-        let json = serde_json::to_string(&message).unwrap_or_default();
-        ChangeFrame { change, json: Utf8Bytes::from(json) }
+        let json = Json::encode(&message)?;
+        Ok(ChangeFrame { change, json })
     }
 
     /// The change's rev.
-    pub fn rev(&self) -> Rev {
+    pub(crate) fn rev(&self) -> Rev {
         self.change.rev
-    }
-}
-
-/// Why the server ended a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The device's key was rotated.
-    KeyRotated,
-    /// The device was deleted.
-    DeviceDeleted,
-    /// The project API key was revoked.
-    KeyRevoked,
-    /// The key's view of the device changed (device moved, home deleted); reconnect to re-check.
-    AccessChanged,
-    /// The server is shutting down.
-    ShuttingDown,
-}
-
-impl CloseReason {
-    /// A sentence for close frames and logs.
-    pub fn message(self) -> &'static str {
-        match self {
-            CloseReason::KeyRotated => "the device key was rotated",
-            CloseReason::DeviceDeleted => "the device was deleted",
-            CloseReason::KeyRevoked => "the API key was revoked",
-            CloseReason::AccessChanged => "access changed; reconnect",
-            CloseReason::ShuttingDown => "the server is shutting down",
-        }
     }
 }
 
 /// What a session gets from its subscription.
 #[derive(Debug)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// Changes in rev order.
     Changes(VecDeque<Arc<ChangeFrame>>),
-    /// The mailbox overflowed: changes were dropped; take a fresh snapshot.
+    /// Changes were dropped (the mailbox overflowed): take a fresh snapshot.
     Lagged,
-    /// The server ended the session.
-    Closed(CloseReason),
 }
 
 #[derive(Default)]
 struct Mailbox {
     queue: VecDeque<Arc<ChangeFrame>>,
     lagged: bool,
-    closed: Option<CloseReason>,
 }
 
 /// One session's interest in one store.
-pub struct Subscription {
+pub(crate) struct Subscription {
     id: u64,
     store: StoreRef,
-    principal: Principal,
     mailbox: Mutex<Mailbox>,
     wake: Notify,
 }
@@ -107,7 +78,7 @@ pub struct Subscription {
 impl Subscription {
     /// Waits for the next delivery. Cancel-safe: nothing is taken from the mailbox until the
     /// future completes.
-    pub async fn recv(&self) -> Delivery {
+    pub(crate) async fn recv(&self) -> Delivery {
         loop {
             if let Some(delivery) = self.take() {
                 return delivery;
@@ -117,10 +88,7 @@ impl Subscription {
     }
 
     fn take(&self) -> Option<Delivery> {
-        let mut m = self.mailbox.lock().ok()?;
-        if let Some(reason) = m.closed {
-            return Some(Delivery::Closed(reason));
-        }
+        let mut m = locks::recover(&self.mailbox);
         if m.lagged {
             m.lagged = false;
             m.queue.clear();
@@ -130,32 +98,22 @@ impl Subscription {
     }
 
     fn deliver(&self, frame: &Arc<ChangeFrame>, limit: usize) {
-        let Ok(mut m) = self.mailbox.lock() else { return };
-        if m.closed.is_some() {
-            return;
-        }
+        let mut m = locks::recover(&self.mailbox);
         if m.queue.len() >= limit {
-            if !m.lagged {
-                metrics::counter!("ddp_lag_reloads_total").increment(1);
-            }
-            m.lagged = true;
-            m.queue.clear();
+            self.lag(&mut m);
         }
         m.queue.push_back(frame.clone());
         drop(m);
         self.wake.notify_one();
     }
 
-    fn close(&self, reason: CloseReason) {
-        if let Ok(mut m) = self.mailbox.lock() {
-            m.closed.get_or_insert(reason);
+    /// Drops what is queued: the session takes a fresh snapshot.
+    fn lag(&self, m: &mut Mailbox) {
+        if !m.lagged {
+            metrics::counter!("ddp_lag_reloads_total").increment(1);
         }
-        self.wake.notify_one();
-    }
-
-    /// Who holds the session.
-    pub fn principal(&self) -> &Principal {
-        &self.principal
+        m.lagged = true;
+        m.queue.clear();
     }
 }
 
@@ -164,7 +122,7 @@ const SHARDS: usize = 32;
 type Topics = HashMap<StoreRef, Vec<Arc<Subscription>>>;
 
 /// The hub. See the [module docs](self).
-pub struct Hub {
+pub(crate) struct Hub {
     shards: Box<[Mutex<Topics>]>,
     next_id: AtomicU64,
     mailbox_limit: usize,
@@ -173,7 +131,7 @@ pub struct Hub {
 
 impl Hub {
     /// A hub whose session mailboxes hold at most `mailbox_limit` changes.
-    pub fn new(mailbox_limit: usize) -> Hub {
+    pub(crate) fn new(mailbox_limit: usize) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             next_id: AtomicU64::new(1),
@@ -187,24 +145,20 @@ impl Hub {
     }
 
     /// Subscribes to `store`'s changes; the subscription ends when the guard is dropped.
-    pub fn subscribe(self: &Arc<Self>, store: StoreRef, principal: Principal) -> SubscriptionGuard {
+    pub(crate) fn subscribe(self: &Arc<Self>, store: StoreRef) -> Result<SubscriptionGuard> {
         let sub = Arc::new(Subscription {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             store,
-            principal,
             mailbox: Mutex::new(Mailbox::default()),
             wake: Notify::new(),
         });
-        if let Ok(mut topics) = self.shard(store).lock() {
-            topics.entry(store).or_default().push(sub.clone());
-        }
-        SubscriptionGuard { hub: self.clone(), sub }
+        locks::grant(self.shard(store))?.entry(store).or_default().push(sub.clone());
+        Ok(SubscriptionGuard { hub: self.clone(), sub })
     }
 
     fn unsubscribe(&self, sub: &Subscription) {
-        if let Ok(mut topics) = self.shard(sub.store).lock()
-            && let Some(subs) = topics.get_mut(&sub.store)
-        {
+        let mut topics = locks::recover(self.shard(sub.store));
+        if let Some(subs) = topics.get_mut(&sub.store) {
             subs.retain(|s| s.id != sub.id);
             if subs.is_empty() {
                 topics.remove(&sub.store);
@@ -212,61 +166,39 @@ impl Hub {
         }
     }
 
-    /// Hands `change` to every session of its store. Never blocks on a session.
-    pub fn publish(&self, change: &Change) {
-        let subs: Vec<Arc<Subscription>> = match self.shard(change.store).lock() {
-            Ok(topics) => match topics.get(&change.store) {
-                Some(subs) => subs.clone(),
-                None => return,
-            },
-            Err(_) => return,
+    /// Hands `change` to every session of its store. Never blocks on a session. If its message
+    /// cannot be serialized, every session of the store is sent a fresh reload instead: a
+    /// session never silently misses a change.
+    pub(crate) fn publish(&self, change: &Change) {
+        let subs: Vec<Arc<Subscription>> = match locks::recover(self.shard(change.store)).get(&change.store) {
+            Some(subs) => subs.clone(),
+            None => return,
         };
-        let frame = Arc::new(ChangeFrame::new(change.clone()));
-        for sub in &subs {
-            sub.deliver(&frame, self.mailbox_limit);
-        }
-    }
-
-    /// Ends the sessions of `store` whose holder matches `which`.
-    pub fn close_store(&self, store: StoreRef, which: impl Fn(&Principal) -> bool, reason: CloseReason) {
-        if let Ok(topics) = self.shard(store).lock()
-            && let Some(subs) = topics.get(&store)
-        {
-            for sub in subs.iter().filter(|s| which(&s.principal)) {
-                sub.close(reason);
+        match ChangeFrame::new(change.clone()) {
+            Ok(frame) => {
+                let frame = Arc::new(frame);
+                for sub in &subs {
+                    sub.deliver(&frame, self.mailbox_limit);
+                }
             }
-        }
-    }
-
-    /// Ends every session whose holder matches `which`, on any store.
-    pub fn close_where(&self, which: impl Fn(&Principal) -> bool, reason: CloseReason) {
-        for shard in self.shards.iter() {
-            if let Ok(topics) = shard.lock() {
-                for sub in topics.values().flatten().filter(|s| which(&s.principal)) {
-                    sub.close(reason);
+            Err(_) => {
+                for sub in &subs {
+                    sub.lag(&mut locks::recover(&sub.mailbox));
+                    sub.wake.notify_one();
                 }
             }
         }
     }
 
-    /// Ends the sessions held by a device's own key.
-    pub fn close_device_key(&self, device: DeviceId, reason: CloseReason) {
-        self.close_store(StoreRef::Device(device), |p| *p == Principal::Device(device), reason);
-    }
-
-    /// Ends the sessions held by a project key.
-    pub fn close_project_key(&self, key: ApiKeyId, reason: CloseReason) {
-        self.close_where(|p| matches!(p, Principal::Project(k) if k.id == key), reason);
-    }
-
     /// Live subscriptions (for tests and metrics).
-    pub fn subscriptions(&self) -> usize {
-        self.shards.iter().filter_map(|s| s.lock().ok()).map(|t| t.values().map(Vec::len).sum::<usize>()).sum()
+    #[cfg(test)]
+    pub(crate) fn subscriptions(&self) -> usize {
+        self.shards.iter().map(|s| locks::recover(s).values().map(Vec::len).sum::<usize>()).sum()
     }
 }
 
 /// A live subscription; unsubscribes when dropped.
-pub struct SubscriptionGuard {
+pub(crate) struct SubscriptionGuard {
     hub: Arc<Hub>,
     sub: Arc<Subscription>,
 }
@@ -287,10 +219,10 @@ impl Drop for SubscriptionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ddp_protocol::{Key, Timestamp, Value};
+    use ddp_protocol::{DeviceId, Key, Timestamp, Value};
     use ddp_store::Origin;
 
-    fn change(store: StoreRef, rev: u64) -> Change {
+    pub(crate) fn change(store: StoreRef, rev: u64) -> Change {
         Change {
             store,
             rev: Rev(rev),
@@ -314,20 +246,20 @@ mod tests {
         let hub = Arc::new(Hub::new(10));
         let a = StoreRef::Device(DeviceId::new(1).expect("id"));
         let b = StoreRef::Device(DeviceId::new(2).expect("id"));
-        let sub = hub.subscribe(a, Principal::Admin);
+        let sub = hub.subscribe(a).expect("subscribed");
         hub.publish(&change(a, 1));
         hub.publish(&change(b, 1));
         hub.publish(&change(a, 2));
         assert_eq!(revs(sub.recv().await), [1, 2]);
-        let frame = ChangeFrame::new(change(a, 3));
-        assert_eq!(frame.json.as_str(), r#"{"action":"set","rev":3,"key":"k","value":3}"#);
+        let frame = ChangeFrame::new(change(a, 3)).expect("frame");
+        assert_eq!(frame.json.text(), r#"{"action":"set","rev":3,"key":"k","value":3}"#);
     }
 
     #[tokio::test]
     async fn an_overflowing_mailbox_is_flagged_lagged_and_keeps_what_came_after() {
         let hub = Arc::new(Hub::new(3));
         let a = StoreRef::Device(DeviceId::new(1).expect("id"));
-        let sub = hub.subscribe(a, Principal::Admin);
+        let sub = hub.subscribe(a).expect("subscribed");
         for rev in 1..=5 {
             hub.publish(&change(a, rev));
         }
@@ -337,19 +269,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn closing_reaches_only_the_matching_sessions_and_dropping_unsubscribes() {
+    async fn dropping_a_subscription_unsubscribes() {
         let hub = Arc::new(Hub::new(10));
-        let d = DeviceId::new(7).expect("id");
-        let store = StoreRef::Device(d);
-        let device_session = hub.subscribe(store, Principal::Device(d));
-        let admin_session = hub.subscribe(store, Principal::Admin);
-        hub.close_device_key(d, CloseReason::KeyRotated);
-        assert!(matches!(device_session.recv().await, Delivery::Closed(CloseReason::KeyRotated)));
-        hub.publish(&change(store, 1));
-        assert_eq!(revs(admin_session.recv().await), [1], "the admin's watch is not the device's key");
+        let store = StoreRef::Device(DeviceId::new(7).expect("id"));
+        let one = hub.subscribe(store).expect("subscribed");
+        let two = hub.subscribe(store).expect("subscribed");
         assert_eq!(hub.subscriptions(), 2);
-        drop(device_session);
-        drop(admin_session);
+        drop(one);
+        hub.publish(&change(store, 1));
+        assert_eq!(revs(two.recv().await), [1]);
+        drop(two);
         assert_eq!(hub.subscriptions(), 0);
     }
 }

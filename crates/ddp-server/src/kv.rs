@@ -1,25 +1,45 @@
-//! The one write path and read path of the key-value stores, shared by every transport.
+//! The gate: the one door every transport goes through, for every request and every session.
 //!
-//! Transports decode and authenticate; everything else happens here, once: authorization
-//! (PROTOCOL.md §1), validation and limits (§3, §3.3), the durable write (the store assigns the
-//! rev), and metrics. Fan-out to live sessions and events does not happen here: the store hands
-//! every commit to the [`Fanout`](crate::fanout::Fanout) in commit order, whoever wrote it.
+//! Transports decode their wire into a call here and encode the answer; everything else happens
+//! here, once, whatever the transport:
+//!
+//! - **authentication** of tokens and device keys ([`Kv::authenticate`]);
+//! - **rate limits** ([`Kv::admit`]): every read, write, event and session open by a device or
+//!   project key is counted the same way; a refusal is an [`Error`] with `retry_after`, which
+//!   each transport maps to its wire (HTTP 429, an `error` frame, an MQTT reason code);
+//! - **authorization** (PROTOCOL.md §1) of every read and write, and of every session before it
+//!   exists: a watch or an event stream can only be had for a [`Session`] the gate opened, so no
+//!   transport can forget to check;
+//! - **validation and limits** (§3, §3.3), and the durable write (the store assigns the rev);
+//! - **device frames** ([`Kv::device_frame`]): the `set`/`delete` messages devices send over
+//!   WebSocket and MQTT are parsed and dispatched here, for both;
+//! - **sessions**, registered with [`Sessions`] so that a revocation ends them.
+//!
+//! Fan-out to live sessions and events does not happen here: the store hands every commit to the
+//! [`Fanout`](crate::fanout::Fanout) in commit order, whoever wrote it.
 
 use std::sync::Arc;
 
-use ddp_protocol::{Key, Reason, Value};
-use ddp_store::{Change, Condition, ItemRecord, KvAction, KvWrite, Snapshot, Store, StoreRef};
+use ddp_protocol::sync::DeviceRequest;
+use ddp_protocol::{DeviceId, HomeId, Key, Reason, Rev, Value};
+use ddp_store::{Change, Condition, ItemRecord, KvAction, KvWrite, Snapshot, Store, StoreError, StoreRef};
 
-use crate::auth::Principal;
-use crate::config::Limits;
+use crate::auth::{Authenticated, Authenticator, Principal};
+use crate::config::{Limits, RateLimits};
 use crate::error::{Error, Result};
+use crate::events::{EventBus, ListenerGuard};
+use crate::hub::Hub;
+use crate::json::Json;
+use crate::ratelimit::RateLimiter;
+use crate::sessions::{CloseReason, Purpose, Session, Sessions};
+use crate::watch::Watch;
 
 /// The transport a request came in on (for metrics and logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// REST over HTTP.
     Rest,
-    /// A WebSocket sync session.
+    /// A WebSocket session (sync or events).
     WebSocket,
     /// An MQTT session.
     Mqtt,
@@ -27,7 +47,7 @@ pub enum Transport {
 
 impl Transport {
     /// The label used in metrics.
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Transport::Rest => "rest",
             Transport::WebSocket => "websocket",
@@ -37,34 +57,93 @@ impl Transport {
 }
 
 /// Parses a key, answering `400 INVALID_KEY`.
-pub fn parse_key(text: &str) -> Result<Key> {
+pub(crate) fn parse_key(text: &str) -> Result<Key> {
     Key::new(text)
         .map_err(|e| Error::new(Reason::InvalidKey, e.to_string()).with_data(serde_json::json!({ "key": text })))
 }
 
-/// The key-value service.
-pub struct Kv {
+/// A device frame that was not applied: why, and the key it named (for the `error` frame).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    /// Why.
+    pub(crate) error: Error,
+    /// The key the frame named, if it named one.
+    pub(crate) key: Option<String>,
+}
+
+/// The parts the gate guards.
+pub(crate) struct Parts {
+    /// Storage.
+    pub(crate) store: Arc<dyn Store>,
+    /// Size and count limits.
+    pub(crate) limits: Limits,
+    /// Request rates.
+    pub(crate) rate_limits: RateLimits,
+    /// Tokens to principals.
+    pub(crate) auth: Authenticator,
+    /// Committed changes to live sessions.
+    pub(crate) hub: Arc<Hub>,
+    /// The session registry.
+    pub(crate) sessions: Arc<Sessions>,
+    /// Home events.
+    pub(crate) events: Arc<EventBus>,
+}
+
+/// The gate. See the [module docs](self).
+pub(crate) struct Kv {
     store: Arc<dyn Store>,
     limits: Limits,
+    auth: Authenticator,
+    limiter: RateLimiter,
+    hub: Arc<Hub>,
+    sessions: Arc<Sessions>,
+    events: Arc<EventBus>,
 }
 
 impl Kv {
-    /// The service over `store` with `limits`.
-    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Kv {
-        Kv { store, limits }
+    /// The gate over `parts`.
+    pub(crate) fn new(parts: Parts) -> Kv {
+        Kv {
+            store: parts.store,
+            limits: parts.limits,
+            auth: parts.auth,
+            limiter: RateLimiter::new(parts.rate_limits),
+            hub: parts.hub,
+            sessions: parts.sessions,
+            events: parts.events,
+        }
     }
 
     /// The limits in force.
-    pub fn limits(&self) -> &Limits {
+    pub(crate) fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The session registry (for shutdown).
+    pub(crate) fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    // ---- who is calling ----
+
+    /// The principal holding `token`, or 401.
+    pub(crate) async fn authenticate(&self, token: &str) -> Result<Authenticated> {
+        self.auth.authenticate(token).await
+    }
+
+    /// Counts one request of `who` against its key's rate: `429 RATE_LIMIT_EXCEEDED` with
+    /// `retry_after` beyond it. The admin key is never limited.
+    pub(crate) fn admit(&self, who: &Principal) -> Result<()> {
+        self.limiter.check(who)
     }
 
     /// Checks that `who` may read (or, with `write`, write) `store`.
     ///
     /// Devices get 403 for any store but their own, whether or not it exists, so they never
-    /// learn which devices exist. Project keys see the homes in their scope and those homes'
-    /// devices; an unscoped key sees every home and every device.
-    pub async fn authorize(&self, who: &Principal, store: StoreRef, write: bool) -> Result<()> {
+    /// learn which devices exist; so do scoped project keys for devices outside their homes,
+    /// existing or not. Project keys see the homes in their scope and those homes' devices; an
+    /// unscoped key sees every home and every device (and gets 404 for one that does not exist).
+    async fn authorize(&self, who: &Principal, store: StoreRef, write: bool) -> Result<()> {
         if write && !who.may_write() {
             return Err(Error::denied(format!("{who} is read-only")));
         }
@@ -80,27 +159,32 @@ impl Kv {
                 }
             }
             (Principal::Project(k), StoreRef::Device(d)) => {
-                if k.homes.is_none() {
-                    // Unscoped: every device, but a missing one is still a 404.
-                    self.store.device(d).await?;
-                    return Ok(());
-                }
-                match self.store.device(d).await?.home {
-                    Some(h) if who.sees_home(h) => Ok(()),
-                    _ => Err(Error::denied(format!("{who} may not see device {d}"))),
+                let home = match self.store.device(d).await {
+                    Ok(device) => device.home,
+                    Err(StoreError::DeviceNotFound(_)) if k.homes.is_some() => None,
+                    Err(e) => return Err(e.into()),
+                };
+                if k.homes.is_none() || home.is_some_and(|h| who.sees_home(h)) {
+                    Ok(())
+                } else {
+                    Err(Error::denied(format!("{who} may not see device {d}")))
                 }
             }
         }
     }
 
+    // ---- requests ----
+
     /// One item.
-    pub async fn get(&self, who: &Principal, store: StoreRef, key: Key) -> Result<ItemRecord> {
+    pub(crate) async fn get(&self, who: &Principal, store: StoreRef, key: Key) -> Result<ItemRecord> {
+        self.admit(who)?;
         self.authorize(who, store, false).await?;
         Ok(self.store.get(store, key).await?)
     }
 
     /// The store's rev and items (those starting with `prefix`, when given).
-    pub async fn snapshot(&self, who: &Principal, store: StoreRef, prefix: Option<&str>) -> Result<Snapshot> {
+    pub(crate) async fn snapshot(&self, who: &Principal, store: StoreRef, prefix: Option<&str>) -> Result<Snapshot> {
+        self.admit(who)?;
         if let Some(p) = prefix
             && !p.is_empty()
             && let Err(e) = Key::validate(p)
@@ -112,7 +196,7 @@ impl Kv {
     }
 
     /// Sets `key` to `value`; returns the committed change (with the store's new rev).
-    pub async fn set(
+    pub(crate) async fn set(
         &self,
         who: &Principal,
         transport: Transport,
@@ -121,19 +205,12 @@ impl Kv {
         value: Value,
         condition: Condition,
     ) -> Result<Change> {
-        self.authorize(who, store, true).await?;
-        if value.len() > self.limits.max_value_bytes {
-            return Err(Error::new(
-                Reason::ValueTooLarge,
-                format!("the value is {} bytes; the limit is {} bytes", value.len(), self.limits.max_value_bytes),
-            )
-            .with_data(serde_json::json!({ "size": value.len(), "limit": self.limits.max_value_bytes })));
-        }
+        self.admit(who)?;
         self.write(who, transport, store, key, KvAction::Set(value), condition).await
     }
 
     /// Deletes `key`; returns the committed change (with the store's new rev).
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
         who: &Principal,
         transport: Transport,
@@ -141,10 +218,11 @@ impl Kv {
         key: Key,
         condition: Condition,
     ) -> Result<Change> {
-        self.authorize(who, store, true).await?;
+        self.admit(who)?;
         self.write(who, transport, store, key, KvAction::Delete, condition).await
     }
 
+    /// The one write path: authorize, check the limits, write durably.
     async fn write(
         &self,
         who: &Principal,
@@ -154,7 +232,24 @@ impl Kv {
         action: KvAction,
         condition: Condition,
     ) -> Result<Change> {
-        let op = if matches!(action, KvAction::Set(_)) { "set" } else { "delete" };
+        self.authorize(who, store, true).await?;
+        let op = match &action {
+            KvAction::Set(value) => {
+                if value.len() > self.limits.max_value_bytes {
+                    return Err(Error::new(
+                        Reason::ValueTooLarge,
+                        format!(
+                            "the value is {} bytes; the limit is {} bytes",
+                            value.len(),
+                            self.limits.max_value_bytes
+                        ),
+                    )
+                    .with_data(serde_json::json!({ "size": value.len(), "limit": self.limits.max_value_bytes })));
+                }
+                "set"
+            }
+            KvAction::Delete => "delete",
+        };
         let write =
             KvWrite { store, key, action, condition, max_keys: self.limits.max_keys_per_store, origin: who.origin() };
         let result = self.store.write(write).await;
@@ -162,5 +257,138 @@ impl Kv {
         metrics::counter!("ddp_writes_total", "transport" => transport.as_str(), "op" => op, "outcome" => outcome)
             .increment(1);
         Ok(result?)
+    }
+
+    /// Raises a device event (`{"eventType","eventData"}`) for `device`: by the device itself,
+    /// the admin, or a read-write project key that may see the device.
+    pub(crate) async fn raise_event(&self, who: &Principal, device: DeviceId, body: &[u8]) -> Result<()> {
+        self.admit(who)?;
+        self.authorize(who, StoreRef::Device(device), true).await?;
+        self.events.raise(who, device, body).await
+    }
+
+    // ---- sessions ----
+
+    /// Opens a sync session of `auth` on `store` (WebSocket): it may watch the store and, with
+    /// the right, write it.
+    pub(crate) async fn open_sync(
+        &self,
+        auth: Authenticated,
+        transport: Transport,
+        store: StoreRef,
+    ) -> Result<Session> {
+        self.open(auth, Purpose::Sync(store), transport).await
+    }
+
+    /// Opens a device's own connection (MQTT CONNECT): `key` must be `device`'s key.
+    pub(crate) async fn open_device(&self, device: DeviceId, key: &str, transport: Transport) -> Result<Session> {
+        let auth = self.auth.authenticate_device(device, key).await?;
+        self.open(auth, Purpose::Device(device), transport).await
+    }
+
+    /// Opens an app's event stream of the `requested` homes (none: every home its key may see).
+    pub(crate) async fn open_events(
+        &self,
+        auth: Authenticated,
+        requested: Vec<HomeId>,
+    ) -> Result<(Session, ListenerGuard)> {
+        let homes = if requested.is_empty() { None } else { Some(requested) };
+        let session = self.open(auth, Purpose::Events(homes), Transport::WebSocket).await?;
+        let homes = match (session.purpose(), session.principal()) {
+            (Purpose::Events(Some(homes)), _) => Some(homes.clone()),
+            (_, Principal::Project(k)) => k.homes.clone(),
+            _ => None,
+        };
+        let listener = self.events.listen(homes)?;
+        Ok((session, listener))
+    }
+
+    /// Admits, authorizes and registers a session. When an admin change raced with the opening
+    /// (it may have revoked the key or changed its view before the session was registered, so
+    /// the registry could not end it), the key and the right are checked again: any change
+    /// after registration reaches the session through the registry.
+    async fn open(&self, auth: Authenticated, purpose: Purpose, transport: Transport) -> Result<Session> {
+        self.admit(&auth.principal)?;
+        self.authorize_session(&auth.principal, &purpose).await?;
+        let session = self.sessions.open(auth.principal.clone(), purpose, transport).await?;
+        if self.auth.may_have_changed(&auth) {
+            let now = self.auth.again(&auth).await?;
+            if now.principal != auth.principal {
+                session.close(CloseReason::AccessChanged);
+                return Err(Error::unavailable("the key changed while the session was opening; connect again"));
+            }
+            self.authorize_session(&now.principal, session.purpose()).await?;
+        }
+        Ok(session)
+    }
+
+    async fn authorize_session(&self, who: &Principal, purpose: &Purpose) -> Result<()> {
+        match purpose {
+            Purpose::Sync(store) => {
+                self.authorize(who, *store, false).await?;
+                if let (Principal::Admin, StoreRef::Device(d)) = (who, store) {
+                    self.store.device(*d).await?; // 404 now, not a closed session later
+                }
+                Ok(())
+            }
+            Purpose::Device(d) => self.authorize(who, StoreRef::Device(*d), true).await,
+            Purpose::Events(homes) => {
+                if matches!(who, Principal::Device(_)) {
+                    return Err(Error::denied("event streams are for apps: use a project API key or the admin key"));
+                }
+                for h in homes.iter().flatten() {
+                    if !who.sees_home(*h) {
+                        return Err(Error::denied(format!("{who} may not see home {h}")));
+                    }
+                    self.store.home(*h).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts the watch of a session's store: a `reload` (or, with `since` inside the history,
+    /// a `resume` and the changes after it), then every change.
+    pub(crate) async fn watch(&self, session: &Session, since: Option<Rev>) -> Result<(Watch, Vec<Json>)> {
+        let Some(store) = session.purpose().store() else {
+            return Err(Error::denied("this session watches no store"));
+        };
+        Watch::start(self.store.clone(), &self.hub, store, since).await
+    }
+
+    /// Applies a frame a session sent (`{"action":"set"|"delete",…}`, PROTOCOL.md §4) to the
+    /// session's store: counted, parsed, authorized and written like any write.
+    pub(crate) async fn device_frame(&self, session: &Session, frame: &[u8]) -> std::result::Result<(), Refused> {
+        let who = session.principal();
+        // Parsed before it is counted, so that a refusal names the key; counted even when it
+        // does not parse, so that garbage costs a client its rate like anything else.
+        let parsed = DeviceRequest::parse(frame);
+        let key = match &parsed {
+            Ok(request) => Some(request.key().as_str().to_owned()),
+            Err(e) => e.key.clone(),
+        };
+        self.admit(who).map_err(|error| Refused { error, key: key.clone() })?;
+        let request = parsed.map_err(|e| Refused { error: Error::new(e.reason, e.message), key: e.key })?;
+        let Some(store) = session.purpose().store() else {
+            return Err(Refused { error: Error::denied("this session writes no store"), key });
+        };
+        let transport = session.transport();
+        let written = match request {
+            DeviceRequest::Set { key, value } => {
+                self.write(who, transport, store, key, KvAction::Set(value), Condition::None).await
+            }
+            DeviceRequest::Delete { key } => {
+                self.write(who, transport, store, key, KvAction::Delete, Condition::None).await
+            }
+        };
+        written.map(|_| ()).map_err(|error| Refused { error, key })
+    }
+
+    /// Raises an event a device's own session sent (MQTT `/devices/{id}/event`).
+    pub(crate) async fn session_event(&self, session: &Session, body: &[u8]) -> Result<()> {
+        let Purpose::Device(device) = session.purpose() else {
+            return Err(Error::denied("only a device's own connection raises its events"));
+        };
+        self.raise_event(session.principal(), *device, body).await
     }
 }

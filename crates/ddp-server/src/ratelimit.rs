@@ -1,8 +1,12 @@
 //! Request rates per key: a token bucket for each device key and each project API key.
+//!
+//! Only the gate ([`Kv`](crate::kv::Kv)) asks it, so every write, read, event and session open
+//! of a key is counted the same way whatever the transport; transports only map a refusal to
+//! their wire.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ddp_protocol::{ApiKeyId, DeviceId, Reason};
 
@@ -22,7 +26,7 @@ struct Bucket {
 }
 
 /// Limits requests per key; the admin key is never limited.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     limits: RateLimits,
     buckets: Mutex<HashMap<Subject, Bucket>>,
 }
@@ -32,12 +36,13 @@ const SWEEP_AT: usize = 50_000;
 
 impl RateLimiter {
     /// A limiter with `limits`.
-    pub fn new(limits: RateLimits) -> RateLimiter {
+    pub(crate) fn new(limits: RateLimits) -> RateLimiter {
         RateLimiter { limits, buckets: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes one request from the caller's bucket, or answers 429 with a retry hint.
-    pub fn check(&self, principal: &Principal) -> Result<()> {
+    /// Takes one request from the caller's bucket, or answers 429 with how long until the next
+    /// token. A poisoned lock refuses (503).
+    pub(crate) fn check(&self, principal: &Principal) -> Result<()> {
         self.check_at(principal, Instant::now())
     }
 
@@ -52,7 +57,7 @@ impl RateLimiter {
         }
         let rate = f64::from(rate);
         let capacity = 2.0 * rate;
-        let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
+        let mut buckets = crate::locks::grant(&self.buckets)?;
         if buckets.len() >= SWEEP_AT {
             buckets.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < capacity);
         }
@@ -63,19 +68,18 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             return Ok(());
         }
-        let wait = ((1.0 - bucket.tokens) / rate).ceil().max(1.0);
+        let wait = Duration::from_secs_f64((1.0 - bucket.tokens) / rate);
         Err(Error::new(
             Reason::RateLimitExceeded,
             format!("{principal} is over its limit of {rate} requests per second"),
         )
-        .with_retry_after(wait as u64))
+        .with_retry_after(wait))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn bursts_of_twice_the_rate_then_refills() {
@@ -86,7 +90,9 @@ mod tests {
             assert!(limiter.check_at(&dev, t0).is_ok());
         }
         let refused = limiter.check_at(&dev, t0).expect_err("over the burst");
-        assert_eq!((refused.reason, refused.retry_after), (Reason::RateLimitExceeded, Some(1)));
+        assert_eq!((refused.reason, refused.retry_after_secs()), (Reason::RateLimitExceeded, Some(1)));
+        let wait = refused.retry_after.expect("a wait");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(200), "exactly until the next token: {wait:?}");
         assert!(limiter.check_at(&dev, t0 + Duration::from_millis(200)).is_ok(), "one token back after 1/rate s");
         let other = Principal::Device(DeviceId::new(2).expect("id"));
         assert!(limiter.check_at(&other, t0).is_ok(), "buckets are per key");

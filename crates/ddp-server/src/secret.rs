@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 /// The kind of a secret, shown in its prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecretKind {
+pub(crate) enum SecretKind {
     /// A device API key.
     Device,
     /// A project API key.
@@ -32,13 +32,13 @@ impl SecretKind {
 }
 
 /// A new random secret of `kind`.
-pub fn generate(kind: SecretKind) -> String {
+pub(crate) fn generate(kind: SecretKind) -> String {
     let bytes: [u8; 32] = rand::rng().random();
     format!("{}{}", kind.prefix(), URL_SAFE_NO_PAD.encode(bytes))
 }
 
 /// The SHA-256 digest under which a secret is stored.
-pub fn digest(secret: &str) -> [u8; 32] {
+pub(crate) fn digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 

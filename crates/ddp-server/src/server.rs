@@ -19,8 +19,7 @@ use crate::config::Config;
 use crate::events::EventBus;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
-use crate::kv::Kv;
-use crate::ratelimit::RateLimiter;
+use crate::kv::{Kv, Parts};
 use crate::secret::{self, SecretKind};
 use crate::sessions::Sessions;
 use crate::{http, metrics};
@@ -155,19 +154,18 @@ impl Server {
         };
 
         let events = Arc::new(EventBus::new(store.clone(), config.sessions.event_queue));
-        fanout.set_events(events.clone());
-        let app = Arc::new(App {
+        let sessions = Arc::new(Sessions::new(store.clone(), events.clone(), config.sessions.max_per_device));
+        fanout.connect(events.clone(), sessions.clone());
+        let kv = Kv::new(Parts {
+            store: store.clone(),
+            limits: config.limits,
+            rate_limits: config.rate_limits,
             auth: Authenticator::new(admin.digest, store.clone(), auth_cache),
-            kv: Kv::new(store.clone(), config.limits),
-            limiter: RateLimiter::new(config.rate_limits),
             hub,
-            sessions: Arc::new(Sessions::new(store.clone(), events.clone(), config.sessions.max_per_device)),
+            sessions,
             events,
-            metrics: metrics::handle(),
-            shutdown: CancellationToken::new(),
-            store,
-            config,
         });
+        let app = Arc::new(App { kv, metrics: metrics::handle(), shutdown: CancellationToken::new(), store, config });
         Ok(Server { app, http, http_addr, mqtt, mqtt_tls, admin, _lock: lock })
     }
 
@@ -237,9 +235,9 @@ impl Server {
             let _ = l.await;
         }
         // Upgraded and MQTT sessions are not HTTP requests: they saw the cancellation and are closing.
-        if tokio::time::timeout(SESSION_DRAIN, app.sessions.drained()).await.is_err() {
+        if tokio::time::timeout(SESSION_DRAIN, app.kv.sessions().drained()).await.is_err() {
             tracing::warn!(
-                left = app.sessions.live(),
+                left = app.kv.sessions().live(),
                 "sessions still open after {SESSION_DRAIN:?}; closing storage anyway"
             );
         }

@@ -10,6 +10,10 @@
 //!
 //! The output is the JSON text of each sync message; transports put it in a WebSocket text frame
 //! or an MQTT payload as it is.
+//!
+//! A watch is only ever started by the gate ([`Kv::watch`](crate::kv::Kv::watch)), for a
+//! session it admitted to that store: there is no way to watch a store without having been
+//! authorized to read it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,51 +21,36 @@ use std::sync::Arc;
 use ddp_protocol::Rev;
 use ddp_protocol::sync::{Item, ServerMessage};
 use ddp_store::{Change, Store, StoreRef};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::auth::Principal;
 use crate::error::{Error, Result};
-use crate::hub::{ChangeFrame, CloseReason, Delivery, Hub, SubscriptionGuard};
-
-/// What a watch asks its transport to do.
-#[derive(Debug)]
-pub enum Step {
-    /// Send these messages, in order.
-    Send(Vec<Utf8Bytes>),
-    /// End the session.
-    Close(CloseReason),
-}
+use crate::hub::{ChangeFrame, Delivery, Hub, SubscriptionGuard};
+use crate::json::Json;
 
 /// A session's view of one store.
-pub struct Watch {
+pub(crate) struct Watch {
     store: Arc<dyn Store>,
     sub: SubscriptionGuard,
     target: StoreRef,
     last: Rev,
 }
 
-fn json(message: &ServerMessage) -> Utf8Bytes {
-    Utf8Bytes::from(serde_json::to_string(message).unwrap_or_default())
-}
-
 impl Watch {
     /// Subscribes to `target`, then returns the watch and its first messages: a `reload`, or
     /// with `since` inside the history a `resume` followed by the changes after it.
-    pub async fn start(
+    pub(crate) async fn start(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
         target: StoreRef,
-        principal: Principal,
         since: Option<Rev>,
-    ) -> Result<(Watch, Vec<Utf8Bytes>)> {
-        let sub = hub.subscribe(target, principal);
+    ) -> Result<(Watch, Vec<Json>)> {
+        let sub = hub.subscribe(target)?;
         let mut watch = Watch { store, sub, target, last: Rev::ZERO };
         if let Some(since) = since
             && let Some(changes) = watch.store.changes_since(target, since).await?
         {
             watch.last = since;
-            let mut first = vec![json(&ServerMessage::Resume { rev: since })];
-            watch.push_changes(changes.iter(), &mut first);
+            let mut first = vec![Json::encode(&ServerMessage::Resume { rev: since })?];
+            watch.push_changes(changes.iter(), &mut first)?;
             return Ok((watch, first));
         }
         let reload = watch.reload().await?;
@@ -70,20 +59,19 @@ impl Watch {
 
     /// The next delivery from the hub. Cancel-safe: use it in `select!`, then hand the result to
     /// [`Watch::process`] outside the `select!`.
-    pub async fn recv(&self) -> Delivery {
+    pub(crate) async fn recv(&self) -> Delivery {
         self.sub.recv().await
     }
 
-    /// Turns a delivery into messages to send (or a close).
-    pub async fn process(&mut self, delivery: Delivery) -> Result<Step> {
+    /// Turns a delivery into the messages to send, in order.
+    pub(crate) async fn process(&mut self, delivery: Delivery) -> Result<Vec<Json>> {
         match delivery {
-            Delivery::Closed(reason) => Ok(Step::Close(reason)),
-            Delivery::Lagged => Ok(Step::Send(vec![self.reload().await?])),
-            Delivery::Changes(frames) => self.forward(frames).await.map(Step::Send),
+            Delivery::Lagged => Ok(vec![self.reload().await?]),
+            Delivery::Changes(frames) => self.forward(frames).await,
         }
     }
 
-    async fn forward(&mut self, frames: VecDeque<Arc<ChangeFrame>>) -> Result<Vec<Utf8Bytes>> {
+    async fn forward(&mut self, frames: VecDeque<Arc<ChangeFrame>>) -> Result<Vec<Json>> {
         let mut out = Vec::with_capacity(frames.len());
         for frame in frames {
             let rev = frame.rev();
@@ -94,7 +82,7 @@ impl Watch {
                 // A gap: changes arrived out of order. Fill it from the history, or start over.
                 if let Some(missing) = self.store.changes_since(self.target, self.last).await? {
                     let before: Vec<Change> = missing.into_iter().filter(|c| c.rev < rev).collect();
-                    self.push_changes(before.iter(), &mut out);
+                    self.push_changes(before.iter(), &mut out)?;
                 }
                 if rev > self.last.next() {
                     out.clear();
@@ -110,29 +98,31 @@ impl Watch {
         Ok(out)
     }
 
-    fn push_changes<'a>(&mut self, changes: impl Iterator<Item = &'a Change>, out: &mut Vec<Utf8Bytes>) {
+    fn push_changes<'a>(&mut self, changes: impl Iterator<Item = &'a Change>, out: &mut Vec<Json>) -> Result<()> {
         for change in changes {
             if change.rev > self.last {
-                out.push(ChangeFrame::new(change.clone()).json);
+                out.push(ChangeFrame::new(change.clone())?.json);
                 self.last = change.rev;
             }
         }
+        Ok(())
     }
 
     /// A `reload` of the whole store; later changes are forwarded only above its rev.
-    async fn reload(&mut self) -> Result<Utf8Bytes> {
+    async fn reload(&mut self) -> Result<Json> {
         let snapshot = self.store.snapshot(self.target, None).await.map_err(Error::from)?;
         let items: Vec<Item> = snapshot
             .items
             .into_iter()
             .map(|i| Item { key: i.key, value: i.value, modification_time: i.modified })
             .collect();
+        let reload = Json::encode(&ServerMessage::Reload { rev: snapshot.rev, num_items: items.len(), items })?;
         self.last = snapshot.rev;
-        Ok(json(&ServerMessage::Reload { rev: snapshot.rev, num_items: items.len(), items }))
+        Ok(reload)
     }
 
     /// The last rev this watch has sent.
-    pub fn last_rev(&self) -> Rev {
+    pub(crate) fn last_rev(&self) -> Rev {
         self.last
     }
 }

@@ -177,7 +177,7 @@ fn created(location: String, body: impl Serialize) -> Response {
 // ---- homes ----
 
 /// `POST /homes` `{"name"}`
-pub async fn create_home(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
+pub(crate) async fn create_home(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
     let fields = Fields::parse(&body, &["name"])?;
     let name = fields.name(true)?.unwrap_or_default();
     let home = app.store.create_home(name).await?;
@@ -186,19 +186,23 @@ pub async fn create_home(State(app): State<Arc<App>>, _: AdminCaller, Body(body)
 }
 
 /// `GET /homes`
-pub async fn list_homes(State(app): State<Arc<App>>, _: AdminCaller) -> Result<Response> {
+pub(crate) async fn list_homes(State(app): State<Arc<App>>, _: AdminCaller) -> Result<Response> {
     let homes = app.store.homes().await?;
     Ok(Json(homes.iter().map(HomeJson::from).collect::<Vec<_>>()).into_response())
 }
 
 /// `GET /homes/{id}`
-pub async fn get_home(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<Response> {
+pub(crate) async fn get_home(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<Response> {
     let home = app.store.home(parse_id("home", &id)?).await?;
     Ok(Json(HomeJson::from(&home)).into_response())
 }
 
 /// `DELETE /homes/{id}`: its devices leave it, its store is deleted.
-pub async fn delete_home(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<StatusCode> {
+pub(crate) async fn delete_home(
+    State(app): State<Arc<App>>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
     let id: HomeId = parse_id("home", &id)?;
     app.store.delete_home(id).await?;
     tracing::info!(home = %id, "home deleted");
@@ -209,7 +213,7 @@ pub async fn delete_home(State(app): State<Arc<App>>, _: AdminCaller, Path(id): 
 
 /// `POST /devices` `{"name","homeId"?,"deviceClass"?,"tag"?}`: the answer holds the device's
 /// API key, shown this once.
-pub async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
+pub(crate) async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
     let fields = Fields::parse(&body, &["name", "homeId", "deviceClass", "tag"])?;
     let name = fields.name(true)?.unwrap_or_default();
     let home = fields.home_id("homeId")?.flatten();
@@ -223,7 +227,7 @@ pub async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, Body(bod
 }
 
 /// `GET /devices[?homeId=]`
-pub async fn list_devices(
+pub(crate) async fn list_devices(
     State(app): State<Arc<App>>,
     _: AdminCaller,
     Query(query): Query<HashMap<String, String>>,
@@ -235,11 +239,15 @@ pub async fn list_devices(
 }
 
 /// `GET /devices/{id}`: the admin, or the device itself.
-pub async fn get_device(State(app): State<Arc<App>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Response> {
+pub(crate) async fn get_device(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let id: DeviceId = parse_id("device", &id)?;
     match who {
         Principal::Admin => {}
-        Principal::Device(me) if me == id => {}
+        Principal::Device(me) if me == id => app.kv.admit(&who)?,
         Principal::Device(_) => return Err(Error::denied("a device may only read its own record")),
         Principal::Project(_) => return Err(Error::denied("this needs the admin key")),
     }
@@ -249,7 +257,7 @@ pub async fn get_device(State(app): State<Arc<App>>, Caller(who): Caller, Path(i
 }
 
 /// `PATCH /devices/{id}` `{"name"?,"homeId"?}` (`homeId: null` takes it out of its home).
-pub async fn update_device(
+pub(crate) async fn update_device(
     State(app): State<Arc<App>>,
     _: AdminCaller,
     Path(id): Path<String>,
@@ -265,7 +273,7 @@ pub async fn update_device(
 }
 
 /// `POST /devices/{id}/apiKey`: a new key; the old one stops working at once.
-pub async fn rotate_device_key(
+pub(crate) async fn rotate_device_key(
     State(app): State<Arc<App>>,
     _: AdminCaller,
     Path(id): Path<String>,
@@ -278,7 +286,11 @@ pub async fn rotate_device_key(
 }
 
 /// `DELETE /devices/{id}`: its store and live sessions are gone.
-pub async fn delete_device(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<StatusCode> {
+pub(crate) async fn delete_device(
+    State(app): State<Arc<App>>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
     let id: DeviceId = parse_id("device", &id)?;
     app.store.delete_device(id).await?;
     tracing::info!(device = %id, "device deleted");
@@ -288,7 +300,7 @@ pub async fn delete_device(State(app): State<Arc<App>>, _: AdminCaller, Path(id)
 // ---- project API keys ----
 
 /// `POST /apiKeys` `{"name","homes"?,"permission"}`: the answer holds the key, shown this once.
-pub async fn create_api_key(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
+pub(crate) async fn create_api_key(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
     let fields = Fields::parse(&body, &["name", "homes", "permission"])?;
     let name = fields.name(true)?.unwrap_or_default();
     let homes = fields.home_ids("homes")?;
@@ -306,13 +318,17 @@ pub async fn create_api_key(State(app): State<Arc<App>>, _: AdminCaller, Body(bo
 }
 
 /// `GET /apiKeys` (never the secrets)
-pub async fn list_api_keys(State(app): State<Arc<App>>, _: AdminCaller) -> Result<Response> {
+pub(crate) async fn list_api_keys(State(app): State<Arc<App>>, _: AdminCaller) -> Result<Response> {
     let keys = app.store.api_keys().await?;
     Ok(Json(keys.iter().map(|k| api_key_json(k, None)).collect::<Vec<_>>()).into_response())
 }
 
 /// `DELETE /apiKeys/{id}`: effective at once.
-pub async fn delete_api_key(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<StatusCode> {
+pub(crate) async fn delete_api_key(
+    State(app): State<Arc<App>>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
     let id: ApiKeyId = parse_id("API key", &id)?;
     app.store.delete_api_key(id).await?;
     tracing::info!(api_key = %id, "project API key revoked");

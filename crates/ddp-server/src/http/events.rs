@@ -7,59 +7,41 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use ddp_protocol::{DeviceId, HomeId};
-use ddp_store::StoreRef;
 
 use super::upgrade::Upgrade;
 use super::{Body, Caller};
 use crate::app::App;
-use crate::auth::Principal;
 use crate::error::{Error, Result};
 
 /// `PUT /devices/{id}/event` with `{"eventType","eventData"}`: the device itself, the admin, or a
 /// read-write project key that may see the device.
-pub async fn raise(
+pub(crate) async fn raise(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     Path(id): Path<String>,
     Body(body): Body,
 ) -> Result<StatusCode> {
     let device: DeviceId = id.parse().map_err(|e| Error::invalid_parameter(format!("device {e}")))?;
-    app.kv.authorize(&who, StoreRef::Device(device), true).await?;
-    app.events.raise(&who, device, &body).await?;
+    app.kv.raise_event(&who, device, &body).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /events/websocket[?homeId=…]`: every event of the homes the key may see, or of the listed
 /// ones (repeat `homeId` or separate ids with commas).
-pub async fn stream(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
+pub(crate) async fn stream(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
     let (mut parts, _body) = request.into_parts();
     let Query(query) = Query::<Vec<(String, String)>>::from_request_parts(&mut parts, &app).await?;
     let token = query.iter().find(|(k, _)| k == "authToken").map(|(_, v)| v.as_str());
-    let who = super::authenticate(&app, &parts.headers, token).await?;
+    let auth = super::authenticate(&app, &parts.headers, token).await?;
     let mut requested: Vec<HomeId> = Vec::new();
     for (_, v) in query.iter().filter(|(k, _)| k == "homeId") {
         for id in v.split(',').filter(|s| !s.trim().is_empty()) {
             requested.push(id.trim().parse().map_err(|e| Error::invalid_parameter(format!("homeId {e}")))?);
         }
     }
-    let homes = match &who {
-        Principal::Device(_) => {
-            return Err(Error::denied("event streams are for apps: use a project API key or the admin key"));
-        }
-        Principal::Admin | Principal::Project(_) if !requested.is_empty() => {
-            if let Some(h) = requested.iter().find(|h| !who.sees_home(**h)) {
-                return Err(Error::denied(format!("{who} may not see home {h}")));
-            }
-            for h in &requested {
-                app.store.home(*h).await?;
-            }
-            Some(requested)
-        }
-        Principal::Admin => None,
-        Principal::Project(k) => k.homes.clone(),
-    };
     let Some(upgrade) = Upgrade::from_parts(&mut parts)? else {
         return Err(Error::invalid_parameter("this endpoint is a WebSocket: send an upgrade request"));
     };
-    Ok(super::ws::accept_events(app, upgrade, who, homes))
+    let (session, listener) = app.kv.open_events(auth, requested).await?;
+    Ok(super::ws::accept_events(app, upgrade, session, listener))
 }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::kv::{Transport, parse_key};
 
 /// The store (and key) named by a kv route's path.
-pub struct KvPath {
+pub(crate) struct KvPath {
     store: StoreRef,
     key: Option<String>,
 }
@@ -109,13 +109,13 @@ fn condition(headers: &HeaderMap, create_only_allowed: bool) -> Result<Condition
 
 /// `GET /devices/{id}/kv`: a WebSocket sync session when the request asks for an upgrade
 /// (token in the header or `?authToken=`, optional `?sinceRev=N`), else the list.
-pub async fn list_or_watch(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
+pub(crate) async fn list_or_watch(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
     let (mut parts, _body) = request.into_parts();
     let path = KvPath::from_request_parts(&mut parts, &app).await?;
     let Query(query) = Query::<HashMap<String, String>>::from_request_parts(&mut parts, &app).await?;
     match super::upgrade::Upgrade::from_parts(&mut parts)? {
         Some(upgrade) => {
-            let who = super::authenticate(&app, &parts.headers, query.get("authToken").map(String::as_str)).await?;
+            let auth = super::authenticate(&app, &parts.headers, query.get("authToken").map(String::as_str)).await?;
             let since = query
                 .get("sinceRev")
                 .map(|s| {
@@ -124,17 +124,17 @@ pub async fn list_or_watch(State(app): State<Arc<App>>, request: axum::extract::
                         .map_err(|_| Error::invalid_parameter(format!("sinceRev must be a rev, got {s:?}")))
                 })
                 .transpose()?;
-            super::ws::accept(app, upgrade, who, path.store, since).await
+            super::ws::accept(app, upgrade, auth, path.store, since).await
         }
         None => {
-            let who = super::authenticate(&app, &parts.headers, None).await?;
-            list_store(&app, &who, path, &query, &parts.headers).await
+            let auth = super::authenticate(&app, &parts.headers, None).await?;
+            list_store(&app, &auth.principal, path, &query, &parts.headers).await
         }
     }
 }
 
 /// `GET …/kv[?keyPrefix=p]`
-pub async fn list(
+pub(crate) async fn list(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     path: KvPath,
@@ -164,7 +164,7 @@ async fn list_store(
 }
 
 /// `GET …/kv/{key}`
-pub async fn get(
+pub(crate) async fn get(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     path: KvPath,
@@ -204,7 +204,7 @@ fn parse_put_body(body: &[u8]) -> Result<Value> {
 }
 
 /// `PUT …/kv/{key}` with `{"value": <json>}`
-pub async fn put(
+pub(crate) async fn put(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     path: KvPath,
@@ -219,7 +219,7 @@ pub async fn put(
 }
 
 /// `DELETE …/kv/{key}`
-pub async fn delete(
+pub(crate) async fn delete(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     path: KvPath,
@@ -232,7 +232,7 @@ pub async fn delete(
 }
 
 /// `…/kv/` with an empty key.
-pub async fn empty_key(Caller(_who): Caller) -> Error {
+pub(crate) async fn empty_key(Caller(_who): Caller) -> Error {
     Error::new(Reason::InvalidKey, "key must not be empty")
 }
 

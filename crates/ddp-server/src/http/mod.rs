@@ -1,9 +1,10 @@
 //! The REST API (PROTOCOL.md §3, §5, §7) on axum.
 //!
 //! Handlers are thin: extractors authenticate ([`Caller`]) and read bounded bodies ([`Body`]);
-//! handlers parse into domain types and call [`Kv`](crate::kv::Kv) or the store; every error is
-//! an [`Error`] rendered as `{"reason","message","data"?}`. axum's own rejections (bad paths,
-//! unknown routes, wrong methods) are turned into the same shape.
+//! handlers parse into domain types and call the gate, [`Kv`](crate::kv::Kv) (the admin API,
+//! admin key only, calls the store); every error is an [`Error`] rendered as
+//! `{"reason","message","data"?}`. axum's own rejections (bad paths, unknown routes, wrong
+//! methods) are turned into the same shape.
 
 mod admin;
 mod events;
@@ -28,11 +29,11 @@ use bytes::Bytes;
 use ddp_protocol::Reason;
 
 use crate::app::App;
-use crate::auth::{Principal, token_from_header};
+use crate::auth::{Authenticated, Principal, token_from_header};
 use crate::error::Error;
 
 /// The router of the whole HTTP API.
-pub fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(app: Arc<App>) -> Router {
     let kv_routes = |prefix: &str| {
         Router::new()
             .route(&format!("{prefix}/kv/"), get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
@@ -69,16 +70,33 @@ async fn method_not_allowed(req: Request) -> Error {
     Error::new(Reason::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
 }
 
-/// Counts every request by method, route and status, and times it.
+/// The method as a metrics label: one of a fixed set, so no client can add label sets.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Counts every request by method, route and status, and times it. Every label comes from a
+/// fixed set: the route templates of the router (or `unmatched`), the methods above, and the
+/// status codes the server answers with.
 async fn track(req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    tracing::debug!(%method, %route, status, micros = elapsed.as_micros() as u64, "request");
-    metrics::histogram!("ddp_http_request_seconds", "method" => method.clone(), "route" => route.clone())
+    tracing::debug!(method, %route, status, micros = elapsed.as_micros() as u64, "request");
+    metrics::histogram!("ddp_http_request_seconds", "method" => method, "route" => route.clone())
         .record(elapsed.as_secs_f64());
     metrics::counter!("ddp_http_requests_total", "method" => method, "route" => route, "status" => status.to_string())
         .increment(1);
@@ -95,9 +113,10 @@ impl IntoResponse for Error {
             data: Option<serde_json::Value>,
         }
         let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry_after = self.retry_after_secs();
         let body = ErrorBody { reason: self.reason, message: self.message, data: self.data };
         let mut response = (status, axum::Json(body)).into_response();
-        if let Some(seconds) = self.retry_after {
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
@@ -117,20 +136,24 @@ impl From<QueryRejection> for Error {
 }
 
 /// The authenticated caller of a request, from `Authorization: ModeCloud <token>` (or `Bearer`).
-/// Rate limits are applied here.
-pub struct Caller(pub Principal);
+/// Rate limits are the gate's: it counts each request it serves.
+pub(crate) struct Caller(pub(crate) Principal);
 
 impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, Error> {
-        authenticate(app, &parts.headers, None).await.map(Caller)
+        authenticate(app, &parts.headers, None).await.map(|auth| Caller(auth.principal))
     }
 }
 
 /// The caller of a request: from the `Authorization` header, or (WebSocket endpoints only,
-/// since browsers cannot set headers there) from `?authToken=`. Rate limits are applied here.
-pub async fn authenticate(app: &App, headers: &HeaderMap, query_token: Option<&str>) -> Result<Principal, Error> {
+/// since browsers cannot set headers there) from `?authToken=`.
+pub(crate) async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Authenticated, Error> {
     let token = match (headers.get(AUTHORIZATION), query_token) {
         (Some(header), _) => token_from_header(
             header.to_str().map_err(|_| Error::unauthenticated("the Authorization header is not readable text"))?,
@@ -142,13 +165,11 @@ pub async fn authenticate(app: &App, headers: &HeaderMap, query_token: Option<&s
             ));
         }
     };
-    let principal = app.auth.authenticate(token).await?;
-    app.limiter.check(&principal)?;
-    Ok(principal)
+    app.kv.authenticate(token).await
 }
 
 /// A caller holding the admin key; anyone else gets 403 before the body is read.
-pub struct AdminCaller;
+pub(crate) struct AdminCaller;
 
 impl FromRequestParts<Arc<App>> for AdminCaller {
     type Rejection = Error;
@@ -161,7 +182,7 @@ impl FromRequestParts<Arc<App>> for AdminCaller {
 }
 
 /// A request body of at most the configured size (`413 PAYLOAD_TOO_LARGE` beyond).
-pub struct Body(pub Bytes);
+pub(crate) struct Body(pub(crate) Bytes);
 
 impl FromRequest<Arc<App>> for Body {
     type Rejection = Error;

@@ -17,10 +17,10 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use crate::error::Error;
 
 /// A server-side WebSocket.
-pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// A checked request to upgrade to a WebSocket.
-pub struct Upgrade {
+pub(crate) struct Upgrade {
     accept: HeaderValue,
     on_upgrade: OnUpgrade,
 }
@@ -37,7 +37,7 @@ fn header_has(headers: &HeaderMap, name: axum::http::HeaderName, token: &str) ->
 impl Upgrade {
     /// `None` when the request does not ask for a WebSocket; `400 INVALID_PARAMETER` when it asks
     /// but the handshake is malformed.
-    pub fn from_parts(parts: &mut Parts) -> Result<Option<Upgrade>, Error> {
+    pub(crate) fn from_parts(parts: &mut Parts) -> Result<Option<Upgrade>, Error> {
         if !header_has(&parts.headers, UPGRADE, "websocket") {
             return Ok(None);
         }
@@ -62,7 +62,7 @@ impl Upgrade {
     }
 
     /// Answers `101 Switching Protocols` and runs `session` on the socket once it is upgraded.
-    pub fn accept<F, Fut>(self, config: WebSocketConfig, session: F) -> Response
+    pub(crate) fn accept<F, Fut>(self, config: WebSocketConfig, session: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,

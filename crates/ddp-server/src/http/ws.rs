@@ -1,65 +1,80 @@
-//! `GET /devices/{id}/kv` upgraded to a WebSocket: a device's live sync session (PROTOCOL.md §4.1).
+//! WebSocket sessions (PROTOCOL.md §4.1, §6): a device's live sync session on
+//! `GET /devices/{id}/kv`, and an app's event stream on `GET /events/websocket`.
 //!
-//! The session sends the watch's messages as text frames (a `reload` or `resume` first, then
-//! every change), applies the device's `set`/`delete` frames through the one write path (the
-//! confirmation arrives as the change itself, with its authoritative rev), answers bad frames with
-//! an `error` frame and stays open. It pings every idle interval and closes a peer silent for
-//! twice that. Close codes: 1001 server shutting down, 4001 key rotated, 4002 device deleted,
-//! 4003 API key revoked, 4004 access changed (reconnect to re-check), 4008 silent too long,
-//! 1011 server failure.
+//! A sync session sends the watch's messages as text frames (a `reload` or `resume` first, then
+//! every change), hands the device's frames to the gate (the confirmation arrives as the change
+//! itself, with its authoritative rev), answers frames that cannot be applied with an `error`
+//! frame and stays open. Both kinds ping every idle interval and close a peer silent for twice
+//! that.
+//!
+//! Close codes: 1001 server shutting down, 1002 a WebSocket protocol violation (unmasked or
+//! reserved-bit frames, reserved opcodes, fragmented control frames, stray continuations), 1007
+//! a text message that is not UTF-8, 1009 a frame or message over the size limit, 1011 server
+//! failure, 4001 key rotated, 4002 device deleted, 4003 API key revoked, 4004 access changed
+//! (reconnect to be checked again), 4008 silent too long, 4009 (events) too far behind.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::Response;
 use bytes::Bytes;
-use ddp_protocol::sync::{DeviceRequest, ServerMessage};
-use ddp_protocol::{Reason, Rev};
-use ddp_store::{Condition, StoreRef};
+use ddp_protocol::Rev;
+use ddp_protocol::sync::ServerMessage;
+use ddp_store::StoreRef;
 use futures_util::{SinkExt, StreamExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 
 use super::upgrade::{Socket, Upgrade};
 use crate::app::App;
-use crate::auth::Principal;
-use crate::error::{Error, Result};
-use crate::events::{EventClose, EventDelivery};
-use crate::hub::{CloseReason, Delivery};
-use crate::kv::Transport;
-use crate::sessions::SessionTicket;
-use crate::watch::{Step, Watch};
+use crate::auth::Authenticated;
+use crate::error::Result;
+use crate::events::{EventDelivery, ListenerGuard};
+use crate::json::Json;
+use crate::kv::{Refused, Transport};
+use crate::sessions::{CloseReason, Session};
 
 /// How long one send to a peer may take before the session is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages longer than this go out in fragments of this size, each flushed before the next, so
 /// a session's write buffer never holds more than this (its capacity never shrinks).
 const FRAGMENT: usize = 2048;
+/// Largest message an event stream accepts from its app (it only ever needs control frames).
+const EVENT_STREAM_MAX_MESSAGE: usize = 64 * 1024;
 
-/// Accepts the upgrade once the caller is known to be allowed to watch `store`.
-pub async fn accept(
-    app: Arc<App>,
+fn socket_config(app: &App, max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(app.config.sessions.ws_read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+}
+
+/// Opens a sync session of `auth` on `store` through the gate (which refuses with the HTTP
+/// error before the upgrade), then upgrades.
+pub(crate) async fn accept(
+    app: std::sync::Arc<App>,
     upgrade: Upgrade,
-    who: Principal,
+    auth: Authenticated,
     store: StoreRef,
     since: Option<Rev>,
 ) -> Result<Response> {
-    app.kv.authorize(&who, store, false).await?;
-    if let (Principal::Admin, StoreRef::Device(d)) = (&who, store) {
-        app.store.device(d).await?; // 404 now, not a closed session later
-    }
-    let ticket = app.sessions.open(&who, Transport::WebSocket).await?;
-    let limits = app.config.sessions;
-    let max_message = app.kv.limits().max_body_bytes;
-    let config = WebSocketConfig::default()
-        .read_buffer_size(limits.ws_read_buffer)
-        .write_buffer_size(0)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message));
-    Ok(upgrade.accept(config, move |socket| session(app, socket, who, store, since, ticket)))
+    let session = app.kv.open_sync(auth, Transport::WebSocket, store).await?;
+    let config = socket_config(&app, app.kv.limits().max_body_bytes);
+    Ok(upgrade.accept(config, move |socket| sync_session(app, socket, session, since)))
+}
+
+/// Upgrades to an app's event stream, for a session the gate opened.
+pub(crate) fn accept_events(
+    app: std::sync::Arc<App>,
+    upgrade: Upgrade,
+    session: Session,
+    listener: ListenerGuard,
+) -> Response {
+    let config = socket_config(&app, EVENT_STREAM_MAX_MESSAGE);
+    upgrade.accept(config, move |socket| event_session(app, socket, session, listener))
 }
 
 fn close_frame(code: u16, reason: &str) -> Message {
@@ -67,17 +82,35 @@ fn close_frame(code: u16, reason: &str) -> Message {
 }
 
 fn close_for(reason: CloseReason) -> Message {
-    let code = match reason {
-        CloseReason::ShuttingDown => 1001,
-        CloseReason::KeyRotated => 4001,
-        CloseReason::DeviceDeleted => 4002,
-        CloseReason::KeyRevoked => 4003,
-        CloseReason::AccessChanged => 4004,
-    };
-    close_frame(code, reason.message())
+    close_frame(reason.ws_code(), reason.message())
 }
 
-async fn send_all(socket: &mut Socket, messages: Vec<Utf8Bytes>) -> std::result::Result<(), ()> {
+fn shutting_down() -> Message {
+    close_frame(1001, "the server is shutting down")
+}
+
+fn server_failed() -> Message {
+    close_frame(1011, "the server failed; reconnect")
+}
+
+/// The close frame RFC 6455 prescribes for a peer's violation, or `None` when the connection
+/// just ended (reset, closed) and there is no one to tell.
+fn violation(e: &tungstenite::Error) -> Option<Message> {
+    match e {
+        tungstenite::Error::Protocol(p) => Some(close_frame(1002, &format!("protocol error: {p}"))),
+        tungstenite::Error::Utf8(_) => Some(close_frame(1007, "a text message is not valid UTF-8")),
+        tungstenite::Error::Capacity(c) => Some(close_frame(1009, &format!("too big: {c}"))),
+        _ => None,
+    }
+}
+
+/// A text frame holding `json`, sent without copying or re-validating it.
+fn text_frame(bytes: Bytes, fin: bool, first: bool) -> Message {
+    let opcode = if first { OpCode::Data(Data::Text) } else { OpCode::Data(Data::Continue) };
+    Message::Frame(Frame::message(bytes, opcode, fin))
+}
+
+async fn send_all(socket: &mut Socket, messages: Vec<Json>) -> std::result::Result<(), ()> {
     if messages.is_empty() {
         return Ok(());
     }
@@ -90,7 +123,7 @@ async fn send_all(socket: &mut Socket, messages: Vec<Utf8Bytes>) -> std::result:
                     socket.flush().await?;
                     pending = 0;
                 }
-                send_fragmented(socket, m).await?;
+                send_fragmented(socket, m.bytes()).await?;
                 continue;
             }
             if pending + m.len() > FRAGMENT {
@@ -98,7 +131,7 @@ async fn send_all(socket: &mut Socket, messages: Vec<Utf8Bytes>) -> std::result:
                 pending = 0;
             }
             pending += m.len();
-            socket.feed(Message::Text(m)).await?;
+            socket.feed(text_frame(m.bytes(), true, true)).await?;
         }
         socket.flush().await
     })
@@ -120,214 +153,200 @@ async fn send_all(socket: &mut Socket, messages: Vec<Utf8Bytes>) -> std::result:
 }
 
 /// Sends one text message as a first frame and continuation frames of at most [`FRAGMENT`]
-/// bytes (cut on character boundaries), flushing each.
-async fn send_fragmented(
-    socket: &mut Socket,
-    text: Utf8Bytes,
-) -> std::result::Result<(), tokio_tungstenite::tungstenite::Error> {
-    let s = text.as_str();
-    let bytes = Bytes::from(text.clone());
+/// bytes, cut on character boundaries (RFC 6455 allows splitting one, but not every client
+/// takes it), flushing each.
+async fn send_fragmented(socket: &mut Socket, bytes: Bytes) -> std::result::Result<(), tungstenite::Error> {
+    let is_continuation = |b: u8| b & 0xC0 == 0x80;
     let mut start = 0;
-    let mut opcode = OpCode::Data(Data::Text);
-    while start < s.len() {
-        let mut end = (start + FRAGMENT).min(s.len());
-        while !s.is_char_boundary(end) {
+    while start < bytes.len() {
+        let mut end = (start + FRAGMENT).min(bytes.len());
+        while end < bytes.len() && end > start + 1 && is_continuation(bytes[end]) {
             end -= 1;
         }
-        let last = end == s.len();
-        socket.send(Message::Frame(Frame::message(bytes.slice(start..end), opcode, last))).await?;
-        opcode = OpCode::Data(Data::Continue);
+        socket.send(text_frame(bytes.slice(start..end), end == bytes.len(), start == 0)).await?;
         start = end;
     }
     Ok(())
 }
 
+/// Pings every idle interval; a peer silent for twice that is closed (4008).
+struct Keepalive {
+    tick: Interval,
+    heard: Instant,
+    idle: Duration,
+}
+
+impl Keepalive {
+    fn new(idle: Duration) -> Keepalive {
+        Keepalive { tick: tokio::time::interval_at(Instant::now() + idle, idle), heard: Instant::now(), idle }
+    }
+
+    fn heard(&mut self) {
+        self.heard = Instant::now();
+    }
+
+    /// On a tick: pings the peer. `Err` ends the session, with the close frame for a peer
+    /// silent too long, or none when the ping could not be sent.
+    async fn ping(&self, socket: &mut Socket) -> std::result::Result<(), Option<Message>> {
+        if self.heard.elapsed() >= self.idle * 2 {
+            return Err(Some(close_frame(4008, "no traffic from the client for twice the idle interval")));
+        }
+        socket.send(Message::Ping(Bytes::new())).await.map_err(|_| None)
+    }
+}
+
+/// Sends `frame` (a close frame), waiting at most a second.
+async fn send_close(socket: &mut Socket, frame: Message) {
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(frame))).await;
+}
+
 enum Input {
-    Delivery(Delivery),
-    Frame(Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    Delivery(crate::hub::Delivery),
+    Frame(Option<std::result::Result<Message, tungstenite::Error>>),
     Tick,
+    Closed(CloseReason),
     Shutdown,
 }
 
-async fn session(
-    app: Arc<App>,
-    mut socket: Socket,
-    who: Principal,
-    store: StoreRef,
-    since: Option<Rev>,
-    ticket: SessionTicket,
-) {
-    let _ticket = ticket;
+async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Session, since: Option<Rev>) {
+    let store = session.purpose().store();
+    let who = session.principal().clone();
     // The rarely taken paths are boxed: an idle session's future holds only what waiting needs.
-    let (mut watch, first) = match Box::pin(Watch::start(app.store.clone(), &app.hub, store, who.clone(), since)).await
-    {
+    let (mut watch, first) = match Box::pin(app.kv.watch(&session, since)).await {
         Ok(started) => started,
         Err(e) => {
-            tracing::warn!(%store, who = %who, error = %e, "cannot start a sync session");
-            let _ = socket.send(close_frame(1011, "the server could not read the store")).await;
+            tracing::warn!(?store, %who, error = %e, "cannot start a sync session");
+            send_close(&mut socket, server_failed()).await;
             return;
         }
     };
-    tracing::debug!(%store, who = %who, "websocket session opened");
+    tracing::debug!(?store, %who, "websocket session opened");
     if Box::pin(send_all(&mut socket, first)).await.is_err() {
         return;
     }
-    let idle = app.config.sessions.idle;
-    let mut tick = tokio::time::interval_at(Instant::now() + idle, idle);
-    let mut heard = Instant::now();
+    let mut keepalive = Keepalive::new(app.config.sessions.idle);
     let close = loop {
         let input = tokio::select! {
             d = watch.recv() => Input::Delivery(d),
             m = socket.next() => Input::Frame(m),
-            _ = tick.tick() => Input::Tick,
+            _ = keepalive.tick.tick() => Input::Tick,
+            reason = session.closed() => Input::Closed(reason),
             () = app.shutdown.cancelled() => Input::Shutdown,
         };
         match input {
             Input::Delivery(delivery) => match Box::pin(watch.process(delivery)).await {
-                Ok(Step::Send(messages)) => {
+                Ok(messages) => {
                     if Box::pin(send_all(&mut socket, messages)).await.is_err() {
                         break None;
                     }
                 }
-                Ok(Step::Close(reason)) => break Some(close_for(reason)),
                 Err(e) => {
-                    tracing::warn!(%store, error = %e, "sync session failed");
-                    break Some(close_frame(1011, "the server could not read the store"));
+                    tracing::warn!(?store, error = %e, "sync session failed");
+                    break Some(server_failed());
                 }
             },
             Input::Frame(None) => break None,
             Input::Frame(Some(Err(e))) => {
-                tracing::debug!(%store, error = %e, "websocket read failed");
-                break None;
+                tracing::debug!(?store, error = %e, "websocket read failed");
+                break violation(&e);
             }
             Input::Frame(Some(Ok(message))) => {
-                heard = Instant::now();
+                keepalive.heard();
                 let reply = match message {
-                    Message::Text(text) => Box::pin(handle_frame(&app, &who, store, text.as_str())).await,
-                    Message::Binary(_) => {
-                        Some(error_frame(Reason::InvalidJson, "send sync messages as JSON text frames", None))
-                    }
-                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+                    Message::Text(text) => Box::pin(handle_frame(&app, &session, text.as_bytes())).await,
+                    Message::Binary(_) => error_frame(Refused {
+                        error: crate::error::Error::invalid_json("send sync messages as JSON text frames"),
+                        key: None,
+                    }),
+                    Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(None),
                     Message::Close(_) => break None,
                 };
-                if let Some(reply) = reply
-                    && Box::pin(send_all(&mut socket, vec![reply])).await.is_err()
-                {
-                    break None;
+                match reply {
+                    Ok(Some(reply)) => {
+                        if Box::pin(send_all(&mut socket, vec![reply])).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => break Some(server_failed()),
                 }
             }
             Input::Tick => {
-                if heard.elapsed() >= idle * 2 {
-                    break Some(close_frame(4008, "no traffic from the client for twice the idle interval"));
-                }
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                    break None;
+                if let Err(close) = keepalive.ping(&mut socket).await {
+                    break close;
                 }
             }
-            Input::Shutdown => break Some(close_for(CloseReason::ShuttingDown)),
+            Input::Closed(reason) => break Some(close_for(reason)),
+            Input::Shutdown => break Some(shutting_down()),
         }
     };
     if let Some(frame) = close {
-        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(frame))).await;
+        send_close(&mut socket, frame).await;
     }
-    tracing::debug!(%store, who = %who, last_rev = %watch.last_rev(), "websocket session closed");
+    tracing::debug!(?store, %who, last_rev = %watch.last_rev(), "websocket session closed");
 }
 
-fn error_frame(reason: Reason, message: &str, key: Option<String>) -> Utf8Bytes {
-    let message = ServerMessage::Error { reason, message: message.to_owned(), key };
-    Utf8Bytes::from(serde_json::to_string(&message).unwrap_or_default())
+/// The `error` frame reporting a refused frame.
+fn error_frame(refused: Refused) -> Result<Option<Json>> {
+    let Refused { error, key } = refused;
+    Json::encode(&ServerMessage::Error { reason: error.reason, message: error.message, key }).map(Some)
 }
 
-/// Applies a device frame; returns the `error` frame to send when it could not be applied.
-async fn handle_frame(app: &App, who: &Principal, store: StoreRef, text: &str) -> Option<Utf8Bytes> {
-    let request = match DeviceRequest::parse(text.as_bytes()) {
-        Ok(r) => r,
-        Err(e) => return Some(error_frame(e.reason, &e.message, e.key)),
-    };
-    let key = request.key().as_str().to_owned();
-    let applied: Result<()> = async {
-        app.limiter.check(who)?;
-        match request {
-            DeviceRequest::Set { key, value } => {
-                app.kv.set(who, Transport::WebSocket, store, key, value, Condition::None).await?;
-            }
-            DeviceRequest::Delete { key } => {
-                app.kv.delete(who, Transport::WebSocket, store, key, Condition::None).await?;
-            }
-        }
-        Ok(())
+/// Hands a device frame to the gate; returns the `error` frame to send when it was not applied.
+async fn handle_frame(app: &App, session: &Session, frame: &[u8]) -> Result<Option<Json>> {
+    match app.kv.device_frame(session, frame).await {
+        Ok(()) => Ok(None),
+        Err(refused) => error_frame(refused),
     }
-    .await;
-    applied.err().map(|e: Error| error_frame(e.reason, &e.message, Some(key)))
-}
-
-/// Accepts an app's event stream of `homes` (`None`: every home).
-pub fn accept_events(
-    app: Arc<App>,
-    upgrade: Upgrade,
-    who: Principal,
-    homes: Option<Vec<ddp_protocol::HomeId>>,
-) -> Response {
-    let config = WebSocketConfig::default()
-        .read_buffer_size(app.config.sessions.ws_read_buffer)
-        .write_buffer_size(0)
-        .max_message_size(Some(64 * 1024))
-        .max_frame_size(Some(64 * 1024));
-    upgrade.accept(config, move |socket| event_session(app, socket, who, homes))
 }
 
 enum EventInput {
     Delivery(EventDelivery),
-    Frame(Option<std::result::Result<Message, tokio_tungstenite::tungstenite::Error>>),
+    Frame(Option<std::result::Result<Message, tungstenite::Error>>),
     Tick,
+    Closed(CloseReason),
     Shutdown,
 }
 
-/// An app's event stream: one text frame per event. Close codes: 4009 too far behind, 4003 key
-/// revoked, 4008 silent too long, 1001 shutdown.
-async fn event_session(app: Arc<App>, mut socket: Socket, who: Principal, homes: Option<Vec<ddp_protocol::HomeId>>) {
-    let listener = app.events.listen(who.clone(), homes);
-    tracing::debug!(who = %who, "event stream opened");
-    let idle = app.config.sessions.idle;
-    let mut tick = tokio::time::interval_at(Instant::now() + idle, idle);
-    let mut heard = Instant::now();
+/// An app's event stream: one text frame per event.
+async fn event_session(app: std::sync::Arc<App>, mut socket: Socket, session: Session, listener: ListenerGuard) {
+    let who = session.principal().clone();
+    tracing::debug!(%who, "event stream opened");
+    let mut keepalive = Keepalive::new(app.config.sessions.idle);
     let close = loop {
         let input = tokio::select! {
             d = listener.recv() => EventInput::Delivery(d),
             m = socket.next() => EventInput::Frame(m),
-            _ = tick.tick() => EventInput::Tick,
+            _ = keepalive.tick.tick() => EventInput::Tick,
+            reason = session.closed() => EventInput::Closed(reason),
             () = app.shutdown.cancelled() => EventInput::Shutdown,
         };
         match input {
             EventInput::Delivery(EventDelivery::Events(frames)) => {
-                let messages: Vec<Utf8Bytes> = frames.iter().map(|f| f.json.clone()).collect();
+                let messages: Vec<Json> = frames.iter().map(|f| f.json.clone()).collect();
                 if Box::pin(send_all(&mut socket, messages)).await.is_err() {
                     break None;
                 }
             }
-            EventInput::Delivery(EventDelivery::Closed(reason)) => {
-                tracing::info!(who = %who, why = reason.message(), "closing event stream");
-                let code = match reason {
-                    EventClose::TooSlow => 4009,
-                    EventClose::KeyRevoked => 4003,
-                };
-                break Some(close_frame(code, reason.message()));
+            EventInput::Delivery(EventDelivery::TooSlow) => {
+                let why = "too far behind: events are not stored, reconnect and re-read the stores";
+                tracing::info!(%who, why, "closing event stream");
+                break Some(close_frame(4009, why));
             }
-            EventInput::Frame(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break None,
-            EventInput::Frame(Some(Ok(_))) => heard = Instant::now(), // the stream is one-way
+            EventInput::Frame(None | Some(Ok(Message::Close(_)))) => break None,
+            EventInput::Frame(Some(Err(e))) => break violation(&e),
+            EventInput::Frame(Some(Ok(_))) => keepalive.heard(), // the stream is one-way
             EventInput::Tick => {
-                if heard.elapsed() >= idle * 2 {
-                    break Some(close_frame(4008, "no traffic from the client for twice the idle interval"));
-                }
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                    break None;
+                if let Err(close) = keepalive.ping(&mut socket).await {
+                    break close;
                 }
             }
-            EventInput::Shutdown => break Some(close_for(CloseReason::ShuttingDown)),
+            EventInput::Closed(reason) => break Some(close_for(reason)),
+            EventInput::Shutdown => break Some(shutting_down()),
         }
     };
     if let Some(frame) = close {
-        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(frame))).await;
+        send_close(&mut socket, frame).await;
     }
-    tracing::debug!(who = %who, "event stream closed");
+    tracing::debug!(%who, "event stream closed");
 }

@@ -1,15 +1,22 @@
 //! One MQTT connection: reads packets, lets the [`Session`] decide, and carries out its actions
-//! with the same parts every transport uses — the authenticator, the session registry, the one
-//! write path ([`Kv`](crate::kv::Kv)) and the one watch path ([`Watch`]).
+//! through the gate ([`Kv`](crate::kv::Kv)) — the device's session is opened there at CONNECT,
+//! its watch started there at SUBSCRIBE, its publishes applied there — like every transport.
+//!
+//! Rate limits are the gate's; this is how MQTT answers a refusal. MQTT 5: a QoS 1 publish gets
+//! PUBACK `0x97` (quota exceeded) and is not applied; a QoS 0 one is dropped (and counted).
+//! MQTT 3.1.1 has no negative acknowledgement, so a publish over the rate is **held**, with the
+//! publishes after it, and applied (and acknowledged) as soon as the rate allows — the connection
+//! keeps reading, delivering and answering meanwhile. A client that keeps sending far beyond its
+//! rate (more than [`MAX_HELD`] publishes waiting) has its QoS 0 publishes dropped, and a QoS 1
+//! one then ends the connection without PUBACK (the client sends it again when it reconnects).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ddp_protocol::DeviceId;
-use ddp_protocol::sync::DeviceRequest;
-use ddp_store::{Condition, StoreRef};
+use ddp_protocol::{DeviceId, Reason};
 use futures_util::{SinkExt, StreamExt};
 use rmqtt_codec::{MqttCodec, MqttPacket};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,12 +26,11 @@ use tokio_util::codec::Framed;
 use super::session::{Action, AuthOutcome, Session, WriteOutcome};
 use super::wire::{self, DisconnectReason, Outbound, Version};
 use crate::app::App;
-use crate::auth::Principal;
-use crate::error::Error;
-use crate::hub::{CloseReason, Delivery};
+use crate::hub::Delivery;
+use crate::json::Json;
 use crate::kv::Transport;
-use crate::sessions::SessionTicket;
-use crate::watch::{Step, Watch};
+use crate::sessions::{CloseReason, Session as Live};
+use crate::watch::Watch;
 
 /// Buffers start this small; an idle session holds little more.
 const BUFFER: usize = 512;
@@ -32,6 +38,8 @@ const BUFFER: usize = 512;
 const BUFFER_KEEP: usize = 4096;
 /// How long one send to a peer may take before the connection is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most MQTT 3.1.1 publishes held back by the device's rate.
+const MAX_HELD: usize = 256;
 
 type Io<S> = Framed<S, MqttCodec>;
 
@@ -39,24 +47,42 @@ enum Input {
     Packet(Option<Result<(MqttPacket, u32), rmqtt_codec::error::DecodeError>>),
     Delivery(Delivery),
     Silent,
+    Closed(CloseReason),
+    Retry,
     Shutdown,
 }
 
-/// Why a connection ended early (the error is already logged).
+/// Why a connection ended early (the reason is already logged).
 struct Ended;
+
+/// What a device published: a frame for its store, or an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Frame,
+    Event,
+}
+
+/// A publish to apply (or held until the device's rate allows it).
+struct Publish {
+    kind: Kind,
+    payload: Bytes,
+    ack: Option<u16>,
+}
 
 struct Connection<S> {
     app: Arc<App>,
     io: Io<S>,
     session: Session,
     peer: SocketAddr,
-    max_packet: u32,
+    live: Option<Live>,
     watch: Option<Watch>,
-    ticket: Option<SessionTicket>,
+    /// MQTT 3.1.1 publishes held back by the rate, in the order they came.
+    held: VecDeque<Publish>,
+    retry_at: Option<Instant>,
 }
 
 /// Serves one connection until it ends.
-pub async fn serve<S>(app: Arc<App>, stream: S, peer: SocketAddr)
+pub(crate) async fn serve<S>(app: Arc<App>, stream: S, peer: SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -82,14 +108,23 @@ where
     };
     *io.codec_mut() = wire::codec(version, max_packet);
     let connect = match tokio::time::timeout_at(deadline, io.next()).await {
-        Ok(Some(Ok((packet, _)))) => wire::inbound(packet),
+        Ok(Some(Ok((packet, remaining)))) => wire::inbound(packet, remaining),
         Ok(Some(Err(e))) => {
             tracing::debug!(%peer, error = %e, "malformed CONNECT");
             return;
         }
         Ok(None) | Err(_) => return,
     };
-    let mut conn = Connection { app, io, session: Session::new(version), peer, max_packet, watch: None, ticket: None };
+    let mut conn = Connection {
+        app,
+        io,
+        session: Session::new(version),
+        peer,
+        live: None,
+        watch: None,
+        held: VecDeque::new(),
+        retry_at: None,
+    };
     let actions = conn.session.on_packet(connect);
     if conn.run(actions).await.is_ok() {
         let _ = Box::pin(conn.serve()).await;
@@ -110,20 +145,24 @@ where
         let mut heard = Instant::now();
         loop {
             let silence = self.session.silence_limit();
+            let retry_at = self.retry_at;
             let input = {
                 let watch = self.watch.as_ref();
+                let live = self.live.as_ref();
                 tokio::select! {
                     p = self.io.next() => Input::Packet(p),
                     d = async { match watch { Some(w) => w.recv().await, None => std::future::pending().await } } => Input::Delivery(d),
                     () = async { match silence { Some(limit) => tokio::time::sleep_until(heard + limit).await, None => std::future::pending().await } } => Input::Silent,
+                    r = async { match live { Some(l) => l.closed().await, None => std::future::pending().await } } => Input::Closed(r),
+                    () = async { match retry_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => Input::Retry,
                     () = self.app.shutdown.cancelled() => Input::Shutdown,
                 }
             };
             match input {
-                Input::Packet(Some(Ok((packet, _)))) => {
+                Input::Packet(Some(Ok((packet, remaining)))) => {
                     heard = Instant::now();
                     self.trim_buffers();
-                    let actions = self.session.on_packet(wire::inbound(packet));
+                    let actions = self.session.on_packet(wire::inbound(packet, remaining));
                     Box::pin(self.run(actions)).await?;
                 }
                 Input::Packet(Some(Err(e))) => {
@@ -131,27 +170,18 @@ where
                     let reason = if matches!(e, rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }) {
                         DisconnectReason::PacketTooLarge
                     } else {
-                        DisconnectReason::ProtocolError
+                        DisconnectReason::MalformedPacket
                     };
                     return self.disconnect(reason).await;
                 }
                 Input::Packet(None) => return Ok(()),
                 Input::Delivery(delivery) => {
-                    let step = match &mut self.watch {
+                    let messages = match &mut self.watch {
                         Some(watch) => Box::pin(watch.process(delivery)).await,
                         None => continue,
                     };
-                    match step {
-                        Ok(Step::Send(messages)) => Box::pin(self.publish(messages)).await?,
-                        Ok(Step::Close(reason)) => {
-                            let code = if reason == CloseReason::ShuttingDown {
-                                DisconnectReason::ShuttingDown
-                            } else {
-                                DisconnectReason::AdministrativeAction
-                            };
-                            tracing::info!(peer = %self.peer, why = reason.message(), "closing mqtt session");
-                            return self.disconnect(code).await;
-                        }
+                    match messages {
+                        Ok(messages) => Box::pin(self.publish(messages)).await?,
                         Err(e) => {
                             tracing::warn!(peer = %self.peer, error = %e, "mqtt sync failed");
                             return self.disconnect(DisconnectReason::ServerError).await;
@@ -162,6 +192,11 @@ where
                     tracing::debug!(peer = %self.peer, "keep-alive ran out");
                     return self.disconnect(DisconnectReason::KeepAliveTimeout).await;
                 }
+                Input::Closed(reason) => {
+                    tracing::info!(peer = %self.peer, why = reason.message(), "closing mqtt session");
+                    return self.disconnect(DisconnectReason::AdministrativeAction).await;
+                }
+                Input::Retry => Box::pin(self.retry_held()).await?,
                 Input::Shutdown => return self.disconnect(DisconnectReason::ShuttingDown).await,
             }
         }
@@ -169,7 +204,7 @@ where
 
     /// Carries out the session's actions, in order, and any they lead to.
     async fn run(&mut self, actions: Vec<Action>) -> Result<(), Ended> {
-        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Send(packet) => self.send(packet).await?,
@@ -183,39 +218,28 @@ where
                     queue.extend(self.session.on_authenticated(outcome));
                 }
                 Action::Watch => {
-                    let Some(device) = self.session.device() else { continue };
+                    if self.live.is_none() {
+                        continue;
+                    }
                     self.flush().await?; // the SUBACK goes before the reload
-                    let started = Watch::start(
-                        self.app.store.clone(),
-                        &self.app.hub,
-                        StoreRef::Device(device),
-                        Principal::Device(device),
-                        None,
-                    )
-                    .await;
-                    match started {
+                    let Some(live) = &self.live else { continue };
+                    match self.app.kv.watch(live, None).await {
                         Ok((watch, first)) => {
                             self.watch = Some(watch);
                             self.publish(first).await?;
                         }
                         Err(e) => {
-                            tracing::warn!(%device, error = %e, "cannot start an mqtt sync session");
+                            tracing::warn!(peer = %self.peer, error = %e, "cannot start an mqtt sync session");
                             return self.disconnect(DisconnectReason::ServerError).await;
                         }
                     }
                 }
                 Action::Unwatch => self.watch = None,
-                Action::Write { request, ack } => {
-                    let outcome = self.write(request).await?;
-                    queue.extend(self.session.on_written(ack, outcome));
+                Action::Write { payload, ack } => {
+                    self.take(Publish { kind: Kind::Frame, payload, ack }, &mut queue).await?;
                 }
                 Action::Event { payload, ack } => {
-                    let outcome = self.event(payload).await?;
-                    queue.extend(self.session.on_written(ack, outcome));
-                }
-                Action::Rejected(e) => {
-                    metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
-                    tracing::info!(peer = %self.peer, reason = %e.reason, message = %e.message, "mqtt publish not applied");
+                    self.take(Publish { kind: Kind::Event, payload, ack }, &mut queue).await?;
                 }
             }
         }
@@ -224,89 +248,127 @@ where
 
     async fn authenticate(&mut self, device: DeviceId, key: &Bytes) -> AuthOutcome {
         let Ok(key) = std::str::from_utf8(key) else { return AuthOutcome::BadCredentials };
-        match self.app.auth.authenticate_device(device, key).await {
-            Ok(()) => {}
-            Err(e) if e.reason == ddp_protocol::Reason::UnauthenticatedClient => {
-                tracing::info!(%device, peer = %self.peer, "mqtt connect refused: bad credentials");
-                return AuthOutcome::BadCredentials;
-            }
-            Err(e) => {
-                tracing::warn!(%device, error = %e, "mqtt connect: cannot check credentials");
-                return AuthOutcome::Unavailable;
-            }
-        }
-        match self.app.sessions.open(&Principal::Device(device), Transport::Mqtt).await {
-            Ok(ticket) => {
-                self.ticket = Some(ticket);
+        match self.app.kv.open_device(device, key, Transport::Mqtt).await {
+            Ok(live) => {
+                self.live = Some(live);
                 AuthOutcome::Admitted
             }
-            Err(e) if e.reason == ddp_protocol::Reason::TooManyConnections => AuthOutcome::TooManySessions,
-            Err(e) => {
-                tracing::warn!(%device, error = %e, "mqtt connect: cannot open the session");
-                AuthOutcome::Unavailable
-            }
+            Err(e) => match e.reason {
+                Reason::UnauthenticatedClient => {
+                    tracing::info!(%device, peer = %self.peer, "mqtt connect refused: bad credentials");
+                    AuthOutcome::BadCredentials
+                }
+                Reason::TooManyConnections => AuthOutcome::TooManySessions,
+                Reason::RateLimitExceeded => {
+                    tracing::info!(%device, peer = %self.peer, "mqtt connect refused: over the device's rate");
+                    AuthOutcome::RateLimited
+                }
+                _ => {
+                    tracing::warn!(%device, error = %e, "mqtt connect: cannot open the session");
+                    AuthOutcome::Unavailable
+                }
+            },
         }
     }
 
-    /// Applies a device write through the one write path. Client errors are refused (and
-    /// logged); a server failure ends the connection without an acknowledgement, so a QoS 1
-    /// client sends it again.
-    async fn write(&mut self, request: DeviceRequest) -> Result<WriteOutcome, Ended> {
-        let Some(device) = self.session.device() else { return Ok(WriteOutcome::Refused) };
-        let who = Principal::Device(device);
-        // MQTT has no "try later": over its rate, a device is slowed down instead of refused.
-        while let Err(e) = self.app.limiter.check(&who) {
-            tokio::time::sleep(Duration::from_secs(e.retry_after.unwrap_or(1))).await;
+    /// Takes a publish: applies it now, or — while earlier ones are held back by the rate —
+    /// holds it behind them, so a device's publishes are applied in the order it sent them.
+    async fn take(&mut self, publish: Publish, queue: &mut VecDeque<Action>) -> Result<(), Ended> {
+        if !self.held.is_empty() {
+            return self.hold(publish);
         }
-        let store = StoreRef::Device(device);
-        let key = request.key().clone();
-        let result = match request {
-            DeviceRequest::Set { key, value } => {
-                self.app.kv.set(&who, Transport::Mqtt, store, key, value, Condition::None).await.map(|_| ())
+        self.apply(publish, queue).await
+    }
+
+    fn hold(&mut self, publish: Publish) -> Result<(), Ended> {
+        if self.held.len() < MAX_HELD {
+            self.held.push_back(publish);
+            return Ok(());
+        }
+        if publish.ack.is_none() {
+            metrics::counter!("ddp_mqtt_dropped_publishes_total").increment(1);
+            tracing::info!(peer = %self.peer, "mqtt QoS 0 publish dropped: the device is far over its rate");
+            return Ok(());
+        }
+        tracing::warn!(
+            peer = %self.peer,
+            held = MAX_HELD,
+            "mqtt device publishes far over its rate; closing without PUBACK (it will resend)"
+        );
+        Err(Ended)
+    }
+
+    /// Applies a publish through the gate and queues its acknowledgement. A client error is
+    /// refused (acknowledged, logged, counted); a server failure ends the connection without
+    /// an acknowledgement, so a QoS 1 client sends it again.
+    async fn apply(&mut self, publish: Publish, queue: &mut VecDeque<Action>) -> Result<(), Ended> {
+        let Some(live) = &self.live else { return Err(Ended) };
+        let result = match publish.kind {
+            Kind::Frame => self.app.kv.device_frame(live, &publish.payload).await.map_err(|r| (r.error, r.key)),
+            Kind::Event => self.app.kv.session_event(live, &publish.payload).await.map_err(|e| (e, None)),
+        };
+        let outcome = match result {
+            Ok(()) => WriteOutcome::Applied,
+            Err((e, _)) if e.reason == Reason::RateLimitExceeded => match self.session.version() {
+                Version::V5 => {
+                    metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
+                    tracing::info!(peer = %self.peer, "mqtt publish refused: over the device's rate");
+                    WriteOutcome::RateLimited
+                }
+                Version::V3 => {
+                    let wait = e.retry_after.unwrap_or(Duration::from_secs(1));
+                    self.retry_at = Some(Instant::now() + wait);
+                    self.held.push_front(publish);
+                    return Ok(());
+                }
+            },
+            Err((e, _)) if e.status() >= 500 => {
+                tracing::warn!(peer = %self.peer, error = %e, "mqtt publish failed; closing without PUBACK");
+                return Err(Ended);
             }
-            DeviceRequest::Delete { key } => {
-                self.app.kv.delete(&who, Transport::Mqtt, store, key, Condition::None).await.map(|_| ())
+            Err((e, key)) => {
+                metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
+                let what = if publish.kind == Kind::Event { "event" } else { "write" };
+                tracing::info!(peer = %self.peer, key, reason = %e.reason, message = %e.message, "mqtt {what} refused");
+                WriteOutcome::Refused
             }
         };
-        self.outcome(result, "write", Some(&key))
+        queue.extend(self.session.on_written(publish.ack, outcome));
+        Ok(())
     }
 
-    /// Raises a device event through the one event path.
-    async fn event(&mut self, payload: Bytes) -> Result<WriteOutcome, Ended> {
-        let Some(device) = self.session.device() else { return Ok(WriteOutcome::Refused) };
-        let result = self.app.events.raise(&Principal::Device(device), device, &payload).await;
-        self.outcome(result, "event", None)
-    }
-
-    /// What a PUBLISH gets for `result`: applied, refused (the client's fault; it gets its
-    /// PUBACK and the session stays), or the end of the session without PUBACK (our fault, so
-    /// that a QoS 1 publish is sent again). `what` and `key` say what it was, for the log.
-    fn outcome(
-        &self,
-        result: Result<(), Error>,
-        what: &str,
-        key: Option<&ddp_protocol::Key>,
-    ) -> Result<WriteOutcome, Ended> {
-        match result {
-            Ok(()) => Ok(WriteOutcome::Applied),
-            Err(e) if e.status() >= 500 => {
-                tracing::warn!(peer = %self.peer, error = %e, "mqtt {what} failed; closing without PUBACK");
-                Err(Ended)
-            }
-            Err(e) => {
-                metrics::counter!("ddp_mqtt_rejected_publishes_total").increment(1);
-                let key = key.map(ddp_protocol::Key::as_str);
-                tracing::info!(peer = %self.peer, key, reason = %e.reason, message = %e.message, "mqtt {what} refused");
-                Ok(WriteOutcome::Refused)
-            }
+    /// Applies held publishes, in order, as far as the rate now allows.
+    async fn retry_held(&mut self) -> Result<(), Ended> {
+        self.retry_at = None;
+        let mut queue = VecDeque::new();
+        while self.retry_at.is_none()
+            && let Some(publish) = self.held.pop_front()
+        {
+            self.apply(publish, &mut queue).await?;
         }
+        self.run(queue.into()).await
     }
 
-    async fn publish(&mut self, messages: Vec<tokio_tungstenite::tungstenite::Utf8Bytes>) -> Result<(), Ended> {
+    /// Publishes sync messages on the kv topic. A message larger than the Maximum Packet Size
+    /// the client announced is never sent: the connection ends with `0x95` (packet too large),
+    /// since skipping it would leave a gap in the client's mirror.
+    async fn publish(&mut self, messages: Vec<Json>) -> Result<(), Ended> {
         let n = messages.len() as u64;
         for m in messages {
-            let packet = Outbound::Publish { topic: self.session.kv_topic().clone(), payload: Bytes::from(m) };
-            self.send(packet).await?;
+            let topic = self.session.kv_topic().clone();
+            if let Some(max) = self.session.client_max_packet() {
+                let size = wire::publish_size(self.session.version(), &topic, m.len());
+                if size > max as usize {
+                    tracing::warn!(
+                        peer = %self.peer,
+                        size,
+                        client_max = max,
+                        "a sync message does not fit the client's Maximum Packet Size; disconnecting (0x95)"
+                    );
+                    return self.disconnect(DisconnectReason::PacketTooLarge).await;
+                }
+            }
+            self.send(Outbound::Publish { topic, payload: m.bytes() }).await?;
         }
         self.flush().await?;
         metrics::counter!("ddp_sync_messages_sent_total", "transport" => "mqtt").increment(n);
@@ -314,7 +376,9 @@ where
     }
 
     async fn send(&mut self, packet: Outbound) -> Result<(), Ended> {
-        let Some(packet) = wire::outbound(self.session.version(), packet, self.max_packet) else { return Ok(()) };
+        let Some(packet) = wire::outbound(self.session.version(), packet, self.app_max_packet()) else {
+            return Ok(());
+        };
         match tokio::time::timeout(SEND_TIMEOUT, self.io.feed(packet)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -326,6 +390,10 @@ where
                 Err(Ended)
             }
         }
+    }
+
+    fn app_max_packet(&self) -> u32 {
+        u32::try_from(self.app.config.mqtt.max_packet).unwrap_or(u32::MAX)
     }
 
     async fn flush(&mut self) -> Result<(), Ended> {

@@ -21,8 +21,8 @@ fn drive(chunks: &[Vec<u8>]) -> usize {
         buffer.extend_from_slice(chunk);
         most = most.max(buffer.len());
         loop {
-            let decoded = match codec.decode(&mut buffer) {
-                Ok(Some((packet, _))) => packet,
+            let (decoded, remaining) = match codec.decode(&mut buffer) {
+                Ok(Some(decoded)) => decoded,
                 Ok(None) => break,
                 Err(_) => return most, // the connection closes
             };
@@ -32,7 +32,7 @@ fn drive(chunks: &[Vec<u8>]) -> usize {
                 session = Some(Session::new(version));
                 continue;
             };
-            let mut actions = s.on_packet(wire::inbound(decoded));
+            let mut actions = s.on_packet(wire::inbound(decoded, remaining));
             while let Some(action) = actions.pop() {
                 match action {
                     Action::Close(_) => return most,
@@ -48,7 +48,7 @@ fn drive(chunks: &[Vec<u8>]) -> usize {
                             assert!(tokio_util::codec::Encoder::encode(&mut enc, p, &mut out).is_ok());
                         }
                     }
-                    Action::Watch | Action::Unwatch | Action::Rejected(_) => {}
+                    Action::Watch | Action::Unwatch => {}
                 }
             }
         }

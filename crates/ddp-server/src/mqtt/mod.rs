@@ -12,14 +12,13 @@
 //! - [`connection`]: one connection: read, decide, act.
 //! - this module: listeners (TCP and TLS) and the accept loop.
 
-pub mod connection;
-pub mod session;
-pub mod wire;
+mod connection;
+mod session;
+mod wire;
 
 #[cfg(test)]
 mod fuzz;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +35,7 @@ use crate::app::App;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Loads a certificate chain and private key (PEM files) into a TLS acceptor.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("cannot read the certificate {} (--tls-cert): {e}", cert.display()))?
         .collect::<Result<_, _>>()
@@ -71,7 +70,7 @@ fn tune(stream: &TcpStream) {
 }
 
 /// Accepts connections on `listener` until shutdown; each runs in its own task.
-pub async fn accept_loop(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor>) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -103,9 +102,4 @@ pub async fn accept_loop(app: Arc<App>, listener: TcpListener, tls: Option<TlsAc
             }
         }
     }
-}
-
-/// The address a listener is bound to, for logs.
-pub fn describe(addr: SocketAddr, tls: bool) -> String {
-    format!("mqtt{}://{addr}", if tls { "s" } else { "" })
 }

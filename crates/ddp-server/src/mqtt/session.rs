@@ -13,13 +13,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use bytestring::ByteString;
 use ddp_protocol::DeviceId;
-use ddp_protocol::sync::{DeviceRequest, FrameError};
 
-use super::wire::{ConnAck, DisconnectReason, Inbound, Outbound, Version};
+use super::wire::{ConnAck, DisconnectReason, Inbound, Outbound, PubAckReason, Version};
 
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Action {
+pub(super) enum Action {
     /// Check that `key` is `device`'s key and admit the session; report with
     /// [`Session::on_authenticated`].
     Authenticate {
@@ -34,10 +33,11 @@ pub enum Action {
     Watch,
     /// Stop watching.
     Unwatch,
-    /// Apply a write; report with [`Session::on_written`] (which acknowledges QoS 1).
+    /// Hand a `/kv` publish's payload (a device frame) to the gate; report with
+    /// [`Session::on_written`] (which acknowledges QoS 1).
     Write {
-        /// The write.
-        request: DeviceRequest,
+        /// The payload.
+        payload: Bytes,
         /// The packet id to acknowledge, for QoS 1.
         ack: Option<u16>,
     },
@@ -49,32 +49,34 @@ pub enum Action {
         /// The packet id to acknowledge, for QoS 1.
         ack: Option<u16>,
     },
-    /// A publish payload that cannot be applied: count and log it (it is acknowledged, not applied).
-    Rejected(FrameError),
     /// Close the connection (any packet before this is sent first).
     Close(&'static str),
 }
 
 /// The outcome of authentication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthOutcome {
+pub(super) enum AuthOutcome {
     /// Admitted.
     Admitted,
     /// Unknown device or wrong key.
     BadCredentials,
     /// The device already holds its maximum of sessions.
     TooManySessions,
+    /// The device connects more often than its rate allows.
+    RateLimited,
     /// The server could not check.
     Unavailable,
 }
 
 /// The outcome of a write or event, for its acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteOutcome {
+pub(super) enum WriteOutcome {
     /// Applied (durable).
     Applied,
     /// Refused: the payload or its key or value is not acceptable, or a limit was reached.
     Refused,
+    /// Refused: over the device's rate (MQTT 5 only; a 3.1.1 write is held until it may pass).
+    RateLimited,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +92,12 @@ const RECENT: usize = 64;
 
 /// One MQTT connection's session state.
 #[derive(Debug)]
-pub struct Session {
+pub(super) struct Session {
     version: Version,
     state: State,
     device: Option<DeviceId>,
     keep_alive: u16,
+    client_max_packet: Option<u32>,
     kv_topic: ByteString,
     command_topic: String,
     event_topic: String,
@@ -112,12 +115,13 @@ fn close(version: Version, reason: DisconnectReason, why: &'static str) -> Vec<A
 
 impl Session {
     /// A session for a client speaking `version`, before its CONNECT.
-    pub fn new(version: Version) -> Session {
+    pub(super) fn new(version: Version) -> Session {
         Session {
             version,
             state: State::AwaitingConnect,
             device: None,
             keep_alive: 0,
+            client_max_packet: None,
             kv_topic: ByteString::new(),
             command_topic: String::new(),
             event_topic: String::new(),
@@ -126,27 +130,32 @@ impl Session {
     }
 
     /// The protocol version.
-    pub fn version(&self) -> Version {
+    pub(super) fn version(&self) -> Version {
         self.version
     }
 
     /// The authenticated device.
-    pub fn device(&self) -> Option<DeviceId> {
+    pub(super) fn device(&self) -> Option<DeviceId> {
         self.device.filter(|_| self.state == State::Connected)
     }
 
     /// `/devices/{id}/kv`, where sync messages are published.
-    pub fn kv_topic(&self) -> &ByteString {
+    pub(super) fn kv_topic(&self) -> &ByteString {
         &self.kv_topic
     }
 
+    /// The largest packet the client said it accepts (MQTT 5), if it said.
+    pub(super) fn client_max_packet(&self) -> Option<u32> {
+        self.client_max_packet
+    }
+
     /// How long the client may stay silent: 1.5 × its keep-alive; `None` for keep-alive 0.
-    pub fn silence_limit(&self) -> Option<Duration> {
+    pub(super) fn silence_limit(&self) -> Option<Duration> {
         (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
     }
 
     /// Handles a packet from the client.
-    pub fn on_packet(&mut self, packet: Inbound) -> Vec<Action> {
+    pub(super) fn on_packet(&mut self, packet: Inbound) -> Vec<Action> {
         match self.state {
             State::AwaitingConnect => self.on_connect(packet),
             State::Authenticating | State::Closed => {
@@ -175,6 +184,7 @@ impl Session {
         };
         self.device = Some(device);
         self.keep_alive = connect.keep_alive;
+        self.client_max_packet = connect.max_packet;
         self.kv_topic = ByteString::from(format!("/devices/{device}/kv"));
         self.command_topic = format!("/devices/{device}/command");
         self.event_topic = format!("/devices/{device}/event");
@@ -183,7 +193,7 @@ impl Session {
     }
 
     /// Handles the outcome of [`Action::Authenticate`].
-    pub fn on_authenticated(&mut self, outcome: AuthOutcome) -> Vec<Action> {
+    pub(super) fn on_authenticated(&mut self, outcome: AuthOutcome) -> Vec<Action> {
         if self.state != State::Authenticating {
             return vec![Action::Close("authentication finished out of turn")];
         }
@@ -194,6 +204,7 @@ impl Session {
             }
             AuthOutcome::BadCredentials => (ConnAck::BadCredentials, "bad credentials"),
             AuthOutcome::TooManySessions => (ConnAck::TooManySessions, "the device has its maximum of sessions"),
+            AuthOutcome::RateLimited => (ConnAck::RateLimited, "the device connects more often than its rate allows"),
             AuthOutcome::Unavailable => (ConnAck::ServerUnavailable, "the server could not check the credentials"),
         };
         self.state = State::Closed;
@@ -217,17 +228,9 @@ impl Session {
                         && self.recent.contains(&id)
                     {
                         // A retransmission of a publish already applied: acknowledge again only.
-                        return vec![Action::Send(Outbound::PubAck { packet_id: id, applied: true })];
+                        return vec![Action::Send(Outbound::PubAck { packet_id: id, reason: PubAckReason::Success })];
                     }
-                    match DeviceRequest::parse(&payload) {
-                        Ok(request) => vec![Action::Write { request, ack }],
-                        Err(e) => {
-                            let mut actions = vec![Action::Rejected(e)];
-                            actions
-                                .extend(ack.map(|id| Action::Send(Outbound::PubAck { packet_id: id, applied: false })));
-                            actions
-                        }
-                    }
+                    vec![Action::Write { payload, ack }]
                 } else if topic == self.event_topic {
                     vec![Action::Event { payload, ack }]
                 } else {
@@ -259,20 +262,25 @@ impl Session {
             }
             Inbound::Ack => Vec::new(),
             Inbound::Unexpected(_) => self.fail(DisconnectReason::ProtocolError, "a packet a client may not send"),
+            Inbound::Malformed(why) => self.fail(DisconnectReason::MalformedPacket, why),
         }
     }
 
     /// Handles the outcome of [`Action::Write`] or [`Action::Event`].
-    pub fn on_written(&mut self, ack: Option<u16>, outcome: WriteOutcome) -> Vec<Action> {
+    pub(super) fn on_written(&mut self, ack: Option<u16>, outcome: WriteOutcome) -> Vec<Action> {
         let Some(id) = ack else { return Vec::new() };
-        let applied = outcome == WriteOutcome::Applied;
-        if applied {
-            if self.recent.len() == RECENT {
-                self.recent.pop_front();
+        let reason = match outcome {
+            WriteOutcome::Applied => {
+                if self.recent.len() == RECENT {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(id);
+                PubAckReason::Success
             }
-            self.recent.push_back(id);
-        }
-        vec![Action::Send(Outbound::PubAck { packet_id: id, applied })]
+            WriteOutcome::Refused => PubAckReason::PayloadInvalid,
+            WriteOutcome::RateLimited => PubAckReason::QuotaExceeded,
+        };
+        vec![Action::Send(Outbound::PubAck { packet_id: id, reason })]
     }
 
     fn fail(&mut self, reason: DisconnectReason, why: &'static str) -> Vec<Action> {
@@ -293,6 +301,7 @@ mod tests {
             password: password.map(|p| Bytes::from(p.to_owned())),
             keep_alive: 0,
             has_will: false,
+            max_packet: None,
         })
     }
 
@@ -397,11 +406,11 @@ mod tests {
             Some(5),
             false,
         ));
-        let [Action::Write { request, ack: Some(5) }] = actions.as_slice() else { panic!("{actions:?}") };
-        assert_eq!(request.key().as_str(), "k");
+        let [Action::Write { payload, ack: Some(5) }] = actions.as_slice() else { panic!("{actions:?}") };
+        assert!(payload.starts_with(br#"{"action":"set""#), "the payload goes to the gate as it is");
         assert_eq!(
             s.on_written(Some(5), WriteOutcome::Applied),
-            vec![Action::Send(Outbound::PubAck { packet_id: 5, applied: true })]
+            vec![Action::Send(Outbound::PubAck { packet_id: 5, reason: PubAckReason::Success })]
         );
         let qos0 = s.on_packet(publish("/devices/7/kv", r#"{"action":"delete","key":"k"}"#, 0, None, false));
         assert!(matches!(qos0.as_slice(), [Action::Write { ack: None, .. }]));
@@ -418,7 +427,7 @@ mod tests {
         s.on_written(Some(9), WriteOutcome::Applied);
         assert_eq!(
             s.on_packet(publish("/devices/7/kv", body, 1, Some(9), true)),
-            vec![Action::Send(Outbound::PubAck { packet_id: 9, applied: true })],
+            vec![Action::Send(Outbound::PubAck { packet_id: 9, reason: PubAckReason::Success })],
             "DUP with a known id: acknowledged again, not applied"
         );
         assert!(
@@ -428,11 +437,45 @@ mod tests {
     }
 
     #[test]
-    fn invalid_payloads_are_acknowledged_not_applied() {
+    fn refusals_are_acknowledged_with_their_reason() {
         let mut s = connected(Version::V5);
         let actions = s.on_packet(publish("/devices/7/kv", "not json", 1, Some(3), false));
-        assert!(matches!(actions[0], Action::Rejected(_)));
-        assert_eq!(actions[1], Action::Send(Outbound::PubAck { packet_id: 3, applied: false }));
+        assert!(matches!(actions.as_slice(), [Action::Write { ack: Some(3), .. }]));
+        assert_eq!(
+            s.on_written(Some(3), WriteOutcome::Refused),
+            vec![Action::Send(Outbound::PubAck { packet_id: 3, reason: PubAckReason::PayloadInvalid })]
+        );
+        assert_eq!(
+            s.on_written(Some(4), WriteOutcome::RateLimited),
+            vec![Action::Send(Outbound::PubAck { packet_id: 4, reason: PubAckReason::QuotaExceeded })]
+        );
+        assert!(
+            matches!(s.on_packet(publish("/devices/7/kv", "{}", 1, Some(3), true)).as_slice(), [Action::Write { .. }]),
+            "a refused publish is not remembered as applied: its retransmission is tried again"
+        );
+    }
+
+    #[test]
+    fn malformed_packets_close_with_their_reason() {
+        let mut v5 = connected(Version::V5);
+        let actions = v5.on_packet(Inbound::Malformed("a PINGREQ with a remaining length"));
+        assert_eq!(
+            actions,
+            vec![
+                Action::Send(Outbound::Disconnect(DisconnectReason::MalformedPacket)),
+                Action::Close("a PINGREQ with a remaining length")
+            ]
+        );
+        let mut v3 = connected(Version::V3);
+        assert!(matches!(v3.on_packet(Inbound::Malformed("x")).as_slice(), [Action::Close(_)]));
+    }
+
+    #[test]
+    fn a_refused_connect_rate_answers_its_code() {
+        let mut s = Session::new(Version::V5);
+        s.on_packet(connect(Some("7"), Some("k")));
+        let actions = s.on_authenticated(AuthOutcome::RateLimited);
+        assert_eq!(actions[0], Action::Send(Outbound::ConnAck(ConnAck::RateLimited)));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
 
 /// The protocol version a client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
+pub(super) enum Version {
     /// MQTT 3.1 or 3.1.1.
     V3,
     /// MQTT 5.
@@ -20,7 +20,7 @@ pub enum Version {
 
 /// What the session needs of a CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Connect {
+pub(super) struct Connect {
     /// The client id (may be empty).
     pub client_id: String,
     /// The username: a device id, in decimal.
@@ -31,11 +31,14 @@ pub struct Connect {
     pub keep_alive: u16,
     /// Whether a will was given (refused).
     pub has_will: bool,
+    /// MQTT 5: the largest packet the client accepts (its Maximum Packet Size); `None`: no limit
+    /// announced (3.1.1 has no way to announce one).
+    pub max_packet: Option<u32>,
 }
 
 /// A packet from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Inbound {
+pub(super) enum Inbound {
     /// CONNECT.
     Connect(Connect),
     /// PUBLISH.
@@ -75,11 +78,14 @@ pub enum Inbound {
     Ack,
     /// Anything else a client may not send here (QoS 2 flow, AUTH, server-to-client packets).
     Unexpected(&'static str),
+    /// A packet the codec read but that breaks the protocol's shape (e.g. a PINGREQ with a
+    /// remaining length).
+    Malformed(&'static str),
 }
 
 /// How a CONNECT is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnAck {
+pub(super) enum ConnAck {
     /// Accepted.
     Accepted,
     /// Unknown device or wrong key.
@@ -88,19 +94,34 @@ pub enum ConnAck {
     NotAuthorized,
     /// The device already holds its maximum of sessions.
     TooManySessions,
+    /// The device connects more often than its rate allows.
+    RateLimited,
     /// The server could not check the credentials.
     ServerUnavailable,
 }
 
+/// How a QoS 1 PUBLISH is acknowledged (MQTT 5 says why; a 3.1.1 PUBACK is always plain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PubAckReason {
+    /// Applied.
+    Success,
+    /// Not applied: the payload is not acceptable (MQTT 5: 0x99 payload format invalid).
+    PayloadInvalid,
+    /// Not applied: over the device's rate (MQTT 5: 0x97 quota exceeded).
+    QuotaExceeded,
+}
+
 /// Why the server ends a connection, for MQTT 5's DISCONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DisconnectReason {
+pub(super) enum DisconnectReason {
     /// A protocol rule was broken.
     ProtocolError,
     /// The client may not do that (topic, retain, will).
     NotAuthorized,
-    /// A packet was larger than the maximum.
+    /// A packet was larger than the maximum (ours, or one we would send the client's).
     PacketTooLarge,
+    /// A packet was malformed.
+    MalformedPacket,
     /// QoS 2 is not supported.
     QosNotSupported,
     /// Retained messages are not supported.
@@ -117,7 +138,7 @@ pub enum DisconnectReason {
 
 /// A packet to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outbound {
+pub(super) enum Outbound {
     /// CONNACK.
     ConnAck(ConnAck),
     /// SUBACK: per filter, granted (QoS 0) or refused.
@@ -134,12 +155,12 @@ pub enum Outbound {
         /// Filters unsubscribed (MQTT 5 reports one code each).
         count: usize,
     },
-    /// PUBACK: `applied` false becomes reason 0x99 (payload format invalid) in MQTT 5.
+    /// PUBACK.
     PubAck {
         /// Packet id.
         packet_id: u16,
-        /// Whether the payload was applied.
-        applied: bool,
+        /// Applied, or why not (MQTT 5 only).
+        reason: PubAckReason,
     },
     /// PUBLISH at QoS 0.
     Publish {
@@ -154,8 +175,16 @@ pub enum Outbound {
     Disconnect(DisconnectReason),
 }
 
-/// Converts a decoded packet.
-pub fn inbound(packet: MqttPacket) -> Inbound {
+/// Converts a decoded packet whose fixed header announced `remaining` bytes.
+pub(super) fn inbound(packet: MqttPacket, remaining: u32) -> Inbound {
+    let bare = matches!(
+        packet,
+        MqttPacket::V3(v3::Packet::PingRequest | v3::Packet::Disconnect) | MqttPacket::V5(v5::Packet::PingRequest)
+    );
+    if bare && remaining != 0 {
+        // The codec reads these from their fixed header alone and skips the rest.
+        return Inbound::Malformed("a PINGREQ or DISCONNECT with a remaining length");
+    }
     match packet {
         MqttPacket::V3(p) => inbound_v3(p),
         MqttPacket::V5(p) => inbound_v5(p),
@@ -182,6 +211,7 @@ fn inbound_v3(p: v3::Packet) -> Inbound {
             password: c.password.clone(),
             keep_alive: c.keep_alive,
             has_will: c.last_will.is_some(),
+            max_packet: None,
         }),
         v3::Packet::Publish(p) => publish(&p),
         v3::Packet::Subscribe { packet_id, topic_filters } => Inbound::Subscribe {
@@ -213,6 +243,7 @@ fn inbound_v5(p: v5::Packet) -> Inbound {
             password: c.password.clone(),
             keep_alive: c.keep_alive,
             has_will: c.last_will.is_some(),
+            max_packet: c.max_packet_size.map(std::num::NonZeroU32::get),
         }),
         v5::Packet::Publish(p) => publish(&p),
         v5::Packet::Subscribe(s) => Inbound::Subscribe {
@@ -243,7 +274,7 @@ fn packet_id(id: u16) -> NonZeroU16 {
 
 /// Encodes an outbound packet for `version`; `None` when the version has no such packet
 /// (a 3.1.1 server cannot send DISCONNECT).
-pub fn outbound(version: Version, packet: Outbound, max_packet: u32) -> Option<MqttPacket> {
+pub(super) fn outbound(version: Version, packet: Outbound, max_packet: u32) -> Option<MqttPacket> {
     Some(match version {
         Version::V3 => MqttPacket::V3(match packet {
             Outbound::ConnAck(code) => v3::Packet::ConnectAck(v3::ConnectAck {
@@ -252,7 +283,9 @@ pub fn outbound(version: Version, packet: Outbound, max_packet: u32) -> Option<M
                     ConnAck::Accepted => v3::ConnectAckReason::ConnectionAccepted,
                     ConnAck::BadCredentials => v3::ConnectAckReason::BadUserNameOrPassword,
                     ConnAck::NotAuthorized => v3::ConnectAckReason::NotAuthorized,
-                    ConnAck::TooManySessions | ConnAck::ServerUnavailable => v3::ConnectAckReason::ServiceUnavailable,
+                    ConnAck::TooManySessions | ConnAck::RateLimited | ConnAck::ServerUnavailable => {
+                        v3::ConnectAckReason::ServiceUnavailable
+                    }
                 },
             }),
             Outbound::SubAck { packet_id: id, granted } => v3::Packet::SubscribeAck {
@@ -293,12 +326,12 @@ pub fn outbound(version: Version, packet: Outbound, max_packet: u32) -> Option<M
                 reason_string: None,
                 status: vec![v5::UnsubscribeAckReason::Success; count],
             }),
-            Outbound::PubAck { packet_id: id, applied } => v5::Packet::PublishAck(v5::PublishAck {
+            Outbound::PubAck { packet_id: id, reason } => v5::Packet::PublishAck(v5::PublishAck {
                 packet_id: packet_id(id),
-                reason_code: if applied {
-                    v5::PublishAckReason::Success
-                } else {
-                    v5::PublishAckReason::PayloadFormatInvalid
+                reason_code: match reason {
+                    PubAckReason::Success => v5::PublishAckReason::Success,
+                    PubAckReason::PayloadInvalid => v5::PublishAckReason::PayloadFormatInvalid,
+                    PubAckReason::QuotaExceeded => v5::PublishAckReason::QuotaExceeded,
                 },
                 properties: Vec::new(),
                 reason_string: None,
@@ -310,6 +343,7 @@ pub fn outbound(version: Version, packet: Outbound, max_packet: u32) -> Option<M
                     DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
                     DisconnectReason::NotAuthorized => v5::DisconnectReasonCode::NotAuthorized,
                     DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                    DisconnectReason::MalformedPacket => v5::DisconnectReasonCode::MalformedPacket,
                     DisconnectReason::QosNotSupported => v5::DisconnectReasonCode::QosNotSupported,
                     DisconnectReason::RetainNotSupported => v5::DisconnectReasonCode::RetainNotSupported,
                     DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
@@ -326,6 +360,23 @@ pub fn outbound(version: Version, packet: Outbound, max_packet: u32) -> Option<M
     })
 }
 
+/// The size on the wire of a QoS 0 PUBLISH of `payload` on `topic`, fixed header included: what
+/// is compared with the Maximum Packet Size a client announced.
+pub(super) fn publish_size(version: Version, topic: &str, payload: usize) -> usize {
+    let properties = match version {
+        Version::V3 => 0,
+        Version::V5 => 1, // the properties' length: 0, in one byte
+    };
+    let remaining = 2 + topic.len() + properties + payload;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
+}
+
 fn qos0(topic: ByteString, payload: Bytes) -> Publish {
     Publish { dup: false, retain: false, qos: QoS::AtMostOnce, topic, packet_id: None, payload, properties: None }
 }
@@ -339,6 +390,7 @@ fn connack_v5(code: ConnAck, max_packet: u32) -> v5::ConnectAck {
             ConnAck::BadCredentials => v5::ConnectAckReason::BadUserNameOrPassword,
             ConnAck::NotAuthorized => v5::ConnectAckReason::NotAuthorized,
             ConnAck::TooManySessions => v5::ConnectAckReason::QuotaExceeded,
+            ConnAck::RateLimited => v5::ConnectAckReason::ConnectionRateExceeded,
             ConnAck::ServerUnavailable => v5::ConnectAckReason::ServerUnavailable,
         },
         max_qos: QoS::AtLeastOnce,
@@ -352,7 +404,7 @@ fn connack_v5(code: ConnAck, max_packet: u32) -> v5::ConnectAck {
 }
 
 /// The codec for `version`, limiting inbound (and for MQTT 5 outbound) packets to `max_packet`.
-pub fn codec(version: Version, max_packet: u32) -> MqttCodec {
+pub(super) fn codec(version: Version, max_packet: u32) -> MqttCodec {
     match version {
         Version::V3 => MqttCodec::V3(v3::Codec::new(max_packet)),
         // Outbound is not limited by our own maximum: a reload may be larger than what we accept.
@@ -361,12 +413,12 @@ pub fn codec(version: Version, max_packet: u32) -> MqttCodec {
 }
 
 /// The version-sniffing codec used until CONNECT is read.
-pub fn sniffing_codec() -> MqttCodec {
+pub(super) fn sniffing_codec() -> MqttCodec {
     MqttCodec::Version(rmqtt_codec::version::VersionCodec)
 }
 
 /// The version a sniffed CONNECT announced.
-pub fn version_of(packet: &MqttPacket) -> Option<Version> {
+pub(super) fn version_of(packet: &MqttPacket) -> Option<Version> {
     match packet {
         MqttPacket::Version(rmqtt_codec::version::ProtocolVersion::MQTT3) => Some(Version::V3),
         MqttPacket::Version(rmqtt_codec::version::ProtocolVersion::MQTT5) => Some(Version::V5),

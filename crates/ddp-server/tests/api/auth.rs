@@ -242,3 +242,30 @@ async fn project_keys_get_404_for_missing_things_they_could_see() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_scoped_key_cannot_tell_a_device_outside_its_homes_from_a_missing_one() {
+    let w = world().await;
+    let s = &w.s;
+    // A read-write key scoped to home B; w.dev is in home A.
+    let (key, outside, missing) = (&w.scoped_other_key, format!("/devices/{}", w.dev), "/devices/999999");
+    for (method, suffix) in
+        [(Method::GET, "/kv"), (Method::GET, "/kv/k"), (Method::PUT, "/kv/k"), (Method::DELETE, "/kv/k")]
+    {
+        let a = status(s, method.clone(), &format!("{outside}{suffix}"), Some(key)).await;
+        let b = status(s, method.clone(), &format!("{missing}{suffix}"), Some(key)).await;
+        assert_eq!((a, b), (StatusCode::FORBIDDEN, StatusCode::FORBIDDEN), "{method} {suffix}");
+    }
+    for device in [w.other_dev, 999_999] {
+        let raised = s
+            .req(Method::PUT, &format!("/devices/{device}/event"), Some(&w.scoped_other_key))
+            .body(r#"{"eventType":"x"}"#)
+            .send()
+            .await
+            .expect("raise");
+        let expected = if device == w.other_dev { StatusCode::NO_CONTENT } else { StatusCode::FORBIDDEN };
+        assert_eq!(raised.status(), expected, "device {device}");
+        let watched = s.ws(if device == w.other_dev { w.dev } else { device }, &w.scoped_other_key, "").await;
+        assert!(matches!(watched, ddp_testkit::WsOpen::Refused(403, _)), "a watch of device {device} is 403");
+    }
+}

@@ -122,3 +122,24 @@ async fn nodes_share_one_generated_admin_key() {
     assert_eq!(homes.status(), StatusCode::OK, "a later node accepts the first node's key");
     drop(first);
 }
+
+#[tokio::test]
+async fn a_revocation_on_one_node_closes_every_kind_of_session_on_the_other() {
+    let (a, b) = two_nodes().await;
+    let home = a.create_home("H").await;
+    let (dev, key) = a.create_device(Some(home)).await;
+    let (key_id, project) = a.create_api_key(Some(vec![home]), "read").await;
+    // On A: an MQTT connection that never subscribed, a project key's watch and event stream.
+    let mut mqtt = TestServer::mqtt_connect(a.mqtt_options(dev, &key)).await.expect("connect");
+    let mut watch = a.ws_open(dev, &project, "").await;
+    watch.next_json().await;
+    let mut events = a.events_open(&project, "").await;
+    // Through B: rotate the device key and revoke the project key.
+    let rotated = b.admin(Method::POST, &format!("/devices/{dev}/apiKey")).send().await.expect("rotate");
+    assert_eq!(rotated.status(), StatusCode::OK);
+    mqtt.ended().await;
+    let revoked = b.admin(Method::DELETE, &format!("/apiKeys/{key_id}")).send().await.expect("revoke");
+    assert_eq!(revoked.status(), StatusCode::NO_CONTENT);
+    assert_eq!(watch.end().await, WsEnd::Closed(4003));
+    assert_eq!(events.end().await, WsEnd::Closed(4003));
+}

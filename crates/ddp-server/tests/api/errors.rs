@@ -169,5 +169,5 @@ fn storage_failures_map_to_500_and_503_without_leaking() {
     assert_eq!((internal.status(), internal.reason.as_str()), (500, "INTERNAL_ERROR"));
     assert!(!internal.message.contains("/secret/path"), "internals stay in the log: {}", internal.message);
     let closed = Error::from(StoreError::Closed);
-    assert_eq!((closed.status(), closed.reason.as_str(), closed.retry_after), (503, "UNAVAILABLE", Some(1)));
+    assert_eq!((closed.status(), closed.reason.as_str(), closed.retry_after_secs()), (503, "UNAVAILABLE", Some(1)));
 }

@@ -275,3 +275,18 @@ async fn revoking_a_key_closes_its_event_streams() {
     assert_eq!(revoke.status(), StatusCode::NO_CONTENT);
     assert_eq!(events.end().await, WsEnd::Closed(4003));
 }
+
+#[tokio::test]
+async fn a_scoped_stream_of_a_deleted_home_is_closed_with_4004() {
+    let s = TestServer::start().await;
+    let (a, b) = (s.create_home("A").await, s.create_home("B").await);
+    let (_, scoped) = s.create_api_key(Some(vec![a, b]), "read").await;
+    let mut of_a = s.events_open(&scoped, &format!("?homeId={a}")).await;
+    let mut of_b = s.events_open(&scoped, &format!("?homeId={b}")).await;
+    let mut admin = s.events_open(ADMIN_KEY, "").await;
+    let del = s.admin(Method::DELETE, &format!("/homes/{a}")).send().await.expect("delete");
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    assert_eq!(of_a.end().await, WsEnd::Closed(4004), "the key's view changed");
+    assert!(of_b.quiet_for(Duration::from_millis(200)).await, "a stream of another home stays");
+    assert!(admin.quiet_for(Duration::from_millis(10)).await, "the admin's stays");
+}

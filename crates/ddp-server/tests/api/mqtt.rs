@@ -484,3 +484,216 @@ async fn a_busy_mqtt_port_names_the_flag_to_change() {
     let err = ddp_server::Server::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("--mqtt-listen"), "{err}");
 }
+
+// ---- every connection answers to the gate (issue: hardening) ----
+
+/// Connects over MQTT 5 with a raw client (announcing `max_packet` when given); returns the
+/// stream once the CONNACK accepted it.
+async fn raw_connect_v5(s: &TestServer, device: u64, key: &str, max_packet: Option<u32>) -> TcpStream {
+    let mut stream = TcpStream::connect(s.mqtt_addr.expect("mqtt")).await.expect("tcp");
+    stream.write_all(&raw::connect_v5_packet(device, key, max_packet)).await.expect("write");
+    let (first, body) = read_packet(&mut stream).await.expect("CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0x00), "CONNACK accepted");
+    stream
+}
+
+/// Reads until the server's DISCONNECT (MQTT 5) and returns its reason code; asserts the
+/// connection then ends.
+async fn disconnect_reason(stream: &mut TcpStream) -> u8 {
+    loop {
+        match read_packet(stream).await {
+            Some((0xE0, body)) => {
+                assert_eq!(read_packet(stream).await, None, "the server closes after DISCONNECT");
+                return body.first().copied().unwrap_or(0);
+            }
+            Some(_) => continue,
+            None => panic!("the connection ended without a DISCONNECT"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_never_subscribed_is_closed_when_its_key_is_rotated_or_its_device_deleted() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut v5 = raw_connect_v5(&s, dev, &key, None).await;
+    let mut v3 = raw_connect(&s, dev, &key, 0).await;
+    let rotate = s.admin(Method::POST, &format!("/devices/{dev}/apiKey")).send().await.expect("rotate");
+    assert_eq!(rotate.status(), StatusCode::OK);
+    assert_eq!(disconnect_reason(&mut v5).await, 0x98, "administrative action");
+    // Whatever it sends next is not applied: the connection is gone.
+    let _ = v3
+        .write_all(&publish_packet(&format!("/devices/{dev}/kv"), r#"{"action":"set","key":"k","value":1}"#, 1, false))
+        .await;
+    assert_eq!(read_packet(&mut v3).await, None, "the 3.1.1 connection is closed, no PUBACK");
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 0, "nothing was applied");
+
+    let home = s.create_home("H").await;
+    let (dev, key) = s.create_device(Some(home)).await;
+    let mut events = s.events_open(ADMIN_KEY, "").await;
+    let mut c = TestServer::mqtt_connect(s.mqtt_options(dev, &key)).await.expect("connect");
+    assert_eq!(events.next_json().await["eventType"], "_deviceConnected_");
+    c.client.subscribe(format!("/devices/{dev}/kv"), QoS::AtMostOnce).await.expect("subscribe");
+    assert_eq!(c.next_json().await["action"], "reload");
+    c.client.unsubscribe(format!("/devices/{dev}/kv")).await.expect("unsubscribe");
+    while !matches!(c.next_packet().await, Ok(Packet::UnsubAck(_))) {}
+    let del = s.admin(Method::DELETE, &format!("/devices/{dev}")).send().await.expect("delete");
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    c.ended().await;
+    // Nothing more is raised through the closed connection (a deleted device raises no events).
+    c.client.publish(format!("/devices/{dev}/event"), QoS::AtMostOnce, false, r#"{"eventType":"late"}"#).await.ok();
+    assert!(events.quiet_for(Duration::from_millis(300)).await, "no event from the closed connection");
+}
+
+#[tokio::test]
+async fn over_its_rate_an_mqtt_311_device_is_held_back_in_order_and_keeps_being_answered() {
+    let s = TestServer::start_with(|c| c.rate_limits.device_per_sec = 5).await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    let mut stream = raw_connect(&s, dev, &key, 0).await; // the CONNECT takes one of 10 tokens
+    stream.write_all(&raw::subscribe_packet(1, &format!("{d}/kv"), false)).await.expect("subscribe");
+    assert_eq!(read_packet(&mut stream).await.map(|p| p.0), Some(0x90), "SUBACK");
+    assert_eq!(read_packet(&mut stream).await.map(|p| p.0), Some(0x30), "the reload");
+    let n = 16u16;
+    let mut burst = Vec::new();
+    for i in 1..=n {
+        burst.extend(publish_packet(
+            &format!("{d}/kv"),
+            &format!(r#"{{"action":"set","key":"k","value":{i}}}"#),
+            i,
+            false,
+        ));
+    }
+    burst.extend([0xC0, 0x00]); // and a PINGREQ behind them
+    stream.write_all(&burst).await.expect("write");
+    // Meanwhile the session still delivers what others write (the admin key is not limited).
+    s.put(&d, "other", json!(true)).await;
+    let (mut acks, mut echoes, mut pong_after, mut other_after) = (Vec::new(), Vec::new(), None, None);
+    while acks.len() < usize::from(n) || echoes.len() < usize::from(n) || other_after.is_none() {
+        let (first, body) = read_packet(&mut stream).await.expect("the connection stays open");
+        match first {
+            0x40 => acks.push(u16::from_be_bytes([body[0], body[1]])),
+            0x30 => {
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                let msg: serde_json::Value = serde_json::from_slice(&body[2 + topic_len..]).expect("json");
+                match msg["key"].as_str() {
+                    Some("k") => echoes.push(msg["value"].as_u64().expect("value")),
+                    _ => other_after = Some(acks.len()),
+                }
+            }
+            0xD0 => pong_after = Some(acks.len()),
+            other => panic!("unexpected packet {other:#x}"),
+        }
+    }
+    let pong = pong_after.expect("PINGRESP");
+    assert!(pong < usize::from(n), "the PINGREQ was answered while writes were held ({pong} PUBACKs before it)");
+    let delivered = other_after.expect("the other write");
+    assert!(delivered < usize::from(n), "another client's write was delivered while writes were held");
+    assert_eq!(acks, (1..=n).collect::<Vec<_>>(), "every publish acknowledged, in order");
+    assert_eq!(echoes, (1..=u64::from(n)).collect::<Vec<_>>(), "and applied in the order sent");
+    assert_eq!(s.store_rev(&d).await, u64::from(n) + 1);
+}
+
+#[tokio::test]
+async fn over_its_rate_an_mqtt5_device_gets_quota_exceeded_and_nothing_is_applied() {
+    let s = TestServer::start_with(|c| c.rate_limits.device_per_sec = 1).await;
+    let home = s.create_home("H").await;
+    let (dev, key) = s.create_device(Some(home)).await;
+    let d = format!("/devices/{dev}");
+    let mut stream = raw_connect_v5(&s, dev, &key, None).await; // 1 of 2 tokens
+    stream
+        .write_all(&raw::publish_v5_packet(&format!("{d}/kv"), r#"{"action":"set","key":"a","value":1}"#, 1))
+        .await
+        .expect("write");
+    let (first, body) = read_packet(&mut stream).await.expect("PUBACK");
+    assert_eq!((first, body[2]), (0x40, 0x00), "within the burst: applied");
+    stream
+        .write_all(&raw::publish_v5_packet(&format!("{d}/kv"), r#"{"action":"set","key":"b","value":1}"#, 2))
+        .await
+        .expect("write");
+    let (first, body) = read_packet(&mut stream).await.expect("PUBACK");
+    assert_eq!((first, body[2]), (0x40, 0x97), "quota exceeded");
+    stream.write_all(&raw::publish_v5_packet(&format!("{d}/event"), r#"{"eventType":"e"}"#, 3)).await.expect("write");
+    let (first, body) = read_packet(&mut stream).await.expect("PUBACK");
+    assert_eq!((first, body[2]), (0x40, 0x97), "events count against the same rate");
+    assert_eq!(s.store_rev(&d).await, 1, "the refused write was not applied");
+}
+
+#[tokio::test]
+async fn connects_count_against_the_device_rate_too() {
+    let s = TestServer::start_with(|c| c.rate_limits.device_per_sec = 1).await;
+    let (dev, key) = s.create_device(None).await;
+    for _ in 0..2 {
+        drop(raw_connect(&s, dev, &key, 0).await); // the burst: two
+    }
+    let mut v3 = TcpStream::connect(s.mqtt_addr.expect("mqtt")).await.expect("tcp");
+    v3.write_all(&connect_packet(dev, &key, 0)).await.expect("write");
+    assert_eq!(read_packet(&mut v3).await, Some((0x20, vec![0, 3])), "3.1.1: server unavailable");
+    let mut v5 = TcpStream::connect(s.mqtt_addr.expect("mqtt")).await.expect("tcp");
+    v5.write_all(&raw::connect_v5_packet(dev, &key, None)).await.expect("write");
+    let (first, body) = read_packet(&mut v5).await.expect("CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0x9F), "5: connection rate exceeded");
+}
+
+#[tokio::test]
+async fn json_that_is_not_an_object_is_refused_not_applied() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    let mut v5 = raw_connect_v5(&s, dev, &key, None).await;
+    for (id, payload) in [(1, r#"["set","k",1]"#), (2, r#"["delete","k"]"#), (3, "17")] {
+        v5.write_all(&raw::publish_v5_packet(&format!("{d}/kv"), payload, id)).await.expect("write");
+        let (first, body) = read_packet(&mut v5).await.expect("PUBACK");
+        assert_eq!((first, body[2]), (0x40, 0x99), "{payload}: payload format invalid");
+    }
+    assert_eq!(s.store_rev(&d).await, 0, "nothing was applied");
+}
+
+#[tokio::test]
+async fn a_client_is_never_sent_more_than_its_maximum_packet_size() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    s.put(&d, "big", json!("x".repeat(20_000))).await;
+    // A reload that cannot fit: DISCONNECT 0x95 instead of a 20 KB packet.
+    let mut small = raw_connect_v5(&s, dev, &key, Some(1024)).await;
+    small.write_all(&raw::subscribe_packet(1, &format!("{d}/kv"), true)).await.expect("subscribe");
+    let mut reason = None;
+    while let Some((first, body)) = read_packet(&mut small).await {
+        assert!(body.len() + 2 <= 1024, "a {}-byte packet was sent to a client that takes 1024", body.len());
+        if first == 0xE0 {
+            reason = body.first().copied();
+        }
+    }
+    assert_eq!(reason, Some(0x95), "packet too large");
+    // A client that takes it gets it.
+    let mut big = raw_connect_v5(&s, dev, &key, Some(64 * 1024)).await;
+    big.write_all(&raw::subscribe_packet(1, &format!("{d}/kv"), true)).await.expect("subscribe");
+    assert_eq!(read_packet(&mut big).await.map(|p| p.0), Some(0x90), "SUBACK");
+    let (first, body) = read_packet(&mut big).await.expect("the reload");
+    assert_eq!(first, 0x30);
+    assert!(body.len() > 20_000);
+    // A change that cannot fit ends a small client's session too (skipping it would leave a gap).
+    let (dev2, key2) = s.create_device(None).await;
+    let mut small = raw_connect_v5(&s, dev2, &key2, Some(1024)).await;
+    small.write_all(&raw::subscribe_packet(1, &format!("/devices/{dev2}/kv"), true)).await.expect("subscribe");
+    assert_eq!(read_packet(&mut small).await.map(|p| p.0), Some(0x90));
+    assert_eq!(read_packet(&mut small).await.map(|p| p.0), Some(0x30), "the small reload fits");
+    s.put(&format!("/devices/{dev2}"), "k", json!("y".repeat(2000))).await;
+    assert_eq!(disconnect_reason(&mut small).await, 0x95);
+}
+
+#[tokio::test]
+async fn malformed_fixed_size_packets_close_the_connection() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut v3 = raw_connect(&s, dev, &key, 0).await;
+    v3.write_all(&[0xC0, 0x01, 0x00]).await.expect("a PINGREQ with a remaining length");
+    assert_eq!(read_packet(&mut v3).await, None, "closed, no PINGRESP");
+    let mut disconnect = raw_connect(&s, dev, &key, 0).await;
+    disconnect.write_all(&[0xE0, 0x02, 0x00, 0x00]).await.expect("a 3.1.1 DISCONNECT with a body");
+    assert_eq!(read_packet(&mut disconnect).await, None);
+    let mut v5 = raw_connect_v5(&s, dev, &key, None).await;
+    v5.write_all(&[0xC0, 0x01, 0x00]).await.expect("write");
+    assert_eq!(disconnect_reason(&mut v5).await, 0x81, "malformed packet");
+}

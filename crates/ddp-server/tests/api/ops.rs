@@ -80,3 +80,17 @@ async fn a_busy_port_names_the_flag_to_change() {
     let err = ddp_server::Server::bind(config).await.err().expect("refused");
     assert!(err.to_string().contains("--http-listen"), "{err}");
 }
+
+#[tokio::test]
+async fn metrics_labels_come_from_fixed_sets_whatever_clients_send() {
+    let s = TestServer::start().await;
+    let tag = format!("XM{:08x}", rand::random::<u32>());
+    for i in 0..50 {
+        let method = Method::from_bytes(format!("{tag}{i}").as_bytes()).expect("a method token");
+        let resp = s.req(method, &format!("/{tag}/{i}"), None).send().await.expect("request");
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    let after = s.req(Method::GET, "/metrics", None).send().await.expect("metrics").text().await.expect("text");
+    assert!(!after.contains(&tag), "no label holds what a client sent");
+    assert!(after.contains(r#"method="other",route="unmatched""#), "unknown methods are counted as other");
+}

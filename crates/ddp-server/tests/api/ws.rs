@@ -308,3 +308,93 @@ async fn a_malformed_upgrade_is_a_clear_400() {
     let body = ddp_testkit::expect_error(Ok(resp), StatusCode::BAD_REQUEST, "INVALID_PARAMETER").await;
     assert!(body["message"].as_str().is_some_and(|m| m.contains("Sec-WebSocket")), "{body}");
 }
+
+// ---- every connection answers to the gate (issue: hardening) ----
+
+#[tokio::test]
+async fn json_that_is_not_an_object_gets_invalid_json_and_writes_nothing() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    ws.next_json().await;
+    for frame in [r#"["set","k",1]"#, r#"["delete","k"]"#, "true", r#""set""#] {
+        ws.send_text(frame).await;
+        let error = ws.next_json().await;
+        assert_eq!((&error["action"], &error["reason"]), (&json!("error"), &json!("INVALID_JSON")), "{frame}: {error}");
+    }
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 0, "nothing was applied");
+}
+
+#[tokio::test]
+async fn frames_over_the_rate_get_an_error_frame_and_opens_over_it_get_429() {
+    let s = TestServer::start_with(|c| c.rate_limits.device_per_sec = 1).await;
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await; // the open takes one of two tokens
+    ws.next_json().await;
+    ws.send_json(&json!({"action":"set","key":"a","value":1})).await;
+    assert_eq!(ws.next_json().await["rev"], 1, "within the burst");
+    ws.send_json(&json!({"action":"set","key":"b","value":1})).await;
+    let refused = ws.next_json().await;
+    assert_eq!((&refused["reason"], &refused["key"]), (&json!("RATE_LIMIT_EXCEEDED"), &json!("b")), "{refused}");
+    match s.ws(dev, &key, "").await {
+        WsOpen::Refused(status, body) => assert_eq!((status, &body["reason"]), (429, &json!("RATE_LIMIT_EXCEEDED"))),
+        WsOpen::Open(_) => panic!("a session was opened over the rate"),
+    }
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 1, "the refused write was not applied");
+}
+
+#[tokio::test]
+async fn a_scoped_watcher_whose_device_leaves_its_homes_is_closed_with_4004() {
+    let s = TestServer::start().await;
+    let (a, b) = (s.create_home("A").await, s.create_home("B").await);
+    let (dev, _) = s.create_device(Some(a)).await;
+    let (_, scoped) = s.create_api_key(Some(vec![a]), "read").await;
+    let (_, both) = s.create_api_key(Some(vec![a, b]), "read").await;
+    let mut narrow = s.ws_open(dev, &scoped, "").await;
+    let mut wide = s.ws_open(dev, &both, "").await;
+    narrow.next_json().await;
+    wide.next_json().await;
+    let moved = s.admin(Method::PATCH, &format!("/devices/{dev}")).json(&json!({ "homeId": b })).send().await;
+    assert_eq!(moved.expect("move").status(), StatusCode::OK);
+    assert_eq!(narrow.end().await, WsEnd::Closed(4004), "access changed: reconnect to be checked again");
+    s.put(&format!("/devices/{dev}"), "k", json!(1)).await;
+    assert_eq!(wide.next_json().await["rev"], 1, "a key that still sees the device keeps its session");
+    match s.ws(dev, &scoped, "").await {
+        WsOpen::Refused(status, _) => assert_eq!(status, 403, "checked again on reconnect"),
+        WsOpen::Open(_) => panic!("the moved device is still visible to the narrow key"),
+    }
+}
+
+#[tokio::test]
+async fn protocol_violations_get_rfc_6455_close_codes() {
+    use ddp_testkit::raw::RawWs;
+    let s = TestServer::start_with(|c| c.limits.max_body_bytes = 4096).await;
+    let (dev, key) = s.create_device(None).await;
+    let path = format!("/devices/{dev}/kv");
+    let text = |fin, payload: &[u8]| RawWs::frame(fin, 0, 1, true, payload);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("invalid UTF-8 in a text frame", text(true, &[b'{', 0xff, 0xfe, b'}']), 1007),
+        ("an unmasked client frame", RawWs::frame(true, 0, 1, false, b"{}"), 1002),
+        ("reserved bits set", RawWs::frame(true, 4, 1, true, b"{}"), 1002),
+        ("a reserved data opcode", RawWs::frame(true, 0, 3, true, b"{}"), 1002),
+        ("a reserved control opcode", RawWs::frame(true, 0, 0xB, true, b""), 1002),
+        ("a fragmented ping", RawWs::frame(false, 0, 9, true, b"x"), 1002),
+        ("a continuation with nothing to continue", RawWs::frame(true, 0, 0, true, b"{}"), 1002),
+        ("a frame over the limit", text(true, &vec![b' '; 5000]), 1009),
+        (
+            "a message over the limit",
+            [text(false, &[b' '; 3000]), RawWs::frame(true, 0, 0, true, &[b' '; 3000])].concat(),
+            1009,
+        ),
+    ];
+    for (what, bytes, code) in cases {
+        let mut ws = RawWs::open(s.addr, &path, &key).await;
+        assert_eq!(ws.next_frame().await.map(|f| f.opcode), Some(1), "the reload comes first");
+        ws.send(&bytes).await;
+        assert_eq!(ws.close_code().await, Some(code), "{what}");
+    }
+    // The event stream answers the same way.
+    let mut events = RawWs::open(s.addr, "/events/websocket", ADMIN_KEY).await;
+    events.send(&RawWs::frame(true, 0, 1, false, b"{}")).await;
+    assert_eq!(events.close_code().await, Some(1002), "event stream: unmasked frame");
+}
