@@ -37,6 +37,68 @@ pub struct Config {
 }
 
 impl Config {
+    /// Checks the whole configuration before anything starts: durations above zero, limits of
+    /// at least one, no contradictory settings. The message names the flag to change.
+    pub fn validate(&self) -> Result<(), String> {
+        fn positive(what: &str, d: Duration) -> Result<(), String> {
+            if d.is_zero() { Err(format!("{what} must be longer than 0")) } else { Ok(()) }
+        }
+        fn at_least(what: &str, n: usize, min: usize) -> Result<(), String> {
+            if n < min { Err(format!("{what} must be at least {min}, got {n}")) } else { Ok(()) }
+        }
+        positive("--ws-idle", self.sessions.idle)?;
+        positive("the MQTT CONNECT timeout", self.mqtt.connect_timeout)?;
+        positive("the history trimming interval", self.history.trim_every)?;
+        at_least("--max-value-bytes", self.limits.max_value_bytes, 1)?;
+        at_least("--max-keys-per-store", self.limits.max_keys_per_store, 1)?;
+        at_least("--max-body-bytes", self.limits.max_body_bytes, 1)?;
+        at_least("--max-sessions-per-device", self.sessions.max_per_device, 1)?;
+        at_least("--session-queue", self.sessions.mailbox, 1)?;
+        at_least("the event stream queue", self.sessions.event_queue, 1)?;
+        at_least("the WebSocket read buffer", self.sessions.ws_read_buffer, 1)?;
+        at_least("--db-readers", self.db_readers, 1)?;
+        at_least("--db-pool-size", self.db_pool, 2)?;
+        // A CONNECT with a device id and a 48-character key must fit.
+        at_least("--mqtt-max-packet", self.mqtt.max_packet, 128)?;
+        if self.limits.max_value_bytes > self.limits.max_body_bytes {
+            return Err(format!(
+                "--max-value-bytes ({}) is larger than --max-body-bytes ({}): no request could carry such a value",
+                self.limits.max_value_bytes, self.limits.max_body_bytes
+            ));
+        }
+        if self.node_name.trim().is_empty() {
+            return Err("--node-name must not be empty".into());
+        }
+        let mqtt = &self.mqtt;
+        match (&mqtt.tls_cert, &mqtt.tls_key) {
+            (Some(_), None) => return Err("--tls-cert needs --tls-key".into()),
+            (None, Some(_)) => return Err("--tls-key needs --tls-cert".into()),
+            (Some(_), Some(_)) if mqtt.tls_listen.is_none() => {
+                return Err("--tls-cert and --tls-key are given but no TLS listener is on (--mqtt-tls-listen)".into());
+            }
+            (None, None) if mqtt.tls_listen.is_some() => {
+                return Err("--mqtt-tls-listen needs --tls-cert and --tls-key".into());
+            }
+            _ => {}
+        }
+        let listeners = [
+            ("--http-listen", Some(self.http_listen)),
+            ("--mqtt-listen", mqtt.listen),
+            ("--mqtt-tls-listen", mqtt.tls_listen),
+        ];
+        for (i, (a, addr_a)) in listeners.iter().enumerate() {
+            for (b, addr_b) in &listeners[i + 1..] {
+                if let (Some(x), Some(y)) = (addr_a, addr_b)
+                    && x.port() != 0
+                    && x == y
+                {
+                    return Err(format!("{a} and {b} are both {x}: give each listener its own address"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Defaults, with data in `data_dir` and HTTP on `http_listen`.
     pub fn new(data_dir: impl Into<PathBuf>, http_listen: SocketAddr) -> Config {
         Config {

@@ -250,3 +250,64 @@ async fn events_follows_home_events() {
         "{line}"
     );
 }
+
+/// `ddp serve` with its data in `data` and `extra` flags; the listeners `extra` does not name
+/// are on ports the system picks.
+fn serve(data: &std::path::Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ddp"));
+    cmd.arg("serve");
+    for flag in ["--http-listen", "--mqtt-listen"] {
+        if !extra.contains(&flag) {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
+    }
+    cmd.arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .env_remove("DDP_ADMIN_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_setting_refuses_to_start_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    for (flags, names) in [
+        (&["--ws-idle", "0"][..], "--ws-idle"),
+        (&["--max-sessions-per-device", "0"], "--max-sessions-per-device"),
+        (&["--tls-cert", "c.pem"], "--tls-key"),
+    ] {
+        let out = serve(&data, flags).output().await.expect("ddp serve runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(names) && !err.contains("panicked"), "{flags:?}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_start_leaves_no_admin_key_and_the_start_that_serves_prints_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy = taken.local_addr().expect("addr").to_string();
+    let out = serve(&data, &["--mqtt-listen", &busy]).output().await.expect("ddp serve runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mqtt-listen"));
+    assert!(!data.join("admin.key").exists(), "no key was stored by a start that did not serve");
+    let mut serving = serve(&data, &[]).spawn().expect("ddp serve");
+    let mut lines = BufReader::new(serving.stdout.take().expect("stdout")).lines();
+    let mut printed = None;
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await {
+        if let Some(key) = line.trim().strip_prefix("ddpa_") {
+            printed = Some(format!("ddpa_{key}"));
+            break;
+        }
+    }
+    let printed = printed.expect("the serving start prints the key it generated");
+    let stored = std::fs::read_to_string(data.join("admin.key")).expect("and stores it");
+    assert_eq!(stored.trim(), printed);
+    serving.kill().await.expect("stop");
+}

@@ -94,3 +94,35 @@ async fn metrics_labels_come_from_fixed_sets_whatever_clients_send() {
     assert!(!after.contains(&tag), "no label holds what a client sent");
     assert!(after.contains(r#"method="other",route="unmatched""#), "unknown methods are counted as other");
 }
+
+#[tokio::test]
+async fn the_whole_configuration_is_checked_before_anything_starts() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = || ddp_testkit::TestServer::config(&dir.path().join("data"));
+    let cases: Vec<(&str, Box<dyn Fn(&mut ddp_server::Config)>)> = vec![
+        ("--ws-idle", Box::new(|c| c.sessions.idle = Duration::ZERO)),
+        ("--max-sessions-per-device", Box::new(|c| c.sessions.max_per_device = 0)),
+        ("--session-queue", Box::new(|c| c.sessions.mailbox = 0)),
+        ("--max-keys-per-store", Box::new(|c| c.limits.max_keys_per_store = 0)),
+        ("--max-body-bytes", Box::new(|c| c.limits.max_value_bytes = c.limits.max_body_bytes + 1)),
+        ("--mqtt-max-packet", Box::new(|c| c.mqtt.max_packet = 10)),
+        ("--db-readers", Box::new(|c| c.db_readers = 0)),
+        ("--tls-key", Box::new(|c| c.mqtt.tls_cert = Some("cert.pem".into()))),
+        ("--mqtt-tls-listen", Box::new(|c| c.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr")))),
+        (
+            "give each listener its own address",
+            Box::new(|c| {
+                c.http_listen = "127.0.0.1:48123".parse().expect("addr");
+                c.mqtt.listen = Some(c.http_listen);
+            }),
+        ),
+    ];
+    for (names, tweak) in cases {
+        let mut config = base();
+        tweak(&mut config);
+        let err = ddp_server::Server::bind(config).await.err().expect("refused");
+        assert!(err.to_string().contains(names), "{names}: {err}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing was created for a configuration that cannot start");
+}
