@@ -100,7 +100,8 @@ async fn the_whole_configuration_is_checked_before_anything_starts() {
     use std::time::Duration;
     let dir = tempfile::tempdir().expect("tempdir");
     let base = || ddp_testkit::TestServer::config(&dir.path().join("data"));
-    let cases: Vec<(&str, Box<dyn Fn(&mut ddp_server::Config)>)> = vec![
+    type Tweak = Box<dyn Fn(&mut ddp_server::Config)>;
+    let cases: Vec<(&str, Tweak)> = vec![
         ("--ws-idle", Box::new(|c| c.sessions.idle = Duration::ZERO)),
         ("--max-sessions-per-device", Box::new(|c| c.sessions.max_per_device = 0)),
         ("--session-queue", Box::new(|c| c.sessions.mailbox = 0)),
