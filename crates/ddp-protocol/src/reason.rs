@@ -32,6 +32,8 @@ pub enum Reason {
     NotFound,
     /// The route exists but not for this method.
     MethodNotAllowed,
+    /// The request (its body) did not arrive in time.
+    RequestTimeout,
     /// The device is already in the home it was asked to join.
     DeviceAlreadyInHome,
     /// A conditional write's precondition failed.
@@ -68,6 +70,7 @@ impl Reason {
             Reason::ApiKeyNotFound => "API_KEY_NOT_FOUND",
             Reason::NotFound => "NOT_FOUND",
             Reason::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Reason::RequestTimeout => "REQUEST_TIMEOUT",
             Reason::DeviceAlreadyInHome => "DEVICE_ALREADY_IN_HOME",
             Reason::RevisionMismatch => "REVISION_MISMATCH",
             Reason::ValueTooLarge => "VALUE_TOO_LARGE",
@@ -94,6 +97,7 @@ impl Reason {
             | Reason::ApiKeyNotFound
             | Reason::NotFound => 404,
             Reason::MethodNotAllowed => 405,
+            Reason::RequestTimeout => 408,
             Reason::DeviceAlreadyInHome => 409,
             Reason::RevisionMismatch => 412,
             Reason::ValueTooLarge | Reason::TooManyKeys | Reason::PayloadTooLarge => 413,

@@ -34,6 +34,11 @@ pub struct Config {
     pub sessions: SessionLimits,
     /// The MQTT listener.
     pub mqtt: MqttSettings,
+    /// HTTP timeouts.
+    pub http: HttpSettings,
+    /// Most connections each listener holds at once (`None`: derived from the open-file limit,
+    /// leaving room for the database). All listeners also share that derived budget.
+    pub max_connections: Option<usize>,
 }
 
 impl Config {
@@ -47,6 +52,12 @@ impl Config {
             if n < min { Err(format!("{what} must be at least {min}, got {n}")) } else { Ok(()) }
         }
         positive("--ws-idle", self.sessions.idle)?;
+        positive("--http-header-timeout", self.http.header_timeout)?;
+        positive("--http-idle-timeout", self.http.idle_timeout)?;
+        positive("--http-body-timeout", self.http.body_timeout)?;
+        if let Some(n) = self.max_connections {
+            at_least("--max-connections", n, 1)?;
+        }
         positive("the MQTT CONNECT timeout", self.mqtt.connect_timeout)?;
         positive("the history trimming interval", self.history.trim_every)?;
         at_least("--max-value-bytes", self.limits.max_value_bytes, 1)?;
@@ -60,12 +71,6 @@ impl Config {
         at_least("--db-pool-size", self.db_pool, 2)?;
         // A CONNECT with a device id and a 48-character key must fit.
         at_least("--mqtt-max-packet", self.mqtt.max_packet, 128)?;
-        if self.limits.max_value_bytes > self.limits.max_body_bytes {
-            return Err(format!(
-                "--max-value-bytes ({}) is larger than --max-body-bytes ({}): no request could carry such a value",
-                self.limits.max_value_bytes, self.limits.max_body_bytes
-            ));
-        }
         if self.node_name.trim().is_empty() {
             return Err("--node-name must not be empty".into());
         }
@@ -114,6 +119,30 @@ impl Config {
             db_readers: 4,
             sessions: SessionLimits::default(),
             mqtt: MqttSettings::default(),
+            http: HttpSettings::default(),
+            max_connections: None,
+        }
+    }
+}
+
+/// How long the HTTP listener waits for a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Once a request's first byte arrives, its head must be complete within this.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress is closed after this (new, between keep-alive
+    /// requests, or not reading its response).
+    pub idle_timeout: Duration,
+    /// A request body must arrive within this (else `408 REQUEST_TIMEOUT`).
+    pub body_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> HttpSettings {
+        HttpSettings {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -30,6 +30,7 @@
 //! - [`events`]: home events: system events from the commit feed, device events, app streams.
 //! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions.
 //! - [`json`]: the server's own type for a serialized message.
+//! - [`listener`]: connection caps over the open-file budget; who is shed when they are full.
 //! - [`locks`]: what a poisoned lock means (fail closed).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the one error type, with its `Reason`.
@@ -45,6 +46,7 @@ mod http;
 mod hub;
 mod json;
 mod kv;
+mod listener;
 mod locks;
 mod metrics;
 mod mqtt;
@@ -54,6 +56,6 @@ mod server;
 mod sessions;
 mod watch;
 
-pub use config::{Config, History, Limits, MqttSettings, RateLimits, SessionLimits};
+pub use config::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, SessionLimits};
 pub use error::Error;
 pub use server::{ADMIN_KEY_FILE, DATABASE_FILE, LOCK_FILE, Server, StartError};

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use ddp_store::{PgOptions, PgStore, SqliteOptions, SqliteStore, Store, StoreError};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +19,7 @@ use crate::events::EventBus;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::kv::{Kv, Parts};
+use crate::listener::{Caps, connection_budget};
 use crate::secret::{self, SecretKind};
 use crate::sessions::Sessions;
 use crate::{http, metrics};
@@ -88,6 +88,7 @@ pub struct Server {
     http_addr: SocketAddr,
     mqtt: Option<(TcpListener, SocketAddr)>,
     mqtt_tls: Option<(TcpListener, SocketAddr, tokio_rustls::TlsAcceptor)>,
+    caps: Arc<Caps>,
     admin: AdminKey,
     _lock: Option<std::fs::File>,
 }
@@ -185,8 +186,15 @@ impl Server {
             sessions,
             events,
         });
+        let storage_files = match &config.database {
+            // Each connection to the database file holds it, its WAL and its shared memory.
+            None => 3 * (config.db_readers as u64 + 2),
+            Some(_) => config.db_pool as u64 + 2,
+        };
+        let limit = crate::listener::open_file_limit().unwrap_or(1024);
+        let caps = Caps::new(connection_budget(limit, storage_files));
         let app = Arc::new(App { kv, metrics: metrics::handle(), shutdown: CancellationToken::new(), store, config });
-        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, admin, _lock: lock })
+        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, caps, admin, _lock: lock })
     }
 
     /// Where the REST and WebSocket API listens.
@@ -218,39 +226,42 @@ impl Server {
     /// Serves until `shutdown` completes; then stops accepting, finishes in-flight requests and
     /// writes, closes live sessions and storage, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Server { app, http, http_addr, mqtt, mqtt_tls, _lock, .. } = self;
+        let Server { app, http, http_addr, mqtt, mqtt_tls, caps, _lock, .. } = self;
         match &app.config.database {
             None => tracing::info!(data_dir = %app.config.data_dir.display(), "storage: embedded SQLite"),
             Some(url) => {
                 tracing::info!(database = %PgOptions::new(url).describe(), node = %app.config.node_name, "storage: PostgreSQL")
             }
         }
-        tracing::info!(addr = %http_addr, transport = "http", "listening");
+        let per_listener = app.config.max_connections.unwrap_or(caps.total()).min(caps.total());
+        tracing::info!(
+            per_listener,
+            in_all = caps.total(),
+            open_file_limit = crate::listener::open_file_limit(),
+            "connection caps"
+        );
         let mut listeners = Vec::new();
+        tracing::info!(addr = %http_addr, transport = "http", "listening");
+        listeners.push(tokio::spawn(http::accept_loop(app.clone(), http, caps.door("http", per_listener))));
         if let Some((listener, addr)) = mqtt {
             tracing::info!(addr = %addr, transport = "mqtt", "listening");
-            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, None)));
+            let door = caps.door("mqtt", per_listener);
+            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, door, None)));
         }
         if let Some((listener, addr, acceptor)) = mqtt_tls {
             tracing::info!(addr = %addr, transport = "mqtts", "listening");
-            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, Some(acceptor))));
+            let door = caps.door("mqtts", per_listener);
+            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, door, Some(acceptor))));
         }
         let trimmer = tokio::spawn(trim_history(app.clone()));
         let cancel = app.shutdown.clone();
-        let signal = async move {
-            tokio::select! {
-                () = shutdown => {}
-                () = cancel.cancelled() => {}
-            }
-            tracing::info!("shutting down: no new connections; finishing in-flight requests");
-            cancel.cancel();
-        };
-        let listener = http.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, http::router(app.clone())).with_graceful_shutdown(signal).await;
+        tokio::select! {
+            () = shutdown => {}
+            () = cancel.cancelled() => {}
+        }
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        cancel.cancel();
+        // The HTTP loop returns once its in-flight requests are done (their writes commit).
         for l in listeners {
             let _ = l.await;
         }
@@ -264,7 +275,7 @@ impl Server {
         trimmer.abort();
         app.store.close().await;
         tracing::info!("stopped; every acknowledged write is on disk");
-        served
+        Ok(())
     }
 }
 

@@ -23,8 +23,28 @@ impl DdpProcess {
         admin_key: &str,
         extra: &[&str],
     ) -> Result<DdpProcess, String> {
+        DdpProcess::start_wrapped(&[], bin, data_dir, admin_key, extra)
+    }
+
+    /// Like [`DdpProcess::start`], run through `wrapper` (a command and its arguments, e.g.
+    /// `["prlimit", "--nofile=256:256"]`, that runs the rest of its command line).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        data_dir: &std::path::Path,
+        admin_key: &str,
+        extra: &[&str],
+    ) -> Result<DdpProcess, String> {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = std::process::Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => std::process::Command::new(bin),
+        };
+        let mut child = command
             .args(["serve", "--http-listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0", "--log-format", "json"])
             .args(["--admin-key", admin_key])
             .arg("--data-dir")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ddp_server::{Config, History, Limits, MqttSettings, RateLimits, Server, SessionLimits};
+use ddp_server::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, Server, SessionLimits};
 
 /// Log output format.
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,6 +134,27 @@ pub struct ServeArgs {
     /// (e.g. 30s, 2m).
     #[arg(long, env = "DDP_WS_IDLE", default_value = "30s", value_parser = parse_duration)]
     ws_idle: Duration,
+
+    /// Once the first byte of an HTTP request arrives, its head must be complete within this
+    /// (slow or trickling clients are closed).
+    #[arg(long, env = "DDP_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    http_header_timeout: Duration,
+
+    /// An HTTP connection with no request in progress (new, between keep-alive requests, or not
+    /// reading its response) is closed after this.
+    #[arg(long, env = "DDP_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    http_idle_timeout: Duration,
+
+    /// A request body must arrive within this, else 408 REQUEST_TIMEOUT.
+    #[arg(long, env = "DDP_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    http_body_timeout: Duration,
+
+    /// Most connections each listener (HTTP, MQTT, MQTT over TLS) holds at once. Default: the
+    /// open-file limit (raised to its hard maximum at start) minus room for the database, which
+    /// all listeners also share. At the cap the oldest connection that has not authenticated is
+    /// closed to make room.
+    #[arg(long, env = "DDP_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
 }
 
 /// A listen address, or `off`.
@@ -200,6 +221,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_packet: args.mqtt_max_packet,
         ..MqttSettings::default()
     };
+    config.http = HttpSettings {
+        header_timeout: args.http_header_timeout,
+        idle_timeout: args.http_idle_timeout,
+        body_timeout: args.http_body_timeout,
+    };
+    config.max_connections = args.max_connections;
+    raise_open_file_limit();
     config.sessions = SessionLimits {
         max_per_device: args.max_sessions_per_device,
         mailbox: args.session_queue,
@@ -223,6 +251,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         server.run(shutdown_signal()).await.context("the HTTP server failed")
     })
+}
+
+/// Raises the process's soft open-file limit to its hard limit: every connection is a file, and
+/// the connection caps are derived from this limit.
+fn raise_open_file_limit() {
+    let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) else { return };
+    if soft < hard {
+        match rlimit::increase_nofile_limit(hard) {
+            Ok(now) => tracing::info!(from = soft, to = now, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        }
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -32,7 +32,7 @@ pub(crate) async fn stream(State(app): State<Arc<App>>, request: axum::extract::
     let (mut parts, _body) = request.into_parts();
     let Query(query) = Query::<Vec<(String, String)>>::from_request_parts(&mut parts, &app).await?;
     let token = query.iter().find(|(k, _)| k == "authToken").map(|(_, v)| v.as_str());
-    let auth = super::authenticate(&app, &parts.headers, token).await?;
+    let auth = super::authenticate(&app, &parts, token).await?;
     let mut requested: Vec<HomeId> = Vec::new();
     for (_, v) in query.iter().filter(|(k, _)| k == "homeId") {
         for id in v.split(',').filter(|s| !s.trim().is_empty()) {

@@ -115,7 +115,7 @@ pub(crate) async fn list_or_watch(State(app): State<Arc<App>>, request: axum::ex
     let Query(query) = Query::<HashMap<String, String>>::from_request_parts(&mut parts, &app).await?;
     match super::upgrade::Upgrade::from_parts(&mut parts)? {
         Some(upgrade) => {
-            let auth = super::authenticate(&app, &parts.headers, query.get("authToken").map(String::as_str)).await?;
+            let auth = super::authenticate(&app, &parts, query.get("authToken").map(String::as_str)).await?;
             let since = query
                 .get("sinceRev")
                 .map(|s| {
@@ -127,7 +127,7 @@ pub(crate) async fn list_or_watch(State(app): State<Arc<App>>, request: axum::ex
             super::ws::accept(app, upgrade, auth, path.store, since).await
         }
         None => {
-            let auth = super::authenticate(&app, &parts.headers, None).await?;
+            let auth = super::authenticate(&app, &parts, None).await?;
             list_store(&app, &auth.principal, path, &query, &parts.headers).await
         }
     }

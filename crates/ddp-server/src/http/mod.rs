@@ -10,8 +10,11 @@ mod admin;
 mod events;
 mod kv;
 mod ops;
+mod serve;
 mod upgrade;
 mod ws;
+
+pub(crate) use serve::accept_loop;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -143,13 +146,22 @@ impl FromRequestParts<Arc<App>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Caller, Error> {
-        authenticate(app, &parts.headers, None).await.map(|auth| Caller(auth.principal))
+        authenticate(app, parts, None).await.map(|auth| Caller(auth.principal))
     }
 }
 
 /// The caller of a request: from the `Authorization` header, or (WebSocket endpoints only,
-/// since browsers cannot set headers there) from `?authToken=`.
-pub(crate) async fn authenticate(
+/// since browsers cannot set headers there) from `?authToken=`. A connection that carried a
+/// valid credential is no longer shed at the connection cap.
+pub(crate) async fn authenticate(app: &App, parts: &Parts, query_token: Option<&str>) -> Result<Authenticated, Error> {
+    let auth = authenticate_headers(app, &parts.headers, query_token).await?;
+    if let Some(conn) = parts.extensions.get::<serve::ConnHandle>() {
+        conn.authenticated();
+    }
+    Ok(auth)
+}
+
+async fn authenticate_headers(
     app: &App,
     headers: &HeaderMap,
     query_token: Option<&str>,
@@ -198,7 +210,8 @@ impl FromRequest<Arc<App>> for Body {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        match axum::body::to_bytes(req.into_body(), limit).await {
+        let read = axum::body::to_bytes(req.into_body(), limit);
+        match serve::within_body_timeout(app.config.http.body_timeout, read).await? {
             Ok(bytes) => Ok(Body(bytes)),
             Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
                 Err(too_large())

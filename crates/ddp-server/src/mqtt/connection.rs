@@ -29,6 +29,7 @@ use crate::app::App;
 use crate::hub::Delivery;
 use crate::json::Json;
 use crate::kv::Transport;
+use crate::listener::Conn;
 use crate::sessions::{CloseReason, Session as Live};
 use crate::watch::Watch;
 
@@ -81,8 +82,24 @@ struct Connection<S> {
     retry_at: Option<Instant>,
 }
 
-/// Serves one connection until it ends.
-pub(crate) async fn serve<S>(app: Arc<App>, stream: S, peer: SocketAddr)
+/// Serves one connection until it ends. Until its CONNECT is accepted it may be shed at the
+/// connection cap ([`Conn`]).
+pub(crate) async fn serve<S>(app: Arc<App>, stream: S, peer: SocketAddr, conn: Arc<Conn>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::select! {
+        () = serve_admitted(app, stream, peer, &conn) => {}
+        () = shed(&conn) => tracing::debug!(%peer, "mqtt connection shed at the connection cap before it authenticated"),
+    }
+}
+
+/// Completes when `conn` is shed (it can be only before it authenticates).
+async fn shed(conn: &Conn) {
+    conn.shed_now().await;
+}
+
+async fn serve_admitted<S>(app: Arc<App>, stream: S, peer: SocketAddr, conn: &Conn)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -115,7 +132,7 @@ where
         }
         Ok(None) | Err(_) => return,
     };
-    let mut conn = Connection {
+    let mut connection = Connection {
         app,
         io,
         session: Session::new(version),
@@ -125,11 +142,14 @@ where
         held: VecDeque::new(),
         retry_at: None,
     };
-    let actions = conn.session.on_packet(connect);
-    if conn.run(actions).await.is_ok() {
-        let _ = Box::pin(conn.serve()).await;
+    let actions = connection.session.on_packet(connect);
+    if connection.run(actions).await.is_ok() {
+        if connection.live.is_some() {
+            conn.authenticated();
+        }
+        let _ = Box::pin(connection.serve()).await;
     }
-    if let Some(device) = conn.session.device() {
+    if let Some(device) = connection.session.device() {
         tracing::debug!(%device, %peer, "mqtt session closed");
     }
 }

@@ -30,6 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
 use crate::app::App;
+use crate::listener::Door;
 
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,8 +70,9 @@ fn tune(stream: &TcpStream) {
     }
 }
 
-/// Accepts connections on `listener` until shutdown; each runs in its own task.
-pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+/// Accepts connections on `listener` until shutdown, each admitted through `door` (the
+/// connection cap) and run in its own task.
+pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door, tls: Option<TlsAcceptor>) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -85,16 +87,22 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, tls: Optio
                 continue;
             }
         };
+        let Some(conn) = door.admit() else { continue };
         tune(&stream);
         let app = app.clone();
         match tls.clone() {
             None => {
-                tokio::spawn(connection::serve(app, stream, peer));
+                tokio::spawn(connection::serve(app, stream, peer, conn));
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => connection::serve(app, tls, peer).await,
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        done = handshake => done,
+                        () = conn.shed_now() => return,
+                    };
+                    match tls {
+                        Ok(Ok(tls)) => connection::serve(app, tls, peer, conn).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "mqtt TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "mqtt TLS handshake timed out"),
                     }

@@ -1,6 +1,6 @@
 //! Health, readiness, metrics and shutdown (PROTOCOL.md §7).
 
-use ddp_testkit::{TestServer, expect_json};
+use ddp_testkit::{ADMIN_KEY, TestServer, expect_json};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -106,7 +106,9 @@ async fn the_whole_configuration_is_checked_before_anything_starts() {
         ("--max-sessions-per-device", Box::new(|c| c.sessions.max_per_device = 0)),
         ("--session-queue", Box::new(|c| c.sessions.mailbox = 0)),
         ("--max-keys-per-store", Box::new(|c| c.limits.max_keys_per_store = 0)),
-        ("--max-body-bytes", Box::new(|c| c.limits.max_value_bytes = c.limits.max_body_bytes + 1)),
+        ("--max-body-bytes", Box::new(|c| c.limits.max_body_bytes = 0)),
+        ("--http-header-timeout", Box::new(|c| c.http.header_timeout = Duration::ZERO)),
+        ("--max-connections", Box::new(|c| c.max_connections = Some(0))),
         ("--mqtt-max-packet", Box::new(|c| c.mqtt.max_packet = 10)),
         ("--db-readers", Box::new(|c| c.db_readers = 0)),
         ("--tls-key", Box::new(|c| c.mqtt.tls_cert = Some("cert.pem".into()))),
@@ -126,4 +128,76 @@ async fn the_whole_configuration_is_checked_before_anything_starts() {
         assert!(err.to_string().contains(names), "{names}: {err}");
     }
     assert!(!dir.path().join("data").exists(), "nothing was created for a configuration that cannot start");
+}
+
+/// Reads until the server closes `stream`; returns what it sent and how long that took.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> (String, std::time::Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("the server held the connection for 10 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_and_trickling_http_clients_are_let_go_and_upgraded_sessions_are_not() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let s = TestServer::start_with(|c| {
+        c.http.header_timeout = Duration::from_millis(400);
+        c.http.idle_timeout = Duration::from_millis(800);
+        c.http.body_timeout = Duration::from_millis(400);
+    })
+    .await;
+    // A connection that never sends anything.
+    let mut silent = TcpStream::connect(s.addr).await.expect("tcp");
+    let (sent, took) = until_closed(&mut silent).await;
+    assert!(sent.is_empty() && took >= Duration::from_millis(700), "closed after the idle timeout ({took:?})");
+
+    // A request head that trickles in: bytes keep coming, but the head is never complete.
+    let mut trickle = TcpStream::connect(s.addr).await.expect("tcp");
+    trickle.write_all(b"GET /healthz HTTP/1.1\r\n").await.expect("write");
+    let writer = tokio::spawn(async move {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if trickle.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(writer.await.expect("writer"), "the server stopped taking the trickle before 2 s");
+
+    // Keep-alive: one request, then silence until the idle timeout.
+    let mut keep_alive = TcpStream::connect(s.addr).await.expect("tcp");
+    keep_alive.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let (sent, took) = until_closed(&mut keep_alive).await;
+    assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+    assert!(took >= Duration::from_millis(700), "kept for the idle timeout after the answer ({took:?})");
+
+    // A body that never arrives whole.
+    let (dev, _) = s.create_device(None).await;
+    let mut slow_body = TcpStream::connect(s.addr).await.expect("tcp");
+    let head = format!(
+        "PUT /devices/{dev}/kv/k HTTP/1.1\r\nHost: x\r\nAuthorization: ModeCloud {ADMIN_KEY}\r\nContent-Length: 20\r\n\r\n{{\"va"
+    );
+    slow_body.write_all(head.as_bytes()).await.expect("write");
+    let (sent, _) = until_closed(&mut slow_body).await;
+    assert!(sent.starts_with("HTTP/1.1 408") && sent.contains("REQUEST_TIMEOUT"), "{sent}");
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 0);
+
+    // A WebSocket session is not an idle HTTP connection.
+    let (dev, key) = s.create_device(None).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    ws.next_json().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.put(&format!("/devices/{dev}"), "k", json!(1)).await;
+    assert_eq!(ws.next_json().await["rev"], 1, "the upgraded session outlived the HTTP idle timeout");
 }
