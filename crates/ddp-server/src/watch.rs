@@ -126,3 +126,114 @@ impl Watch {
         self.last
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The watch path's rare branches, on a real embedded store: changes are written to it
+    //! directly (its commit sink goes nowhere), and only some of them are published to the hub,
+    //! as when changes reach a node out of order.
+
+    use ddp_protocol::{Key, Value};
+    use ddp_store::{Condition, KvAction, KvWrite, NewDevice, NoSink, Origin, SqliteOptions, SqliteStore};
+
+    use super::*;
+
+    struct Fixture {
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        target: StoreRef,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SqliteOptions::new(dir.path().join("watch.sqlite3"));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(options, Arc::new(NoSink)).expect("store opens"));
+        let device = store
+            .create_device(NewDevice {
+                name: "d".into(),
+                home: None,
+                device_class: String::new(),
+                tag: String::new(),
+                key_hash: [7; 32],
+            })
+            .await
+            .expect("device");
+        Fixture { store, hub: Arc::new(Hub::new(64)), target: StoreRef::Device(device.id), _dir: dir }
+    }
+
+    impl Fixture {
+        async fn write(&self, n: u64) -> Change {
+            let write = KvWrite {
+                store: self.target,
+                key: Key::new("k").expect("key"),
+                action: KvAction::Set(Value::parse(&n.to_string()).expect("value")),
+                condition: Condition::None,
+                max_keys: 100,
+                origin: Origin::Admin,
+            };
+            self.store.write(write).await.expect("written")
+        }
+    }
+
+    fn revs(messages: &[Json]) -> Vec<(String, u64)> {
+        messages
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_str(m.text()).expect("json");
+                (v["action"].as_str().unwrap_or_default().to_owned(), v["rev"].as_u64().unwrap_or_default())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_gap_is_filled_from_the_history_in_rev_order() {
+        let f = fixture().await;
+        for n in 1..=3 {
+            f.write(n).await;
+        }
+        let (mut watch, first) = Watch::start(f.store.clone(), &f.hub, f.target, None).await.expect("watch");
+        assert_eq!(revs(&first), [("reload".to_owned(), 3)]);
+        f.write(4).await;
+        f.write(5).await;
+        let sixth = f.write(6).await;
+        f.hub.publish(&sixth); // 4 and 5 never reach the hub
+        let sent = watch.process(watch.recv().await).await.expect("forwarded");
+        assert_eq!(revs(&sent), [("set".into(), 4), ("set".into(), 5), ("set".into(), 6)], "filled in, in order");
+        f.hub.publish(&sixth);
+        let again = watch.process(watch.recv().await).await.expect("forwarded");
+        assert!(again.is_empty(), "a rev already sent is not sent twice");
+        assert_eq!(watch.last_rev(), Rev(6));
+    }
+
+    #[tokio::test]
+    async fn a_gap_the_history_no_longer_covers_is_answered_with_a_reload() {
+        let f = fixture().await;
+        f.write(1).await;
+        let (mut watch, _) = Watch::start(f.store.clone(), &f.hub, f.target, None).await.expect("watch");
+        for n in 2..=8 {
+            f.write(n).await;
+        }
+        f.store.trim_history(1, 0).await.expect("trimmed"); // only rev 8 stays in the history
+        let ninth = f.write(9).await;
+        f.hub.publish(&ninth);
+        let sent = watch.process(watch.recv().await).await.expect("forwarded");
+        assert_eq!(revs(&sent), [("reload".into(), 9)], "a fresh reload covers the gap and the change itself");
+        let tenth = f.write(10).await;
+        f.hub.publish(&tenth);
+        let next = watch.process(watch.recv().await).await.expect("forwarded");
+        assert_eq!(revs(&next), [("set".into(), 10)], "and the stream goes on from the reload");
+    }
+
+    #[tokio::test]
+    async fn resuming_inside_the_history_sends_only_what_was_missed_and_a_lag_reloads() {
+        let f = fixture().await;
+        for n in 1..=4 {
+            f.write(n).await;
+        }
+        let (mut watch, first) = Watch::start(f.store.clone(), &f.hub, f.target, Some(Rev(2))).await.expect("watch");
+        assert_eq!(revs(&first), [("resume".into(), 2), ("set".into(), 3), ("set".into(), 4)]);
+        let sent = watch.process(Delivery::Lagged).await.expect("reloaded");
+        assert_eq!(revs(&sent), [("reload".into(), 4)]);
+    }
+}

@@ -167,3 +167,67 @@ async fn the_wal_starts_over_under_a_steady_stream_of_writes() {
     );
     store.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_to_commit_is_rolled_back_whole_and_revs_stay_contiguous() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let recorder = Arc::new(Recorder::default());
+    let store = Arc::new(open(&dir, recorder.clone()));
+    let dev = store
+        .create_device(NewDevice {
+            name: "d".into(),
+            home: None,
+            device_class: String::new(),
+            tag: String::new(),
+            key_hash: [9; 32],
+        })
+        .await
+        .expect("device");
+    let d = StoreRef::Device(dev.id);
+    let write = move |key: String| KvWrite {
+        store: d,
+        key: Key::new(&key).expect("key"),
+        action: KvAction::Set(Value::parse("1").expect("value")),
+        condition: Condition::None,
+        max_keys: 1000,
+        origin: Origin::Admin,
+    };
+    store.write(write("before".into())).await.expect("write");
+    // A real SQLite failure inside the batch transaction: a trigger that aborts one key's insert.
+    let side = rusqlite::Connection::open(dir.path().join("ddp.sqlite3")).expect("side connection");
+    side.execute_batch(
+        "CREATE TRIGGER boom BEFORE INSERT ON items WHEN NEW.key = 'boom' BEGIN SELECT RAISE(ABORT, 'boom'); END;",
+    )
+    .expect("trigger");
+    let mut writers = Vec::new();
+    for i in 0..40 {
+        let store = store.clone();
+        let key = if i % 10 == 5 { "boom".to_owned() } else { format!("k{i}") };
+        writers.push(tokio::spawn(async move { (key.clone(), store.write(write(key)).await) }));
+    }
+    let mut applied = vec![Rev(1)];
+    let mut failed = 0;
+    for w in writers {
+        match w.await.expect("writer") {
+            (_, Ok(change)) => applied.push(change.rev),
+            (key, Err(StoreError::Backend(_))) => {
+                failed += 1;
+                let got = store.get(d, Key::new(&key).expect("key")).await;
+                assert!(matches!(got, Err(StoreError::KeyNotFound)), "{key} was rolled back with its batch");
+            }
+            (key, Err(e)) => panic!("{key}: {e}"),
+        }
+    }
+    assert!(failed >= 4, "every boom write failed, and whatever shared its batch");
+    applied.sort();
+    let n = applied.len() as u64;
+    assert_eq!(applied, (1..=n).map(Rev).collect::<Vec<_>>(), "the revs that were handed out are contiguous");
+    // The writer's cache was dropped with the rollback: the next write continues the sequence.
+    side.execute_batch("DROP TRIGGER boom").expect("drop trigger");
+    assert_eq!(store.write(write("after".into())).await.expect("write").rev, Rev(n + 1));
+    let snapshot = store.snapshot(d, None).await.expect("snapshot");
+    assert_eq!((snapshot.rev, snapshot.items.len() as u64), (Rev(n + 1), n + 1));
+    let seen: Vec<Rev> = recorder.changes_of(d).iter().map(|c| c.rev).collect();
+    assert_eq!(seen, (1..=n + 1).map(Rev).collect::<Vec<_>>(), "the sink never saw a rolled-back change");
+    store.close().await;
+}
