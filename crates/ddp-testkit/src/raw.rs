@@ -217,6 +217,11 @@ impl RawWs {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Writes raw bytes; `Err` when the server has closed the connection.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     async fn fill(&mut self, n: usize) -> bool {
         while self.buffered.len() < n {
             let mut chunk = [0u8; 4096];

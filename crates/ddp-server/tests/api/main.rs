@@ -7,6 +7,7 @@ mod auth;
 mod cluster;
 mod errors;
 mod events;
+mod fuzz;
 mod kv;
 mod mqtt;
 mod ops;
