@@ -20,8 +20,18 @@
 //!   harmless).
 //!
 //! Ids come from identity columns, so they are never reused.
+//!
+//! # Layout
+//! - this module: [`PgStore`] and its [`Store`] implementation.
+//! - `schema`: the tables, the SQL functions and migrations.
+//! - `writer`: the group-commit batchers.
+//! - `feed`: the change feed (cursors, gaps, LISTEN/NOTIFY) and the announcer.
+//! - `presence`: sessions counted per device and node, heartbeats, reaping.
+//! - `rows`: rows into records, and the statements several operations share.
 
 mod feed;
+mod presence;
+mod rows;
 mod schema;
 mod writer;
 
@@ -32,23 +42,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp, Value};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::NoTls;
 
 use self::feed::{Announcer, Feed};
+use self::presence::heartbeat_loop;
+use self::rows::*;
 use crate::model::*;
 use crate::sql::{not_found, rev_of, sql_id, to_u64};
 use crate::{CommitSink, Store, StoreError};
 
-/// A node whose heartbeat is older than this no longer counts for presence.
-const NODE_ALIVE: Duration = Duration::from_secs(15);
-/// A node silent for this long has its presence rows removed.
-const NODE_DEAD: Duration = Duration::from_secs(120);
-/// How often a node heartbeats.
-const HEARTBEAT: Duration = Duration::from_secs(3);
 /// How long admin changes and events stay in their logs for nodes that are catching up.
 const LOG_KEEP_MS: i64 = 3_600_000;
 /// Tasks committing batches of writes at the same time.
@@ -136,106 +142,6 @@ fn pg_config(url: &str, application: &str) -> Result<tokio_postgres::Config, Sto
         config.connect_timeout(Duration::from_secs(10));
     }
     Ok(config)
-}
-
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Backend(format!("unreadable {what} in the database"))
-}
-
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-pub(super) fn key_of(s: String) -> Result<Key, StoreError> {
-    Key::try_from(s).map_err(|_| corrupt("key"))
-}
-
-pub(super) fn value_of(s: String) -> Result<Value, StoreError> {
-    Value::from_stored(s).map_err(|_| corrupt("value"))
-}
-
-fn home_of(n: Option<i64>) -> Option<HomeId> {
-    n.and_then(|n| HomeId::new(to_u64(n)))
-}
-
-fn home_id(h: HomeId) -> i64 {
-    sql_id(h.get())
-}
-
-const DEVICE_COLUMNS: &str = "id, name, home_id, device_class, tag, created_ms, last_connect_ms, last_disconnect_ms";
-
-fn device_row(row: &Row) -> Result<DeviceRecord, StoreError> {
-    Ok(DeviceRecord {
-        id: DeviceId::new(to_u64(row.try_get(0)?)).ok_or_else(|| corrupt("device id"))?,
-        name: row.try_get(1)?,
-        home: home_of(row.try_get(2)?),
-        device_class: row.try_get(3)?,
-        tag: row.try_get(4)?,
-        created: Timestamp(row.try_get(5)?),
-        last_connect: row.try_get::<_, Option<i64>>(6)?.map(Timestamp),
-        last_disconnect: row.try_get::<_, Option<i64>>(7)?.map(Timestamp),
-    })
-}
-
-fn home_row(row: &Row) -> Result<HomeRecord, StoreError> {
-    Ok(HomeRecord {
-        id: HomeId::new(to_u64(row.try_get(0)?)).ok_or_else(|| corrupt("home id"))?,
-        name: row.try_get(1)?,
-        created: Timestamp(row.try_get(2)?),
-    })
-}
-
-const API_KEY_QUERY: &str = "SELECT k.id, k.name, k.permission, k.all_homes, k.created_ms,
-        COALESCE(array_agg(h.home_id ORDER BY h.home_id) FILTER (WHERE h.home_id IS NOT NULL), '{}')
-    FROM api_keys k LEFT JOIN api_key_homes h ON h.key_id = k.id";
-
-fn api_key_row(row: &Row) -> Result<ApiKeyRecord, StoreError> {
-    let all_homes: bool = row.try_get(3)?;
-    let homes: Vec<i64> = row.try_get(5)?;
-    let permission: String = row.try_get(2)?;
-    Ok(ApiKeyRecord {
-        id: ApiKeyId::new(to_u64(row.try_get(0)?)).ok_or_else(|| corrupt("api key id"))?,
-        name: row.try_get(1)?,
-        homes: if all_homes { None } else { Some(homes.into_iter().filter_map(|h| home_of(Some(h))).collect()) },
-        permission: Permission::parse(&permission).ok_or_else(|| corrupt("permission"))?,
-        created: Timestamp(row.try_get(4)?),
-    })
-}
-
-/// Whether home `h` exists, locking it against deletion until the transaction ends.
-async fn lock_home(tx: &impl GenericClient, h: HomeId) -> Result<bool, StoreError> {
-    let stmt = tx.prepare_cached("SELECT 1 FROM homes WHERE id = $1 FOR SHARE").await?;
-    Ok(tx.query_opt(&stmt, &[&home_id(h)]).await?.is_some())
-}
-
-async fn create_store(tx: &impl GenericClient, store: StoreRef) -> Result<(), StoreError> {
-    let stmt = tx
-        .prepare_cached("INSERT INTO stores (kind, owner, rev, num_keys, history_from) VALUES ($1, $2, 0, 0, 0)")
-        .await?;
-    tx.execute(&stmt, &[&(store.kind() as i16), &sql_id(store.owner())]).await?;
-    Ok(())
-}
-
-async fn delete_store(tx: &impl GenericClient, store: StoreRef) -> Result<(), StoreError> {
-    let (kind, owner) = (store.kind() as i16, sql_id(store.owner()));
-    for sql in [
-        "DELETE FROM items WHERE kind = $1 AND owner = $2",
-        "DELETE FROM changes WHERE kind = $1 AND owner = $2",
-        "DELETE FROM stores WHERE kind = $1 AND owner = $2",
-    ] {
-        let stmt = tx.prepare_cached(sql).await?;
-        tx.execute(&stmt, &[&kind, &owner]).await?;
-    }
-    Ok(())
-}
-
-/// Logs an admin change for the other nodes, in the caller's transaction.
-async fn log_admin(tx: &impl GenericClient, change: &AdminChange, now: Timestamp) -> Result<(), StoreError> {
-    let (kind, a, b, c) = feed::admin_to_row(change);
-    let stmt =
-        tx.prepare_cached("INSERT INTO admin_log (kind, a, b, c, created_ms) VALUES ($1, $2, $3, $4, $5)").await?;
-    tx.execute(&stmt, &[&kind, &a, &b, &c, &now.millis()]).await?;
-    Ok(())
 }
 
 impl PgStore {
@@ -344,77 +250,6 @@ impl PgStore {
         self.sink.committed(&[Committed::Admin(change)]);
         self.announcer.announce("admin");
         self.feed.wake();
-    }
-
-    fn local_sessions(&self, device: DeviceId, delta: i32) {
-        if let Ok(mut local) = self.local.lock() {
-            let n = local.entry(device).or_insert(0);
-            *n += delta;
-            if *n <= 0 {
-                local.remove(&device);
-            }
-        }
-    }
-}
-
-/// Keeps this node's heartbeat fresh, re-registers it (with its live sessions) if it was reaped
-/// while unreachable, and reaps nodes that stopped.
-async fn heartbeat_loop(
-    pool: Pool,
-    node: i64,
-    name: String,
-    local: Arc<Mutex<HashMap<DeviceId, i32>>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut every = tokio::time::interval(HEARTBEAT);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut beats: u64 = 0;
-    loop {
-        tokio::select! {
-            _ = every.tick() => {}
-            _ = stop.changed() => return,
-        }
-        beats += 1;
-        let result: Result<(), StoreError> = async {
-            let mut client = pool.get().await?;
-            let n = client.execute("UPDATE nodes SET heartbeat = clock_timestamp() WHERE id = $1", &[&node]).await?;
-            if n == 0 {
-                let (devices, counts): (Vec<i64>, Vec<i32>) =
-                    local.lock().map(|l| l.iter().map(|(d, n)| (sql_id(d.get()), *n)).unzip()).unwrap_or_default();
-                let tx = client.transaction().await?;
-                tx.execute(
-                    "INSERT INTO nodes (id, name, heartbeat) VALUES ($1, $2, clock_timestamp())
-                     ON CONFLICT (id) DO UPDATE SET heartbeat = EXCLUDED.heartbeat",
-                    &[&node, &name],
-                )
-                .await?;
-                tx.execute(
-                    "INSERT INTO presence (device_id, node_id, sessions)
-                     SELECT d, $1, n FROM unnest($2::BIGINT[], $3::INT[]) AS t(d, n)
-                     WHERE EXISTS (SELECT 1 FROM devices WHERE id = d)
-                     ON CONFLICT (device_id, node_id) DO UPDATE SET sessions = EXCLUDED.sessions",
-                    &[&node, &devices, &counts],
-                )
-                .await?;
-                tx.commit().await?;
-                tracing::warn!(
-                    node,
-                    sessions = counts.iter().sum::<i32>(),
-                    "this node had been presumed dead; re-registered its live sessions"
-                );
-            }
-            if beats.is_multiple_of(10) {
-                let reaped: i32 = client.query_one("SELECT ddp_reap_nodes($1)", &[&ms(NODE_DEAD)]).await?.try_get(0)?;
-                if reaped > 0 {
-                    tracing::info!(nodes = reaped, "removed the sessions of nodes that stopped heartbeating");
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "node heartbeat failed; other nodes stop counting this node's sessions after {NODE_ALIVE:?}");
-        }
     }
 }
 
@@ -669,48 +504,15 @@ impl Store for PgStore {
     }
 
     async fn session_opened(&self, device: DeviceId, max: usize, at: Timestamp) -> Result<SessionOpened, StoreError> {
-        let client = self.client().await?;
-        let stmt =
-            client.prepare_cached("SELECT out_status, out_home FROM ddp_session_open($1, $2, $3, $4, $5)").await?;
-        let max = i32::try_from(max).unwrap_or(i32::MAX);
-        let row =
-            client.query_one(&stmt, &[&sql_id(device.get()), &self.node, &max, &at.millis(), &ms(NODE_ALIVE)]).await?;
-        let outcome: &str = row.try_get(0)?;
-        let opened = match outcome {
-            "first" => SessionOpened::Opened { first: true, home: home_of(row.try_get(1)?) },
-            "more" => SessionOpened::Opened { first: false, home: None },
-            "refused" => return Ok(SessionOpened::Refused),
-            "no_device" => return Err(StoreError::DeviceNotFound(device)),
-            other => return Err(StoreError::Backend(format!("ddp_session_open answered {other:?}"))),
-        };
-        self.local_sessions(device, 1);
-        Ok(opened)
+        self.open_session(device, max, at).await
     }
 
     async fn session_closed(&self, device: DeviceId, at: Timestamp) -> Result<SessionClosed, StoreError> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT out_last, out_home FROM ddp_session_close($1, $2, $3, $4)").await?;
-        let row = client.query_one(&stmt, &[&sql_id(device.get()), &self.node, &at.millis(), &ms(NODE_ALIVE)]).await?;
-        self.local_sessions(device, -1);
-        Ok(if row.try_get(0)? { SessionClosed::Last { home: home_of(row.try_get(1)?) } } else { SessionClosed::Others })
+        self.close_session(device, at).await
     }
 
     async fn connected(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceId>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT DISTINCT p.device_id FROM presence p JOIN nodes n ON n.id = p.node_id
-                 WHERE p.device_id = ANY($1) AND p.sessions > 0
-                   AND n.heartbeat > clock_timestamp() - $2::BIGINT * INTERVAL '1 millisecond'",
-            )
-            .await?;
-        let ids: Vec<i64> = devices.iter().map(|d| sql_id(d.get())).collect();
-        let rows = client.query(&stmt, &[&ids, &ms(NODE_ALIVE)]).await?;
-        let mut live = std::collections::HashSet::with_capacity(rows.len());
-        for row in &rows {
-            live.insert(to_u64(row.try_get(0)?));
-        }
-        Ok(devices.into_iter().filter(|d| live.contains(&d.get())).collect())
+        self.connected_devices(devices).await
     }
 
     async fn broadcast_event(&self, home: HomeId, json: String) -> Result<(), StoreError> {
