@@ -64,7 +64,12 @@ pub struct ClientBuilder {
     write_timeout: Duration,
     backoff: (Duration, Duration),
     ca_pem: Option<Vec<u8>>,
+    max_message: usize,
 }
+
+/// The largest sync message a client takes by default: a reload of a store at the server's
+/// default limits (1,000 keys of 64 KiB values) with room to spare.
+pub const DEFAULT_MAX_MESSAGE: usize = 96 * 1024 * 1024;
 
 impl ClientBuilder {
     /// Keeps the mirror in `path`: it is read at start (so the device has its last known values
@@ -95,6 +100,16 @@ impl ClientBuilder {
         self
     }
 
+    /// The largest message the device takes from the server, in bytes (default
+    /// [`DEFAULT_MAX_MESSAGE`]). A `reload` carries the whole store, so this bounds the store
+    /// the device can mirror. Over MQTT it is announced to the server as MQTT 5's Maximum Packet
+    /// Size: the server never sends more, and ends a session whose reload cannot fit (the client
+    /// reports `PacketTooLarge` in [`Status::last_error`] and keeps retrying).
+    pub fn max_message_bytes(mut self, bytes: usize) -> ClientBuilder {
+        self.max_message = bytes.max(1024);
+        self
+    }
+
     /// Starts the client: reads the persisted mirror if any, and starts connecting in the
     /// background. Returns at once; reads work immediately, [`Client::ready`] waits for the
     /// first sync. Must be called inside a tokio runtime.
@@ -110,7 +125,7 @@ impl ClientBuilder {
         let shared =
             Arc::new(Shared { mirror: RwLock::new(mirror), updates, status: watch::Sender::new(Status::default()) });
         let (commands, receiver) = mpsc::channel(1024);
-        let task = Task::new(shared.clone(), target, receiver, self.persist, self.backoff);
+        let task = Task::new(shared.clone(), target, receiver, self.persist, self.backoff, self.max_message);
         tokio::spawn(task.run());
         Ok(Client { shared, commands, write_timeout: self.write_timeout })
     }
@@ -129,6 +144,7 @@ impl Client {
             write_timeout: Duration::from_secs(10),
             backoff: (Duration::from_millis(200), Duration::from_secs(30)),
             ca_pem: None,
+            max_message: DEFAULT_MAX_MESSAGE,
         }
     }
 

@@ -114,6 +114,8 @@ pub(crate) struct Task {
     commands: mpsc::Receiver<Command>,
     persist: Option<PathBuf>,
     backoff: Backoff,
+    /// The largest message taken from the server (announced over MQTT 5).
+    max_message: usize,
     queued: VecDeque<(DeviceRequest, Reply)>,
     in_flight: VecDeque<InFlight>,
     dirty: bool,
@@ -144,6 +146,7 @@ impl Task {
         commands: mpsc::Receiver<Command>,
         persist: Option<PathBuf>,
         backoff: (Duration, Duration),
+        max_message: usize,
     ) -> Task {
         Task {
             shared,
@@ -151,6 +154,7 @@ impl Task {
             commands,
             persist,
             backoff: Backoff::new(backoff),
+            max_message,
             queued: VecDeque::new(),
             in_flight: VecDeque::new(),
             dirty: false,
@@ -327,7 +331,11 @@ impl Task {
             }
             Err(_) => return Ended::Dropped("the key is not a valid header value".into()),
         }
-        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_message_size(Some(self.max_message))
+            .max_frame_size(Some(self.max_message));
         let connect = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
         let mut ws = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok((ws, _))) => ws,
@@ -400,6 +408,8 @@ impl Task {
         options.set_credentials(device.to_string(), key.clone());
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_start(true);
+        // Announced as the Maximum Packet Size: the server never sends a larger packet.
+        options.set_max_packet_size(Some(u32::try_from(self.max_message).unwrap_or(u32::MAX)));
         if let Some(t) = tls {
             options.set_transport(t.clone());
         }
@@ -436,10 +446,12 @@ impl Task {
                         }
                     }
                     Packet::PubAck(ack) if ack.reason != PubAckReason::Success => {
-                        let error = Error::refused(
-                            Reason::InvalidParameter,
-                            format!("the server did not apply the write ({:?})", ack.reason),
-                        );
+                        let reason = match ack.reason {
+                            PubAckReason::QuotaExceeded => Reason::RateLimitExceeded,
+                            _ => Reason::InvalidParameter,
+                        };
+                        let error =
+                            Error::refused(reason, format!("the server did not apply the write ({:?})", ack.reason));
                         let pkid = ack.pkid;
                         if let Some(i) = self.in_flight.iter().position(|w| w.packet_id == Some(pkid))
                             && let Some(w) = self.in_flight.remove(i)

@@ -55,7 +55,7 @@ pub mod error;
 pub mod mirror;
 mod persist;
 
-pub use client::{Client, ClientBuilder, Status, Update};
+pub use client::{Client, ClientBuilder, DEFAULT_MAX_MESSAGE, Status, Update};
 pub use ddp_protocol::{Key, Reason, Rev, Value};
 pub use error::{Error, ErrorKind, Result};
 pub use mirror::{Change, Mirror, Source};

@@ -273,3 +273,45 @@ async fn mqtts_with_a_private_ca() {
     ready(&client).await;
     assert_eq!(client.set("secure", &true).await.expect("set").0, 1);
 }
+
+async fn a_large_store_syncs_and_one_too_large_for_the_device_is_reported(via: Via) {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = format!("/devices/{dev}");
+    for i in 0..3 {
+        s.put(&d, &format!("blob{i}"), json!("x".repeat(20_000))).await;
+    }
+    // A 60 KB reload: more than the MQTT library's own 10 KiB default.
+    let client = fast(Client::builder(&url(&s, via), dev, &key)).start().expect("start");
+    ready(&client).await;
+    assert_eq!(client.get_all().len(), 3);
+    client.close().await;
+    // A device that takes at most 16 KiB is never sent the 60 KB reload; it says why.
+    let small = fast(Client::builder(&url(&s, via), dev, &key)).max_message_bytes(16 * 1024).start().expect("start");
+    let mut why = None;
+    for _ in 0..200 {
+        if let Some(e) = small.status().last_error {
+            why = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let why = why.expect("an error is reported");
+    assert!(!small.status().synced, "{why}");
+    let expected = match via {
+        Via::Mqtt => "PacketTooLarge", // the server's DISCONNECT 0x95
+        Via::Ws => "Message too long", // the client's own limit
+    };
+    assert!(why.contains(expected), "{why}");
+    small.close().await;
+}
+
+#[tokio::test]
+async fn a_large_store_syncs_and_one_too_large_is_reported_over_mqtt() {
+    a_large_store_syncs_and_one_too_large_for_the_device_is_reported(Via::Mqtt).await;
+}
+
+#[tokio::test]
+async fn a_large_store_syncs_and_one_too_large_is_reported_over_websocket() {
+    a_large_store_syncs_and_one_too_large_for_the_device_is_reported(Via::Ws).await;
+}
