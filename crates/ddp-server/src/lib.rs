@@ -35,6 +35,9 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: the one error type, with its `Reason`.
 #![warn(unreachable_pub)]
+// The map above links to the crate's private modules: read it with
+// `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 mod app;
 mod auth;

@@ -8,8 +8,16 @@
 //!   `ddp_store_fsync_seconds`, `ddp_store_wal_frames` (SQLite)
 //! - `ddp_feed_rows_total`, `ddp_feed_reconnects_total` (PostgreSQL: what this node's change feed
 //!   read, and how often its connection was re-established)
-//! - `ddp_sessions{transport}` (live sync sessions), `ddp_sync_messages_sent_total{transport}`,
-//!   `ddp_lag_reloads_total{transport}`
+//! - `ddp_sessions{transport}` (live sessions), `ddp_sync_messages_sent_total{transport}`,
+//!   `ddp_lag_reloads_total`
+//! - `ddp_connections{listener}`, `ddp_connections_shed_total{listener}`,
+//!   `ddp_connections_refused_total{listener}` (the connection caps)
+//! - `ddp_mqtt_rejected_publishes_total`, `ddp_mqtt_dropped_publishes_total` (QoS 0 publishes of
+//!   a 3.1.1 device far over its rate)
+//! - `ddp_events_total`, `ddp_event_listeners`, `ddp_event_listeners_dropped_total`
+//!
+//! Every label comes from a fixed set (route templates, known methods or `other`, transports,
+//! listeners), so no client can add label sets.
 
 use std::sync::OnceLock;
 use std::time::Duration;
