@@ -72,7 +72,7 @@ pub(crate) struct Refused {
 }
 
 /// The parts the gate guards.
-pub(crate) struct Parts {
+pub(crate) struct KvParts {
     /// Storage.
     pub(crate) store: Arc<dyn Store>,
     /// Size and count limits.
@@ -102,7 +102,7 @@ pub(crate) struct Kv {
 
 impl Kv {
     /// The gate over `parts`.
-    pub(crate) fn new(parts: Parts) -> Kv {
+    pub(crate) fn new(parts: KvParts) -> Kv {
         Kv {
             store: parts.store,
             limits: parts.limits,

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -27,6 +28,8 @@ use crate::locks;
 const RESERVED_FILES: u64 = 64;
 /// Fewest connections a budget allows, whatever the limit.
 const MIN_BUDGET: usize = 16;
+/// A listener at its cap says so in the log at most this often (the counters count every time).
+const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The connection budget of a process whose open-file limit is `limit`, when storage holds
 /// `storage_files` descriptors.
@@ -59,9 +62,21 @@ struct Listener {
     /// Connections in accept order that had not authenticated when they came; stale entries
     /// (gone, authenticated, already shed) are dropped as they are met.
     unauthenticated: VecDeque<Weak<Conn>>,
+    /// When it last logged being at its cap.
+    logged: Option<Instant>,
 }
 
 impl Listener {
+    /// Whether to log being at the cap now (at most every [`LOG_EVERY`]).
+    fn may_log(&mut self) -> bool {
+        let now = Instant::now();
+        if self.logged.is_some_and(|at| now.duration_since(at) < LOG_EVERY) {
+            return false;
+        }
+        self.logged = Some(now);
+        true
+    }
+
     /// The oldest connection that may still be shed, dropping stale entries in front of it.
     fn oldest(&mut self) -> Option<Arc<Conn>> {
         while let Some(front) = self.unauthenticated.front() {
@@ -94,7 +109,13 @@ impl Caps {
     /// A listener named `name` (for logs and metrics) holding at most `cap` connections.
     pub(crate) fn door(self: &Arc<Self>, name: &'static str, cap: usize) -> Door {
         let mut inner = locks::recover(&self.inner);
-        inner.listeners.push(Listener { name, cap: cap.max(1), open: 0, unauthenticated: VecDeque::new() });
+        inner.listeners.push(Listener {
+            name,
+            cap: cap.max(1),
+            open: 0,
+            unauthenticated: VecDeque::new(),
+            logged: None,
+        });
         Door { caps: self.clone(), index: inner.listeners.len() - 1 }
     }
 
@@ -141,21 +162,31 @@ impl Door {
                 }
                 oldest
             };
+            let log = inner.listeners.get_mut(self.index).is_some_and(Listener::may_log);
+            let (open, total) = (inner.open, caps.total);
             let Some(victim) = victim else {
                 metrics::counter!("ddp_connections_refused_total", "listener" => name).increment(1);
-                tracing::warn!(
-                    listener = name,
-                    "connection refused: at the connection cap and every open connection has authenticated \
-                     (raise --max-connections or the open-file limit)"
-                );
+                if log {
+                    tracing::warn!(
+                        listener = name,
+                        open,
+                        total,
+                        "refusing connections: at the connection cap and every open connection has \
+                         authenticated (raise --max-connections or the open-file limit)"
+                    );
+                }
                 return None;
             };
             victim.shed();
             metrics::counter!("ddp_connections_shed_total", "listener" => name).increment(1);
-            tracing::info!(
-                listener = name,
-                "at the connection cap: shedding the oldest connection not yet authenticated"
-            );
+            if log {
+                tracing::warn!(
+                    listener = name,
+                    open,
+                    total,
+                    "at the connection cap: shedding the oldest connections that have not authenticated"
+                );
+            }
         }
         let conn = Arc::new(Conn {
             id: caps.next_id.fetch_add(1, Ordering::Relaxed),

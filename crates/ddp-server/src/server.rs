@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::events::EventBus;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
-use crate::kv::{Kv, Parts};
+use crate::kv::{Kv, KvParts};
 use crate::listener::{Caps, connection_budget};
 use crate::secret::{self, SecretKind};
 use crate::sessions::Sessions;
@@ -177,7 +177,7 @@ impl Server {
         let events = Arc::new(EventBus::new(store.clone(), config.sessions.event_queue));
         let sessions = Arc::new(Sessions::new(store.clone(), events.clone(), config.sessions.max_per_device));
         fanout.connect(events.clone(), sessions.clone());
-        let kv = Kv::new(Parts {
+        let kv = Kv::new(KvParts {
             store: store.clone(),
             limits: config.limits,
             rate_limits: config.rate_limits,

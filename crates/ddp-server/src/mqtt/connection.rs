@@ -213,7 +213,7 @@ where
                     return self.disconnect(DisconnectReason::KeepAliveTimeout).await;
                 }
                 Input::Closed(reason) => {
-                    tracing::info!(peer = %self.peer, why = reason.message(), "closing mqtt session");
+                    tracing::debug!(peer = %self.peer, why = reason.message(), "closing mqtt session");
                     return self.disconnect(DisconnectReason::AdministrativeAction).await;
                 }
                 Input::Retry => Box::pin(self.retry_held()).await?,
