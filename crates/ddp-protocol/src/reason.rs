@@ -36,6 +36,8 @@ pub enum Reason {
     RequestTimeout,
     /// The device is already in the home it was asked to join.
     DeviceAlreadyInHome,
+    /// A command was sent to a device with no live session on any node.
+    DeviceOffline,
     /// A conditional write's precondition failed.
     RevisionMismatch,
     /// A value is over the size limit.
@@ -72,6 +74,7 @@ impl Reason {
             Reason::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             Reason::RequestTimeout => "REQUEST_TIMEOUT",
             Reason::DeviceAlreadyInHome => "DEVICE_ALREADY_IN_HOME",
+            Reason::DeviceOffline => "DEVICE_OFFLINE",
             Reason::RevisionMismatch => "REVISION_MISMATCH",
             Reason::ValueTooLarge => "VALUE_TOO_LARGE",
             Reason::TooManyKeys => "TOO_MANY_KEYS",
@@ -98,7 +101,7 @@ impl Reason {
             | Reason::NotFound => 404,
             Reason::MethodNotAllowed => 405,
             Reason::RequestTimeout => 408,
-            Reason::DeviceAlreadyInHome => 409,
+            Reason::DeviceAlreadyInHome | Reason::DeviceOffline => 409,
             Reason::RevisionMismatch => 412,
             Reason::ValueTooLarge | Reason::TooManyKeys | Reason::PayloadTooLarge => 413,
             Reason::TooManyConnections | Reason::RateLimitExceeded => 429,

@@ -4,7 +4,8 @@
 //!
 //! - key-value changes go to the [`Hub`], which hands them to live sessions, and become system
 //!   events on the [`EventBus`];
-//! - events raised on any node (device events, presence) go to this node's [`EventBus`];
+//! - events raised on any node (device events, presence) go to this node's [`EventBus`], and
+//!   commands sent through any node to the device's sessions here ([`Sessions::command`]);
 //! - admin changes clear the authentication cache and end, through the session registry
 //!   ([`Sessions`]), every session they invalidate — a rotated key's, a deleted device's (its own
 //!   and those watching it), a revoked project key's, and scoped project keys' sessions whose
@@ -77,6 +78,11 @@ impl CommitSink for Fanout {
                 Committed::Event { home, json } => {
                     if let Some((events, _)) = after_open {
                         events.publish(*home, || Ok(Json::from_shared(json.clone())));
+                    }
+                }
+                Committed::Command { device, json } => {
+                    if let Some((_, sessions)) = after_open {
+                        sessions.command(*device, &Json::from_shared(json.clone()));
                     }
                 }
             }

@@ -62,6 +62,45 @@ pub(crate) fn parse_key(text: &str) -> Result<Key> {
         .map_err(|e| Error::new(Reason::InvalidKey, e.to_string()).with_data(serde_json::json!({ "key": text })))
 }
 
+/// Longest command action, in characters.
+const MAX_ACTION: usize = 255;
+
+/// The JSON a command travels as: exactly `{"action","parameters"}`, `parameters` `{}` when
+/// absent, its text kept as sent (numbers exact).
+fn command_json(body: &[u8]) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        action: Option<String>,
+        #[serde(borrow)]
+        parameters: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Serialize)]
+    struct Command<'a> {
+        action: &'a str,
+        parameters: &'a Value,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::invalid_json("a command is a JSON object {\"action\", \"parameters\"?}"));
+    }
+    let parsed: Body<'_> = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid_json(format!("a command is {{\"action\", \"parameters\"?}}: {e}")))?;
+    let action = parsed.action.ok_or_else(|| Error::invalid_parameter("action is required"))?;
+    if action.is_empty() || action.chars().count() > MAX_ACTION {
+        return Err(Error::invalid_parameter(format!("action must be 1–{MAX_ACTION} characters")));
+    }
+    let empty = Value::parse("{}").map_err(Error::internal)?;
+    let parameters = match parsed.parameters {
+        None => empty,
+        Some(raw) => match Value::from_raw(raw) {
+            Ok(v) if v.as_json().starts_with('{') => v,
+            Err(ddp_protocol::ValueError::Null) => empty,
+            Ok(_) => return Err(Error::invalid_parameter("parameters must be a JSON object")),
+            Err(e) => return Err(Error::new(Reason::InvalidValue, format!("parameters: {e}"))),
+        },
+    };
+    serde_json::to_string(&Command { action: &action, parameters: &parameters }).map_err(Error::internal)
+}
+
 /// A device frame that was not applied: why, and the key it named (for the `error` frame).
 #[derive(Debug)]
 pub(crate) struct Refused {
@@ -267,17 +306,55 @@ impl Kv {
         self.events.raise(who, device, body).await
     }
 
+    /// Sends a command (`{"action","parameters"?}`, PROTOCOL.md §8) to every live session of
+    /// `device` that listens for commands, on every node: the admin, or a read-write project key
+    /// that may see the device. Not stored: a device with no live session is `409 DEVICE_OFFLINE`.
+    pub(crate) async fn send_command(&self, who: &Principal, device: DeviceId, body: &[u8]) -> Result<()> {
+        self.admit(who)?;
+        if matches!(who, Principal::Device(_)) {
+            return Err(Error::denied("commands are sent to devices by apps: use a project API key or the admin key"));
+        }
+        self.authorize(who, StoreRef::Device(device), true).await?;
+        if who.is_admin() {
+            self.store.device(device).await?;
+        }
+        let json = command_json(body)?;
+        if self.store.connected(vec![device]).await?.is_empty() {
+            return Err(Error::new(
+                Reason::DeviceOffline,
+                format!("device {device} has no live session: commands are not stored, so it would never get it"),
+            ));
+        }
+        self.store.broadcast_command(device, json).await?;
+        metrics::counter!("ddp_commands_sent_total").increment(1);
+        Ok(())
+    }
+
     // ---- sessions ----
 
     /// Opens a sync session of `auth` on `store` (WebSocket): it may watch the store and, with
-    /// the right, write it.
+    /// the right, write it; with `commands`, a device's own session also takes its commands.
     pub(crate) async fn open_sync(
         &self,
         auth: Authenticated,
         transport: Transport,
         store: StoreRef,
+        commands: bool,
     ) -> Result<Session> {
-        self.open(auth, Purpose::Sync(store), transport).await
+        let own = matches!((&auth.principal, store), (Principal::Device(me), StoreRef::Device(d)) if *me == d);
+        if commands && !own {
+            return Err(Error::invalid_parameter(
+                "commands=1 is for a device's own session: only it takes its commands",
+            ));
+        }
+        let session = self.open(auth, Purpose::Sync(store), transport).await?;
+        session.listen_for_commands(commands);
+        Ok(session)
+    }
+
+    /// Opens a device's command socket (`GET /devices/{id}/command`): the device's own key only.
+    pub(crate) async fn open_commands(&self, auth: Authenticated, device: DeviceId) -> Result<Session> {
+        self.open(auth, Purpose::Commands(device), Transport::WebSocket).await
     }
 
     /// Opens a device's own connection (MQTT CONNECT): `key` must be `device`'s key.
@@ -332,6 +409,10 @@ impl Kv {
                 Ok(())
             }
             Purpose::Device(d) => self.authorize(who, StoreRef::Device(*d), true).await,
+            Purpose::Commands(d) => match who {
+                Principal::Device(me) if me == d => Ok(()),
+                _ => Err(Error::denied("a command socket is for the device's own key")),
+            },
             Purpose::Events(homes) => {
                 if matches!(who, Principal::Device(_)) {
                     return Err(Error::denied("event streams are for apps: use a project API key or the admin key"));

@@ -7,6 +7,9 @@
 //!   of a project key's view (4004). The commit feed ([`Fanout`](crate::fanout::Fanout)) tells it,
 //!   on every node, whatever the session has subscribed to. Sessions are indexed by the key that
 //!   holds them and by the store they watch, so a closing touches only the sessions concerned.
+//! - **It delivers commands** (PROTOCOL.md §8) to the sessions of a device's own key that listen
+//!   for them (an MQTT connection subscribed to `/devices/{id}/command`, the command WebSocket,
+//!   a sync session opened with `?commands=1`), from the commit feed, so from every node.
 //! - **It counts devices' own sessions**: the per-device cap, `isConnected`, and the device's
 //!   `lastConnectTime` / `lastDisconnectTime` — counted by the store, so over every node. Only
 //!   sessions held by a device's own key count as the device being connected (and against its
@@ -22,7 +25,7 @@
 //! when an admin change raced with the opening, checks again once the session is registered (a
 //! revocation after that reaches it here).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::json::Json;
 use crate::kv::Transport;
 use crate::locks;
 
@@ -47,6 +51,8 @@ pub(crate) enum Purpose {
     Device(DeviceId),
     /// An app's event stream of these homes (`None`: every home its key may see).
     Events(Option<Vec<HomeId>>),
+    /// A device's command socket (MODE's `GET /devices/{id}/command`): it only receives commands.
+    Commands(DeviceId),
 }
 
 impl Purpose {
@@ -55,10 +61,23 @@ impl Purpose {
         match self {
             Purpose::Sync(store) => Some(*store),
             Purpose::Device(d) => Some(StoreRef::Device(*d)),
-            Purpose::Events(_) => None,
+            Purpose::Events(_) | Purpose::Commands(_) => None,
         }
     }
 }
+
+/// What the registry tells a live session.
+#[derive(Debug)]
+pub(crate) enum Signal {
+    /// The server ended the session.
+    Closed(CloseReason),
+    /// Commands for the device, in the order they were sent.
+    Commands(VecDeque<Json>),
+}
+
+/// Commands a session may have waiting before newer ones are dropped (commands are not stored;
+/// a device that cannot keep up loses the newest, and they are counted).
+const COMMAND_QUEUE: usize = 64;
 
 /// Why the server ended a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,18 +119,41 @@ struct Entry {
     id: u64,
     principal: Principal,
     purpose: Purpose,
-    closed: Mutex<Option<CloseReason>>,
+    inbox: Mutex<Inbox>,
     wake: Notify,
+}
+
+/// What waits for a session.
+#[derive(Default)]
+struct Inbox {
+    closed: Option<CloseReason>,
+    /// Whether it takes commands now.
+    listening: bool,
+    commands: VecDeque<Json>,
 }
 
 impl Entry {
     fn close(&self, reason: CloseReason) {
-        let mut closed = locks::recover(&self.closed);
-        if closed.is_none() {
-            *closed = Some(reason);
+        let mut inbox = locks::recover(&self.inbox);
+        if inbox.closed.is_none() {
+            inbox.closed = Some(reason);
             tracing::info!(who = %self.principal, why = reason.message(), "closing a session");
         }
-        drop(closed);
+        drop(inbox);
+        self.wake.notify_one();
+    }
+
+    fn command(&self, json: &Json) {
+        let mut inbox = locks::recover(&self.inbox);
+        if !inbox.listening || inbox.closed.is_some() {
+            return;
+        }
+        if inbox.commands.len() >= COMMAND_QUEUE {
+            metrics::counter!("ddp_commands_dropped_total").increment(1);
+            return;
+        }
+        inbox.commands.push_back(json.clone());
+        drop(inbox);
         self.wake.notify_one();
     }
 }
@@ -240,11 +282,12 @@ impl Sessions {
         }
         self.live.send_modify(|n| *n += 1);
         metrics::gauge!("ddp_sessions", "transport" => transport.as_str()).increment(1.0);
+        let listening = matches!(purpose, Purpose::Commands(_));
         let entry = Arc::new(Entry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             principal,
             purpose,
-            closed: Mutex::new(None),
+            inbox: Mutex::new(Inbox { listening, ..Inbox::default() }),
             wake: Notify::new(),
         });
         // From here the session is live: dropping it undoes all of the above.
@@ -338,10 +381,23 @@ impl Sessions {
                         Purpose::Sync(StoreRef::Home(h)) => *h == home,
                         Purpose::Events(Some(homes)) => homes.contains(&home),
                         Purpose::Events(None) => e.principal.sees_home(home),
+                        Purpose::Commands(_) => false,
                     }
             },
             CloseReason::AccessChanged,
         );
+    }
+
+    // ---- commands ----
+
+    /// A command for `device`: to every session of the device's own key that listens.
+    pub(crate) fn command(&self, device: DeviceId, json: &Json) {
+        metrics::counter!("ddp_commands_total").increment(1);
+        if let Some(entries) = locks::recover(self.holders.shard(Holder::Device(device))).get(&Holder::Device(device)) {
+            for e in entries {
+                e.command(json);
+            }
+        }
     }
 
     // ---- presence ----
@@ -419,14 +475,32 @@ impl Session {
         self.transport
     }
 
-    /// Completes when the server ends the session (its credential no longer stands), with why.
-    /// Cancel-safe: use it in `select!`.
-    pub(crate) async fn closed(&self) -> CloseReason {
+    /// The next thing the registry has for the session: commands, or the end of the session
+    /// (its credential no longer stands). Cancel-safe: use it in `select!`.
+    pub(crate) async fn signal(&self) -> Signal {
         loop {
-            if let Some(reason) = *locks::recover(&self.entry.closed) {
-                return reason;
+            {
+                let mut inbox = locks::recover(&self.entry.inbox);
+                if let Some(reason) = inbox.closed {
+                    return Signal::Closed(reason);
+                }
+                if !inbox.commands.is_empty() {
+                    return Signal::Commands(std::mem::take(&mut inbox.commands));
+                }
             }
             self.entry.wake.notified().await;
+        }
+    }
+
+    /// Starts or stops taking the device's commands (MQTT SUBSCRIBE / UNSUBSCRIBE of its command
+    /// topic; `?commands=1` on a sync session). Only a device's own key takes them.
+    pub(crate) fn listen_for_commands(&self, listening: bool) {
+        if matches!(self.entry.principal, Principal::Device(_)) {
+            let mut inbox = locks::recover(&self.entry.inbox);
+            inbox.listening = listening;
+            if !listening {
+                inbox.commands.clear();
+            }
         }
     }
 

@@ -84,6 +84,7 @@ pub async fn run_all(store: &dyn Store, recorder: &Recorder) {
     concurrent_writers_get_contiguous_revs(store, recorder).await;
     sessions_are_counted_and_capped(store).await;
     events_reach_the_sink(store, recorder).await;
+    commands_reach_the_sink_in_order(store, recorder).await;
 }
 
 async fn sessions_are_counted_and_capped(store: &dyn Store) {
@@ -110,6 +111,31 @@ async fn sessions_are_counted_and_capped(store: &dyn Store) {
     let homed = new_device(store, Some(home)).await;
     assert_eq!(store.session_opened(homed, 2, t(9)).await, Ok(SessionOpened::Opened { first: true, home: Some(home) }));
     assert_eq!(store.session_closed(homed, t(10)).await, Ok(SessionClosed::Last { home: Some(home) }));
+}
+
+async fn commands_reach_the_sink_in_order(store: &dyn Store, recorder: &Recorder) {
+    let dev = new_device(store, None).await;
+    for i in 0..5 {
+        store.broadcast_command(dev, format!(r#"{{"action":"c{i}","parameters":{{}}}}"#)).await.expect("broadcast");
+    }
+    let commands = || -> Vec<String> {
+        recorder
+            .all()
+            .into_iter()
+            .filter_map(|c| match c {
+                Committed::Command { device, json } if device == dev => Some(json.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    for _ in 0..200 {
+        if commands().len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let expected: Vec<String> = (0..5).map(|i| format!(r#"{{"action":"c{i}","parameters":{{}}}}"#)).collect();
+    assert_eq!(commands(), expected, "every command reached the sink once, in the order sent");
 }
 
 async fn events_reach_the_sink(store: &dyn Store, recorder: &Recorder) {

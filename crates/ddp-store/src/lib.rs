@@ -117,6 +117,10 @@ pub trait Store: Send + Sync + 'static {
     /// Events are not stored: a node that is down when it is raised does not get it.
     async fn broadcast_event(&self, home: HomeId, json: String) -> Result<(), StoreError>;
 
+    /// Hands a command for `device` to the commit sink of every node ([`Committed::Command`]),
+    /// after the commands sent before it through this node. Commands are not stored either.
+    async fn broadcast_command(&self, device: DeviceId, json: String) -> Result<(), StoreError>;
+
     // ---- project API keys ----
 
     /// Creates a project API key whose secret has SHA-256 digest `key_hash`.

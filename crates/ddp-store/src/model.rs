@@ -347,6 +347,14 @@ pub enum Committed {
         /// The event's JSON.
         json: std::sync::Arc<str>,
     },
+    /// A command sent through some node, for the live sessions of `device`
+    /// ([`Store::broadcast_command`](crate::Store::broadcast_command)).
+    Command {
+        /// The device.
+        device: DeviceId,
+        /// The command's JSON, `{"action","parameters"}`.
+        json: std::sync::Arc<str>,
+    },
 }
 
 /// The outcome of [`Store::session_opened`](crate::Store::session_opened).

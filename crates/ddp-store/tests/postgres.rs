@@ -131,6 +131,26 @@ async fn nodes_share_revs_changes_events_and_admin_changes() {
         .await;
     }
 
+    // Commands sent through one node reach every node, in the order sent.
+    let target = device(&a, 3).await;
+    for i in 0..10 {
+        b.broadcast_command(target, format!(r#"{{"action":"c{i}"}}"#)).await.expect("command");
+    }
+    let commands = |seen: &Recorder| -> Vec<String> {
+        seen.all()
+            .into_iter()
+            .filter_map(|c| match c {
+                Committed::Command { device, json } if device == target => Some(json.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let expected: Vec<String> = (0..10).map(|i| format!(r#"{{"action":"c{i}"}}"#)).collect();
+    for seen in [&seen_a, &seen_b] {
+        eventually("the commands reached both nodes", || commands(seen).len() >= 10).await;
+        assert_eq!(commands(seen), expected);
+    }
+
     // An admin change on one node reaches the other.
     let dev = device(&a, 2).await;
     a.rotate_device_key(dev, [9; 32]).await.expect("rotate");

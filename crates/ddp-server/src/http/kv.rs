@@ -124,7 +124,12 @@ pub(crate) async fn list_or_watch(State(app): State<Arc<App>>, request: axum::ex
                         .map_err(|_| Error::invalid_parameter(format!("sinceRev must be a rev, got {s:?}")))
                 })
                 .transpose()?;
-            super::ws::accept(app, upgrade, auth, path.store, since).await
+            let commands = match query.get("commands").map(String::as_str) {
+                None | Some("0" | "false") => false,
+                Some("1" | "true") => true,
+                Some(other) => return Err(Error::invalid_parameter(format!("commands must be 1 or 0, got {other:?}"))),
+            };
+            super::ws::accept(app, upgrade, auth, path.store, since, commands).await
         }
         None => {
             let auth = super::authenticate(&app, &parts, None).await?;

@@ -7,6 +7,7 @@
 //! methods) are turned into the same shape.
 
 mod admin;
+mod commands;
 mod events;
 mod kv;
 mod ops;
@@ -55,6 +56,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/apiKeys/{id}", axum::routing::delete(admin::delete_api_key))
         .route("/devices/{id}/event", axum::routing::put(events::raise))
         .route("/events/websocket", get(events::stream))
+        .route("/userSession/websocket", get(events::stream))
+        .route("/devices/{id}/command", axum::routing::put(commands::send).get(commands::socket))
         .route("/devices/{id}/kv", get(kv::list_or_watch))
         .route("/homes/{id}/kv", get(kv::list))
         .merge(kv_routes("/devices/{id}"))

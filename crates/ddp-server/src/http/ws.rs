@@ -34,7 +34,7 @@ use crate::error::Result;
 use crate::events::{EventDelivery, ListenerGuard};
 use crate::json::Json;
 use crate::kv::{Refused, Transport};
-use crate::sessions::{CloseReason, Session};
+use crate::sessions::{CloseReason, Session, Signal};
 
 /// How long one send to a peer may take before the session is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,17 +53,25 @@ fn socket_config(app: &App, max_message: usize) -> WebSocketConfig {
 }
 
 /// Opens a sync session of `auth` on `store` through the gate (which refuses with the HTTP
-/// error before the upgrade), then upgrades.
+/// error before the upgrade), then upgrades. With `commands`, the device's own session also
+/// carries its commands (`{"action":"command","command":{"action","parameters"}}`).
 pub(crate) async fn accept(
     app: std::sync::Arc<App>,
     upgrade: Upgrade,
     auth: Authenticated,
     store: StoreRef,
     since: Option<Rev>,
+    commands: bool,
 ) -> Result<Response> {
-    let session = app.kv.open_sync(auth, Transport::WebSocket, store).await?;
+    let session = app.kv.open_sync(auth, Transport::WebSocket, store, commands).await?;
     let config = socket_config(&app, app.kv.limits().max_body_bytes);
     Ok(upgrade.accept(config, move |socket| sync_session(app, socket, session, since)))
+}
+
+/// Upgrades to a device's command socket, for a session the gate opened.
+pub(crate) fn accept_commands(app: std::sync::Arc<App>, upgrade: Upgrade, session: Session) -> Response {
+    let config = socket_config(&app, EVENT_STREAM_MAX_MESSAGE);
+    upgrade.accept(config, move |socket| command_session(app, socket, session))
 }
 
 /// Upgrades to an app's event stream, for a session the gate opened.
@@ -204,8 +212,14 @@ enum Input {
     Delivery(crate::hub::Delivery),
     Frame(Option<std::result::Result<Message, tungstenite::Error>>),
     Tick,
-    Closed(CloseReason),
+    Signal(Signal),
     Shutdown,
+}
+
+/// The frame a sync session opened with `?commands=1` carries a command in.
+fn command_frame(command: &Json) -> Json {
+    let command = String::from_utf8_lossy(&command.bytes()).into_owned();
+    Json::from_serialized(format!(r#"{{"action":"command","command":{command}}}"#))
 }
 
 async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Session, since: Option<Rev>) {
@@ -230,7 +244,7 @@ async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Ses
             d = watch.recv() => Input::Delivery(d),
             m = socket.next() => Input::Frame(m),
             _ = keepalive.tick.tick() => Input::Tick,
-            reason = session.closed() => Input::Closed(reason),
+            signal = session.signal() => Input::Signal(signal),
             () = app.shutdown.cancelled() => Input::Shutdown,
         };
         match input {
@@ -276,7 +290,13 @@ async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Ses
                     break close;
                 }
             }
-            Input::Closed(reason) => break Some(close_for(reason)),
+            Input::Signal(Signal::Commands(commands)) => {
+                let frames = commands.iter().map(command_frame).collect();
+                if Box::pin(send_all(&mut socket, frames)).await.is_err() {
+                    break None;
+                }
+            }
+            Input::Signal(Signal::Closed(reason)) => break Some(close_for(reason)),
             Input::Shutdown => break Some(shutting_down()),
         }
     };
@@ -304,7 +324,7 @@ enum EventInput {
     Delivery(EventDelivery),
     Frame(Option<std::result::Result<Message, tungstenite::Error>>),
     Tick,
-    Closed(CloseReason),
+    Signal(Signal),
     Shutdown,
 }
 
@@ -318,7 +338,7 @@ async fn event_session(app: std::sync::Arc<App>, mut socket: Socket, session: Se
             d = listener.recv() => EventInput::Delivery(d),
             m = socket.next() => EventInput::Frame(m),
             _ = keepalive.tick.tick() => EventInput::Tick,
-            reason = session.closed() => EventInput::Closed(reason),
+            signal = session.signal() => EventInput::Signal(signal),
             () = app.shutdown.cancelled() => EventInput::Shutdown,
         };
         match input {
@@ -341,7 +361,8 @@ async fn event_session(app: std::sync::Arc<App>, mut socket: Socket, session: Se
                     break close;
                 }
             }
-            EventInput::Closed(reason) => break Some(close_for(reason)),
+            EventInput::Signal(Signal::Closed(reason)) => break Some(close_for(reason)),
+            EventInput::Signal(Signal::Commands(_)) => {} // an app's stream takes no commands
             EventInput::Shutdown => break Some(shutting_down()),
         }
     };
@@ -349,4 +370,48 @@ async fn event_session(app: std::sync::Arc<App>, mut socket: Socket, session: Se
         send_close(&mut socket, frame).await;
     }
     tracing::debug!(%who, "event stream closed");
+}
+
+enum CommandInput {
+    Frame(Option<std::result::Result<Message, tungstenite::Error>>),
+    Tick,
+    Signal(Signal),
+    Shutdown,
+}
+
+/// A device's command socket: one text frame `{"action","parameters"}` per command, in the
+/// order sent. What the device sends is ignored (pings are answered).
+async fn command_session(app: std::sync::Arc<App>, mut socket: Socket, session: Session) {
+    let who = session.principal().clone();
+    tracing::debug!(%who, "command socket opened");
+    let mut keepalive = Keepalive::new(app.config.sessions.idle);
+    let close = loop {
+        let input = tokio::select! {
+            signal = session.signal() => CommandInput::Signal(signal),
+            m = socket.next() => CommandInput::Frame(m),
+            _ = keepalive.tick.tick() => CommandInput::Tick,
+            () = app.shutdown.cancelled() => CommandInput::Shutdown,
+        };
+        match input {
+            CommandInput::Signal(Signal::Commands(commands)) => {
+                if Box::pin(send_all(&mut socket, commands.into_iter().collect())).await.is_err() {
+                    break None;
+                }
+            }
+            CommandInput::Signal(Signal::Closed(reason)) => break Some(close_for(reason)),
+            CommandInput::Frame(None | Some(Ok(Message::Close(_)))) => break None,
+            CommandInput::Frame(Some(Err(e))) => break violation(&e),
+            CommandInput::Frame(Some(Ok(_))) => keepalive.heard(),
+            CommandInput::Tick => {
+                if let Err(close) = keepalive.ping(&mut socket).await {
+                    break close;
+                }
+            }
+            CommandInput::Shutdown => break Some(shutting_down()),
+        }
+    };
+    if let Some(frame) = close {
+        send_close(&mut socket, frame).await;
+    }
+    tracing::debug!(%who, "command socket closed");
 }

@@ -30,7 +30,7 @@ use crate::hub::Delivery;
 use crate::json::Json;
 use crate::kv::Transport;
 use crate::listener::Conn;
-use crate::sessions::{CloseReason, Session as Live};
+use crate::sessions::{Session as Live, Signal};
 use crate::watch::Watch;
 
 /// Buffers start this small; an idle session holds little more.
@@ -48,7 +48,7 @@ enum Input {
     Packet(Option<Result<(MqttPacket, u32), rmqtt_codec::error::DecodeError>>),
     Delivery(Delivery),
     Silent,
-    Closed(CloseReason),
+    Signal(Signal),
     Retry,
     Shutdown,
 }
@@ -173,7 +173,7 @@ where
                     p = self.io.next() => Input::Packet(p),
                     d = async { match watch { Some(w) => w.recv().await, None => std::future::pending().await } } => Input::Delivery(d),
                     () = async { match silence { Some(limit) => tokio::time::sleep_until(heard + limit).await, None => std::future::pending().await } } => Input::Silent,
-                    r = async { match live { Some(l) => l.closed().await, None => std::future::pending().await } } => Input::Closed(r),
+                    s = async { match live { Some(l) => l.signal().await, None => std::future::pending().await } } => Input::Signal(s),
                     () = async { match retry_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => Input::Retry,
                     () = self.app.shutdown.cancelled() => Input::Shutdown,
                 }
@@ -212,10 +212,11 @@ where
                     tracing::debug!(peer = %self.peer, "keep-alive ran out");
                     return self.disconnect(DisconnectReason::KeepAliveTimeout).await;
                 }
-                Input::Closed(reason) => {
+                Input::Signal(Signal::Closed(reason)) => {
                     tracing::debug!(peer = %self.peer, why = reason.message(), "closing mqtt session");
                     return self.disconnect(DisconnectReason::AdministrativeAction).await;
                 }
+                Input::Signal(Signal::Commands(commands)) => Box::pin(self.commands(commands)).await?,
                 Input::Retry => Box::pin(self.retry_held()).await?,
                 Input::Shutdown => return self.disconnect(DisconnectReason::ShuttingDown).await,
             }
@@ -255,6 +256,11 @@ where
                     }
                 }
                 Action::Unwatch => self.watch = None,
+                Action::ListenCommands(on) => {
+                    if let Some(live) = &self.live {
+                        live.listen_for_commands(on);
+                    }
+                }
                 Action::Write { payload, ack } => {
                     self.take(Publish { kind: Kind::Frame, payload, ack }, &mut queue).await?;
                 }
@@ -393,6 +399,23 @@ where
         self.flush().await?;
         metrics::counter!("ddp_sync_messages_sent_total", "transport" => "mqtt").increment(n);
         Ok(())
+    }
+
+    /// Publishes commands on the command topic (QoS 0). A command larger than the client's
+    /// Maximum Packet Size is dropped (MQTT 5 says to discard what does not fit), and logged.
+    async fn commands(&mut self, commands: std::collections::VecDeque<Json>) -> Result<(), Ended> {
+        let topic = self.session.command_topic().clone();
+        for command in commands {
+            if let Some(max) = self.session.client_max_packet()
+                && wire::publish_size(self.session.version(), &topic, command.len()) > max as usize
+            {
+                metrics::counter!("ddp_commands_dropped_total").increment(1);
+                tracing::warn!(peer = %self.peer, size = command.len(), client_max = max, "a command does not fit the client's Maximum Packet Size; dropped");
+                continue;
+            }
+            self.send(Outbound::Publish { topic: topic.clone(), payload: command.bytes() }).await?;
+        }
+        self.flush().await
     }
 
     async fn send(&mut self, packet: Outbound) -> Result<(), Ended> {

@@ -48,7 +48,7 @@ fn drive(chunks: &[Vec<u8>]) -> usize {
                             assert!(tokio_util::codec::Encoder::encode(&mut enc, p, &mut out).is_ok());
                         }
                     }
-                    Action::Watch | Action::Unwatch => {}
+                    Action::Watch | Action::Unwatch | Action::ListenCommands(_) => {}
                 }
             }
         }

@@ -33,6 +33,8 @@ pub(super) enum Action {
     Watch,
     /// Stop watching.
     Unwatch,
+    /// Start (`true`) or stop taking the device's commands; they go to [`Session::command_topic`].
+    ListenCommands(bool),
     /// Hand a `/kv` publish's payload (a device frame) to the gate; report with
     /// [`Session::on_written`] (which acknowledges QoS 1).
     Write {
@@ -99,7 +101,7 @@ pub(super) struct Session {
     keep_alive: u16,
     client_max_packet: Option<u32>,
     kv_topic: ByteString,
-    command_topic: String,
+    command_topic: ByteString,
     event_topic: String,
     recent: VecDeque<u16>,
 }
@@ -123,7 +125,7 @@ impl Session {
             keep_alive: 0,
             client_max_packet: None,
             kv_topic: ByteString::new(),
-            command_topic: String::new(),
+            command_topic: ByteString::new(),
             event_topic: String::new(),
             recent: VecDeque::new(),
         }
@@ -142,6 +144,11 @@ impl Session {
     /// `/devices/{id}/kv`, where sync messages are published.
     pub(super) fn kv_topic(&self) -> &ByteString {
         &self.kv_topic
+    }
+
+    /// `/devices/{id}/command`, where commands are published.
+    pub(super) fn command_topic(&self) -> &ByteString {
+        &self.command_topic
     }
 
     /// The largest packet the client said it accepts (MQTT 5), if it said.
@@ -186,7 +193,7 @@ impl Session {
         self.keep_alive = connect.keep_alive;
         self.client_max_packet = connect.max_packet;
         self.kv_topic = ByteString::from(format!("/devices/{device}/kv"));
-        self.command_topic = format!("/devices/{device}/command");
+        self.command_topic = ByteString::from(format!("/devices/{device}/command"));
         self.event_topic = format!("/devices/{device}/event");
         self.state = State::Authenticating;
         vec![Action::Authenticate { device, key }]
@@ -231,7 +238,7 @@ impl Session {
                         return vec![Action::Send(Outbound::PubAck { packet_id: id, reason: PubAckReason::Success })];
                     }
                     vec![Action::Write { payload, ack }]
-                } else if topic == self.event_topic {
+                } else if topic == self.event_topic.as_str() {
                     vec![Action::Event { payload, ack }]
                 } else {
                     self.fail(DisconnectReason::NotAuthorized, "publish to a topic the device may not use")
@@ -239,18 +246,23 @@ impl Session {
             }
             Inbound::Subscribe { packet_id, filters } => {
                 let granted: Vec<bool> =
-                    filters.iter().map(|f| *f == *self.kv_topic || *f == self.command_topic).collect();
-                let watch = filters.iter().any(|f| *f == *self.kv_topic);
+                    filters.iter().map(|f| *f == *self.kv_topic || *f == *self.command_topic).collect();
                 let mut actions = vec![Action::Send(Outbound::SubAck { packet_id, granted })];
-                if watch {
+                if filters.iter().any(|f| *f == *self.command_topic) {
+                    actions.push(Action::ListenCommands(true));
+                }
+                if filters.iter().any(|f| *f == *self.kv_topic) {
                     actions.push(Action::Watch);
                 }
                 actions
             }
             Inbound::Unsubscribe { packet_id, filters } => {
-                let mut actions = Vec::with_capacity(2);
+                let mut actions = Vec::with_capacity(3);
                 if filters.iter().any(|f| *f == *self.kv_topic) {
                     actions.push(Action::Unwatch);
+                }
+                if filters.iter().any(|f| *f == *self.command_topic) {
+                    actions.push(Action::ListenCommands(false));
                 }
                 actions.push(Action::Send(Outbound::UnsubAck { packet_id, count: filters.len() }));
                 actions
@@ -375,7 +387,11 @@ mod tests {
         });
         assert_eq!(
             actions,
-            vec![Action::Send(Outbound::SubAck { packet_id: 1, granted: vec![true, true] }), Action::Watch]
+            vec![
+                Action::Send(Outbound::SubAck { packet_id: 1, granted: vec![true, true] }),
+                Action::ListenCommands(true),
+                Action::Watch
+            ]
         );
     }
 

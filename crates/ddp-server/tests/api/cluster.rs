@@ -143,3 +143,34 @@ async fn a_revocation_on_one_node_closes_every_kind_of_session_on_the_other() {
     assert_eq!(watch.end().await, WsEnd::Closed(4003));
     assert_eq!(events.end().await, WsEnd::Closed(4003));
 }
+
+#[tokio::test]
+async fn a_command_sent_through_one_node_reaches_the_device_on_the_other() {
+    let (a, b) = two_nodes().await;
+    let (dev, key) = a.create_device(None).await;
+    let send = |node: &TestServer, body: &'static str| {
+        node.req(Method::PUT, &format!("/devices/{dev}/command"), Some(ADMIN_KEY)).body(body).send()
+    };
+    let offline = send(&b, r#"{"action":"early"}"#).await.expect("send");
+    assert_eq!(offline.status(), StatusCode::CONFLICT, "no session on any node");
+    let mut mqtt = TestServer::mqtt_connect(a.mqtt_options(dev, &key)).await.expect("connect");
+    mqtt.client.subscribe(format!("/devices/{dev}/command"), rumqttc::QoS::AtMostOnce).await.expect("subscribe");
+    while !matches!(mqtt.next_packet().await, Ok(rumqttc::Packet::SubAck(_))) {}
+    let mut socket = match a.ws_path(&format!("/devices/{dev}/command"), Some(&key)).await {
+        WsOpen::Open(c) => *c,
+        WsOpen::Refused(status, body) => panic!("{status} {body}"),
+    };
+    for body in [r#"{"action":"one"}"#, r#"{"action":"two","parameters":{"n":2}}"#] {
+        let resp = send(&b, body).await.expect("send");
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT, "the device is online on node A");
+    }
+    let mut over_mqtt = Vec::new();
+    while over_mqtt.len() < 2 {
+        if let Ok(rumqttc::Packet::Publish(p)) = mqtt.next_packet().await {
+            over_mqtt.push(String::from_utf8(p.payload.to_vec()).expect("utf-8"));
+        }
+    }
+    let expected = [r#"{"action":"one","parameters":{}}"#, r#"{"action":"two","parameters":{"n":2}}"#];
+    assert_eq!(over_mqtt, expected);
+    assert_eq!([socket.next_text().await, socket.next_text().await], expected);
+}

@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 #[cfg(feature = "postgres-tests")]
 mod cluster;
+mod commands;
 mod errors;
 mod events;
 mod fuzz;

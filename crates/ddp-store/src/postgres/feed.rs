@@ -299,10 +299,16 @@ fn admin_row(row: &Row) -> Result<Option<AdminChange>, StoreError> {
     })
 }
 
+/// An `event_log` row: an event for a home, or a command for a device.
 fn event_row(row: &Row) -> Result<Option<Committed>, StoreError> {
-    let home = row.try_get::<_, i64>(1).map(|h| HomeId::new(to_u64(h)))?;
-    let json: String = row.try_get(2)?;
-    Ok(home.map(|home| Committed::Event { home, json: Arc::from(json) }))
+    let home = row.try_get::<_, Option<i64>>(1)?.and_then(|h| HomeId::new(to_u64(h)));
+    let json: Arc<str> = Arc::from(row.try_get::<_, String>(2)?);
+    let device = row.try_get::<_, Option<i64>>(3)?.and_then(|d| DeviceId::new(to_u64(d)));
+    Ok(match (home, device) {
+        (Some(home), _) => Some(Committed::Event { home, json }),
+        (None, Some(device)) => Some(Committed::Command { device, json }),
+        (None, None) => None,
+    })
 }
 
 /// The reader's dedicated connection, listening, with its statements.
@@ -347,7 +353,7 @@ impl Listener {
             ))
             .await?;
         let admin = client.prepare(&query("admin_log", "seq, kind, a, b, c")).await?;
-        let events = client.prepare(&query("event_log", "seq, home_id, json")).await?;
+        let events = client.prepare(&query("event_log", "seq, home_id, json, device_id")).await?;
         Ok(Listener { client, changes, admin, events })
     }
 }

@@ -524,6 +524,15 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn broadcast_command(&self, device: DeviceId, json: String) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT ddp_command($1, $2, $3)").await?;
+        client.execute(&stmt, &[&sql_id(device.get()), &json, &Timestamp::now().millis()]).await?;
+        self.announcer.announce("command");
+        self.feed.wake();
+        Ok(())
+    }
+
     async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
         let mut client = self.client().await?;
         let now = Timestamp::now();

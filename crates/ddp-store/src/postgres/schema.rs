@@ -9,7 +9,8 @@ use crate::StoreError;
 const MIGRATION_LOCK: i64 = 0x0DD9_5C4E_4D41;
 
 /// One migration per entry; `ddp_schema.version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE settings (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
 CREATE TABLE homes (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -267,7 +268,18 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     INSERT INTO event_log (home_id, json, created_ms) VALUES (p_home, p_json, p_now);
 END $$;
-"#];
+"#,
+    r#"
+-- Commands travel the event log too: a row names a home (an event) or a device (a command).
+ALTER TABLE event_log ALTER COLUMN home_id DROP NOT NULL, ADD COLUMN device_id BIGINT;
+CREATE FUNCTION ddp_command(p_device BIGINT, p_json TEXT, p_now BIGINT)
+RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO event_log (device_id, json, created_ms) VALUES (p_device, p_json, p_now);
+END $$;
+"#,
+];
 
 fn backend(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(e.to_string())

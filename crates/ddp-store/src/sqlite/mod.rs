@@ -494,6 +494,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn broadcast_command(&self, device: DeviceId, json: String) -> Result<(), StoreError> {
+        self.sink.committed(&[Committed::Command { device, json: Arc::from(json) }]);
+        Ok(())
+    }
+
     async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {
         self.write_job(move |tx| {
             let (conn, now) = (tx.conn, tx.now);
