@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ddp_protocol::sync::Command;
 use ddp_protocol::sync::DeviceRequest;
 use ddp_protocol::{DeviceId, Key, Rev, Value};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::connection::{Command, Target, Task};
+use crate::connection::{Job, Target, Task};
 use crate::error::{Error, ErrorKind, Result};
 use crate::mirror::{Change, Mirror};
 use crate::persist;
@@ -43,6 +44,7 @@ pub enum Update {
 pub(crate) struct Shared {
     pub(crate) mirror: RwLock<Mirror>,
     pub(crate) updates: broadcast::Sender<Update>,
+    pub(crate) commands: broadcast::Sender<Command>,
     pub(crate) status: watch::Sender<Status>,
 }
 
@@ -51,7 +53,7 @@ pub(crate) struct Shared {
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<Job>,
     write_timeout: Duration,
 }
 
@@ -122,8 +124,13 @@ impl ClientBuilder {
             None => Mirror::new(),
         };
         let (updates, _) = broadcast::channel(1024);
-        let shared =
-            Arc::new(Shared { mirror: RwLock::new(mirror), updates, status: watch::Sender::new(Status::default()) });
+        let (commands, _) = broadcast::channel(256);
+        let shared = Arc::new(Shared {
+            mirror: RwLock::new(mirror),
+            updates,
+            commands,
+            status: watch::Sender::new(Status::default()),
+        });
         let (commands, receiver) = mpsc::channel(1024);
         let task = Task::new(shared.clone(), target, receiver, self.persist, self.backoff, self.max_message);
         tokio::spawn(task.run());
@@ -180,6 +187,16 @@ impl Client {
         self.shared.updates.subscribe()
     }
 
+    /// The commands apps send the device (PROTOCOL.md §8), from the moment of the call, in the
+    /// order they were sent. Over MQTT they come on `/devices/{id}/command` (subscribed beside
+    /// the key-value topic); over WebSocket on the sync session itself, opened with
+    /// `?commands=1`. Commands are not stored: those sent while the device is offline are
+    /// refused to their sender (`409 DEVICE_OFFLINE`), and a receiver more than 256 commands
+    /// behind skips the oldest.
+    pub fn commands(&self) -> broadcast::Receiver<Command> {
+        self.shared.commands.subscribe()
+    }
+
     /// Sets `key` to `value` (anything serde can write as JSON, except `null`); resolves with the
     /// rev the server gave the change, once the server's confirmation arrives.
     pub async fn set<V: serde::Serialize + ?Sized>(&self, key: &str, value: &V) -> Result<Rev> {
@@ -201,7 +218,7 @@ impl Client {
     async fn write(&self, request: DeviceRequest) -> Result<Rev> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Write { request, reply })
+            .send(Job::Write { request, reply })
             .await
             .map_err(|_| Error::new(ErrorKind::Closed, "the client was closed"))?;
         match tokio::time::timeout(self.write_timeout, answer).await {
@@ -218,7 +235,7 @@ impl Client {
     /// Other clones fail with [`ErrorKind::Closed`] from then on.
     pub async fn close(&self) {
         let (done, finished) = oneshot::channel();
-        if self.commands.send(Command::Close(done)).await.is_ok() {
+        if self.commands.send(Job::Close(done)).await.is_ok() {
             let _ = finished.await;
         }
     }

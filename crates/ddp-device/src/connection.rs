@@ -30,7 +30,7 @@ use crate::persist;
 type Reply = oneshot::Sender<Result<Rev>>;
 
 /// A request from a [`Client`](crate::Client) handle.
-pub(crate) enum Command {
+pub(crate) enum Job {
     Write { request: DeviceRequest, reply: Reply },
     Close(oneshot::Sender<()>),
 }
@@ -111,7 +111,7 @@ enum Ended {
 pub(crate) struct Task {
     shared: Arc<Shared>,
     target: Target,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<Job>,
     persist: Option<PathBuf>,
     backoff: Backoff,
     /// The largest message taken from the server (announced over MQTT 5).
@@ -135,7 +135,7 @@ fn frame(request: &DeviceRequest) -> String {
 
 enum Input<M> {
     Message(M),
-    Command(Option<Command>),
+    Job(Option<Job>),
     Save,
 }
 
@@ -143,7 +143,7 @@ impl Task {
     pub(crate) fn new(
         shared: Arc<Shared>,
         target: Target,
-        commands: mpsc::Receiver<Command>,
+        commands: mpsc::Receiver<Job>,
         persist: Option<PathBuf>,
         backoff: (Duration, Duration),
         max_message: usize,
@@ -197,8 +197,8 @@ impl Task {
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => break,
                     command = self.commands.recv() => match command {
-                        Some(Command::Write { request, reply }) => self.queued.push_back((request, reply)),
-                        Some(Command::Close(done)) => {
+                        Some(Job::Write { request, reply }) => self.queued.push_back((request, reply)),
+                        Some(Job::Close(done)) => {
                             self.save();
                             let _ = done.send(());
                             return;
@@ -241,6 +241,9 @@ impl Task {
             let _ = self.shared.updates.send(Update::Changed(c));
         }
         match message {
+            ServerMessage::Command { command } => {
+                let _ = self.shared.commands.send(command);
+            }
             ServerMessage::Reload { rev, .. } => {
                 self.synced(rev);
                 // A reload (after falling behind) may stand in for confirmations.
@@ -308,8 +311,8 @@ impl Task {
     }
 
     /// The next command, taking queued (offline) writes first.
-    fn next_queued(&mut self) -> Option<Command> {
-        self.queued.pop_front().map(|(request, reply)| Command::Write { request, reply })
+    fn next_queued(&mut self) -> Option<Job> {
+        self.queued.pop_front().map(|(request, reply)| Job::Write { request, reply })
     }
 
     // ---- WebSocket ----
@@ -318,8 +321,11 @@ impl Task {
         let Target::Ws { url, key } = &self.target else { return Ended::Dropped("not a WebSocket target".into()) };
         let mut url = url.clone();
         let rev = self.shared.mirror.read().map(|m| m.rev()).unwrap_or_default();
+        // Commands come on the sync session itself (PROTOCOL.md §8's extension).
         if rev > Rev::ZERO {
-            url.set_query(Some(&format!("sinceRev={rev}")));
+            url.set_query(Some(&format!("commands=1&sinceRev={rev}")));
+        } else {
+            url.set_query(Some("commands=1"));
         }
         let mut request = match url.as_str().into_client_request() {
             Ok(r) => r,
@@ -348,10 +354,10 @@ impl Task {
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
         loop {
             let input = match self.next_queued() {
-                Some(c) => Input::Command(Some(c)),
+                Some(c) => Input::Job(Some(c)),
                 None => tokio::select! {
                     m = ws.next() => Input::Message(m),
-                    c = self.commands.recv() => Input::Command(c),
+                    c = self.commands.recv() => Input::Job(c),
                     _ = save_tick.tick() => Input::Save,
                 },
             };
@@ -371,7 +377,7 @@ impl Task {
                 Input::Message(Some(Ok(_))) => {}
                 Input::Message(Some(Err(e))) => return Ended::Dropped(format!("connection error: {e}")),
                 Input::Message(None) => return Ended::Dropped("the connection ended".into()),
-                Input::Command(Some(Command::Write { request, reply })) => {
+                Input::Job(Some(Job::Write { request, reply })) => {
                     if reply.is_closed() {
                         continue; // the caller gave up
                     }
@@ -381,11 +387,11 @@ impl Task {
                     }
                     self.in_flight.push_back(InFlight { request, reply, packet_id: None });
                 }
-                Input::Command(Some(Command::Close(done))) => {
+                Input::Job(Some(Job::Close(done))) => {
                     let _ = ws.close(None).await;
                     return Ended::Closed(Some(done));
                 }
-                Input::Command(None) => {
+                Input::Job(None) => {
                     let _ = ws.close(None).await;
                     return Ended::Closed(None);
                 }
@@ -403,6 +409,7 @@ impl Task {
             return Ended::Dropped("not an MQTT target".into());
         };
         let topic = format!("/devices/{device}/kv");
+        let command_topic = format!("/devices/{device}/command");
         let client_id = format!("ddp-device-{device}-{:08x}", rand::rng().random::<u32>());
         let mut options = rumqttc::v5::MqttOptions::new(client_id, host.clone(), *port);
         options.set_credentials(device.to_string(), key.clone());
@@ -419,10 +426,10 @@ impl Task {
         loop {
             let queued = if subscribed { self.next_queued() } else { None };
             let input = match queued {
-                Some(c) => Input::Command(Some(c)),
+                Some(c) => Input::Job(Some(c)),
                 None => tokio::select! {
                     e = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(30), eventloop.poll()) => Input::Message(e),
-                    c = self.commands.recv(), if subscribed => Input::Command(c),
+                    c = self.commands.recv(), if subscribed => Input::Job(c),
                     _ = save_tick.tick() => Input::Save,
                 },
             };
@@ -431,7 +438,10 @@ impl Task {
                 Input::Message(Ok(Err(e))) => return Ended::Dropped(format!("MQTT: {e}")),
                 Input::Message(Ok(Ok(rumqttc::v5::Event::Incoming(packet)))) => match packet {
                     Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {
-                        if let Err(e) = client.try_subscribe(topic.clone(), QoS::AtMostOnce) {
+                        // Both topics in one SUBSCRIBE, as MODE's SDKs do.
+                        let filters = [&topic, &command_topic]
+                            .map(|t| rumqttc::v5::mqttbytes::v5::Filter::new(t.clone(), QoS::AtMostOnce));
+                        if let Err(e) = client.try_subscribe_many(filters) {
                             return Ended::Dropped(format!("cannot subscribe: {e}"));
                         }
                     }
@@ -443,6 +453,14 @@ impl Task {
                         match serde_json::from_slice::<ServerMessage>(&p.payload) {
                             Ok(message) => self.on_message(message),
                             Err(e) => tracing::warn!(error = %e, "unreadable message from the server"),
+                        }
+                    }
+                    Packet::Publish(p) if p.topic.as_ref() == command_topic.as_bytes() => {
+                        match serde_json::from_slice::<ddp_protocol::sync::Command>(&p.payload) {
+                            Ok(command) => {
+                                let _ = self.shared.commands.send(command);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "unreadable command from the server"),
                         }
                     }
                     Packet::PubAck(ack) if ack.reason != PubAckReason::Success => {
@@ -470,7 +488,7 @@ impl Task {
                     }
                 }
                 Input::Message(Ok(Ok(_))) => {}
-                Input::Command(Some(Command::Write { request, reply })) => {
+                Input::Job(Some(Job::Write { request, reply })) => {
                     if reply.is_closed() {
                         continue;
                     }
@@ -482,11 +500,11 @@ impl Task {
                         }
                     }
                 }
-                Input::Command(Some(Command::Close(done))) => {
+                Input::Job(Some(Job::Close(done))) => {
                     let _ = client.try_disconnect();
                     return Ended::Closed(Some(done));
                 }
-                Input::Command(None) => {
+                Input::Job(None) => {
                     let _ = client.try_disconnect();
                     return Ended::Closed(None);
                 }

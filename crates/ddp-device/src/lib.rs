@@ -56,6 +56,7 @@ pub mod mirror;
 mod persist;
 
 pub use client::{Client, ClientBuilder, DEFAULT_MAX_MESSAGE, Status, Update};
+pub use ddp_protocol::sync::Command;
 pub use ddp_protocol::{Key, Reason, Rev, Value};
 pub use error::{Error, ErrorKind, Result};
 pub use mirror::{Change, Mirror, Source};

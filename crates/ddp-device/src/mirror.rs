@@ -104,7 +104,7 @@ impl Mirror {
             ServerMessage::Reload { rev, items, .. } => self.reload(*rev, items.iter().map(|i| (&i.key, &i.value))),
             ServerMessage::Set { rev, key, value } => self.change(*rev, key, Some(value)).into_iter().collect(),
             ServerMessage::Delete { rev, key } => self.change(*rev, key, None).into_iter().collect(),
-            ServerMessage::Resume { .. } | ServerMessage::Error { .. } => Vec::new(),
+            ServerMessage::Resume { .. } | ServerMessage::Error { .. } | ServerMessage::Command { .. } => Vec::new(),
         }
     }
 

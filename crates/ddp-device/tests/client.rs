@@ -315,3 +315,35 @@ async fn a_large_store_syncs_and_one_too_large_is_reported_over_mqtt() {
 async fn a_large_store_syncs_and_one_too_large_is_reported_over_websocket() {
     a_large_store_syncs_and_one_too_large_for_the_device_is_reported(Via::Ws).await;
 }
+
+async fn commands_reach_the_application(via: Via) {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let client = fast(Client::builder(&url(&s, via), dev, &key)).start().expect("start");
+    let mut commands = client.commands();
+    ready(&client).await;
+    for (i, body) in [r#"{"action":"reboot","parameters":{"delay":1.50}}"#, r#"{"action":"blink"}"#].iter().enumerate()
+    {
+        let resp = s.admin(Method::PUT, &format!("/devices/{dev}/command")).body(*body).send().await.expect("send");
+        assert_eq!(resp.status(), reqwest::StatusCode::NO_CONTENT, "command {i}");
+    }
+    let first = tokio::time::timeout(Duration::from_secs(5), commands.recv()).await.expect("in time").expect("open");
+    assert_eq!((first.action.as_str(), first.parameters.as_json()), ("reboot", r#"{"delay":1.50}"#), "exact");
+    let second = tokio::time::timeout(Duration::from_secs(5), commands.recv()).await.expect("in time").expect("open");
+    assert_eq!((second.action.as_str(), second.parameters.as_json()), ("blink", "{}"));
+    // Commands do not disturb the mirror.
+    s.put(&format!("/devices/{dev}"), "k", json!(1)).await;
+    converges(&client, "k", Some("1")).await;
+    assert_eq!(client.get_all().len(), 1);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn commands_reach_the_application_over_mqtt() {
+    commands_reach_the_application(Via::Mqtt).await;
+}
+
+#[tokio::test]
+async fn commands_reach_the_application_over_websocket() {
+    commands_reach_the_application(Via::Ws).await;
+}

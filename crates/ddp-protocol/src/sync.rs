@@ -18,6 +18,17 @@ pub struct Item {
     pub modification_time: Timestamp,
 }
 
+/// A command for a device (PROTOCOL.md §8): what MODE's SDKs receive on
+/// `/devices/{id}/command` and the command socket, exactly `{"action","parameters"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// What to do.
+    pub action: String,
+    /// Its parameters: a JSON object (`{}` when the sender gave none), exact as sent.
+    #[serde(default = "Value::empty_object")]
+    pub parameters: Value,
+}
+
 /// A message from the server to a sync session.
 ///
 /// Deserialization is written by hand: serde's internally tagged enums buffer their fields,
@@ -56,6 +67,11 @@ pub enum ServerMessage {
         /// The key.
         key: Key,
     },
+    /// **(extension)** A command for the device, on a sync session opened with `?commands=1`.
+    Command {
+        /// The command.
+        command: Command,
+    },
     /// **(extension)** A frame from the device could not be applied; the session stays open.
     Error {
         /// Why.
@@ -80,6 +96,7 @@ impl<'de> Deserialize<'de> for ServerMessage {
             items: Option<Vec<Item>>,
             reason: Option<Reason>,
             message: Option<String>,
+            command: Option<Command>,
         }
         let w = Wire::deserialize(d)?;
         let rev = |what: &str| w.rev.ok_or_else(|| D::Error::custom(format!("{what} without rev")));
@@ -99,6 +116,9 @@ impl<'de> Deserialize<'de> for ServerMessage {
                 value: w.value.clone().ok_or_else(|| D::Error::custom("set without value"))?,
             },
             "delete" => ServerMessage::Delete { rev: rev("delete")?, key: key("delete")? },
+            "command" => ServerMessage::Command {
+                command: w.command.clone().ok_or_else(|| D::Error::custom("command without command"))?,
+            },
             "error" => ServerMessage::Error {
                 reason: w.reason.ok_or_else(|| D::Error::custom("error without reason"))?,
                 message: w.message.clone().unwrap_or_default(),
@@ -240,6 +260,7 @@ mod tests {
             r#"{"action":"delete","rev":85,"key":"xyz"}"#,
             r#"{"action":"error","reason":"INVALID_KEY","message":"bad","key":"a/b"}"#,
             r#"{"action":"error","reason":"INVALID_JSON","message":"bad"}"#,
+            r#"{"action":"command","command":{"action":"reboot","parameters":{"delay":1.50}}}"#,
         ];
         for text in messages {
             let parsed: ServerMessage = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));

@@ -79,6 +79,12 @@ impl Value {
         Ok(Value(Arc::from(raw)))
     }
 
+    /// `{}`.
+    pub fn empty_object() -> Value {
+        // A constant text that always parses.
+        Value::from_stored("{}".to_owned()).unwrap_or_else(|_| unreachable!("{{}} is a JSON object"))
+    }
+
     /// The value's JSON text.
     pub fn as_json(&self) -> &str {
         self.0.get()

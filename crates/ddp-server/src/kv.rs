@@ -88,12 +88,11 @@ fn command_json(body: &[u8]) -> Result<String> {
     if action.is_empty() || action.chars().count() > MAX_ACTION {
         return Err(Error::invalid_parameter(format!("action must be 1–{MAX_ACTION} characters")));
     }
-    let empty = Value::parse("{}").map_err(Error::internal)?;
     let parameters = match parsed.parameters {
-        None => empty,
+        None => Value::empty_object(),
         Some(raw) => match Value::from_raw(raw) {
             Ok(v) if v.as_json().starts_with('{') => v,
-            Err(ddp_protocol::ValueError::Null) => empty,
+            Err(ddp_protocol::ValueError::Null) => Value::empty_object(),
             Ok(_) => return Err(Error::invalid_parameter("parameters must be a JSON object")),
             Err(e) => return Err(Error::new(Reason::InvalidValue, format!("parameters: {e}"))),
         },

@@ -1,7 +1,7 @@
 //! `ddp`: the Device Data Proxy command.
 //!
 //! `ddp serve` runs the server (REST + WebSocket + MQTT on the embedded store by default).
-//! The other subcommands (`home`, `device`, `apikey`, `kv`, `watch`, `events`) talk to a server
+//! The other subcommands (`home`, `device`, `apikey`, `kv`, `command`, `watch`, `events`) talk to a server
 //! over its public API. Every flag can also be given as a `DDP_*` environment variable;
 //! `ddp <command> --help` lists them, with examples.
 
@@ -59,6 +59,13 @@ enum Command {
         #[command(flatten)]
         conn: cli::Connection,
     },
+    /// Send devices commands.
+    Command {
+        #[command(subcommand)]
+        command: cli::CommandCmd,
+        #[command(flatten)]
+        conn: cli::Connection,
+    },
     /// Follow a device's sync stream (reload, then every change) until Ctrl-C.
     Watch {
         #[command(flatten)]
@@ -99,6 +106,7 @@ fn run_client(command: Command) -> anyhow::Result<()> {
             Command::Device { command, conn } => cli::device(&conn, command).await,
             Command::Apikey { command, conn } => cli::apikey(&conn, command).await,
             Command::Kv { command, conn } => cli::kv(&conn, command).await,
+            Command::Command { command, conn } => cli::command(&conn, command).await,
             Command::Watch { args, conn } => cli::watch(&conn, args).await,
             Command::Events { args, conn } => cli::events(&conn, args).await,
         }

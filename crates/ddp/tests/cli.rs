@@ -165,6 +165,7 @@ async fn every_command_has_help_with_examples() {
         vec!["apikey", "create", "--help"],
         vec!["kv", "set", "--help"],
         vec!["kv", "list", "--help"],
+        vec!["command", "send", "--help"],
         vec!["watch", "--help"],
         vec!["events", "--help"],
     ] {
@@ -310,4 +311,25 @@ async fn a_failed_first_start_leaves_no_admin_key_and_the_start_that_serves_prin
     let stored = std::fs::read_to_string(data.join("admin.key")).expect("and stores it");
     assert_eq!(stored.trim(), printed);
     serving.kill().await.expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_send_reaches_the_device() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = dev.to_string();
+    fails(&s, Some(ADMIN_KEY), &["command", "send", "--device", &d, "reboot"], "DEVICE_OFFLINE").await;
+    let mut socket = match s.ws_path(&format!("/devices/{dev}/command"), Some(&key)).await {
+        ddp_testkit::WsOpen::Open(c) => *c,
+        ddp_testkit::WsOpen::Refused(status, body) => panic!("{status} {body}"),
+    };
+    let out =
+        ok(&s, &["command", "send", "--device", &d, "setLevel", "--param", "level=3", "--param", "unit=percent"]).await;
+    assert!(out.contains("sent setLevel to device"), "{out}");
+    assert_eq!(socket.next_text().await, r#"{"action":"setLevel","parameters":{"level":3,"unit":"percent"}}"#);
+    ok(&s, &["command", "send", "--device", &d, "schedule", "--parameters", r#"{"on": "07:00", "x": 1.50}"#]).await;
+    assert_eq!(socket.next_text().await, r#"{"action":"schedule","parameters":{"on":"07:00","x":1.50}}"#);
+    let run = ddp(&s, Some(ADMIN_KEY), &["command", "send", "--device", &d, "x", "--parameters", "[1]"]).await;
+    assert!(run.code != 0 && run.err.contains("JSON object"), "{}", run.err);
+    fails(&s, Some(&key), &["command", "send", "--device", &d, "reboot"], "PERMISSION_DENIED").await;
 }

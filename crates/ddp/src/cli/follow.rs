@@ -73,6 +73,7 @@ pub fn print_sync(text: &str) {
         Ok(ServerMessage::Set { rev, key, value }) => println!("rev {rev:<6} set      {key} = {value}"),
         Ok(ServerMessage::Delete { rev, key }) => println!("rev {rev:<6} delete   {key}"),
         Ok(ServerMessage::Error { reason, message, .. }) => println!("error      {reason}: {message}"),
+        Ok(ServerMessage::Command { command }) => println!("command    {} {}", command.action, command.parameters),
         Err(_) => println!("{text}"),
     }
 }

@@ -238,6 +238,72 @@ pub enum Kv {
     },
 }
 
+/// `ddp command …`
+#[derive(Subcommand)]
+pub enum CommandCmd {
+    /// Send a device a command (admin key or a read-write project key). Commands are not stored:
+    /// a device with no live session is refused (DEVICE_OFFLINE).
+    #[command(
+        after_help = "Examples:\n  ddp command send --device 7 reboot\n  ddp command send --device 7 setLevel --param level=3 --param unit=percent\n  ddp command send --device 7 schedule --parameters '{\"on\":\"07:00\",\"days\":[1,2,3]}'"
+    )]
+    Send {
+        /// The device.
+        #[arg(long)]
+        device: u64,
+        /// The command's action.
+        action: String,
+        /// A parameter, KEY=VALUE (VALUE is JSON when it parses, else a string); repeatable.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// All parameters as one JSON object (instead of --param).
+        #[arg(long, conflicts_with = "params")]
+        parameters: Option<String>,
+    },
+}
+
+pub async fn command(conn: &Connection, command: CommandCmd) -> Result<(), Failure> {
+    let api = conn.api()?;
+    match command {
+        CommandCmd::Send { device, action, params, parameters } => {
+            let parameters = match parameters {
+                Some(text) => {
+                    let value =
+                        Value::parse(&text).map_err(|e| Failure::new(format!("--parameters is not JSON: {e}")))?;
+                    if !value.as_json().starts_with('{') {
+                        return Err(Failure::new("--parameters must be a JSON object, like '{\"level\":3}'"));
+                    }
+                    value.as_json().to_owned()
+                }
+                None => {
+                    let mut fields = Vec::with_capacity(params.len());
+                    for p in &params {
+                        let Some((key, value)) = p.split_once('=') else {
+                            return Err(Failure::new(format!("--param {p:?} is not KEY=VALUE")));
+                        };
+                        let key = serde_json::Value::String(key.to_owned()).to_string();
+                        fields.push(format!("{key}:{}", parse_value(value)?.as_json()));
+                    }
+                    format!("{{{}}}", fields.join(","))
+                }
+            };
+            let action_json = serde_json::Value::String(action.clone()).to_string();
+            let body = format!(r#"{{"action":{action_json},"parameters":{parameters}}}"#);
+            api.send(
+                api.request(Method::PUT, &format!("/devices/{device}/command"))
+                    .header("Content-Type", "application/json")
+                    .body(body),
+            )
+            .await?;
+            if conn.json {
+                output::json(&json!({ "deviceId": device, "action": action, "sent": true }));
+            } else {
+                println!("sent {action} to device {device}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What a VALUE argument means: JSON when it parses, else a string.
 pub fn parse_value(text: &str) -> Result<Value, Failure> {
     if let Ok(value) = Value::parse(text) {
