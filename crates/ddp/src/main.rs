@@ -21,11 +21,11 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Cmd,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Cmd {
     /// Run the server.
     ///
     /// With no arguments it keeps its data in ./ddp-data and serves HTTP on 127.0.0.1:8080.
@@ -85,7 +85,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(*args),
+        Cmd::Serve(args) => serve::run(*args),
         client => run_client(client),
     };
     match result {
@@ -97,18 +97,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run_client(command: Command) -> anyhow::Result<()> {
+fn run_client(command: Cmd) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         match command {
-            Command::Serve(_) => Ok(()),
-            Command::Home { command, conn } => cli::home(&conn, command).await,
-            Command::Device { command, conn } => cli::device(&conn, command).await,
-            Command::Apikey { command, conn } => cli::apikey(&conn, command).await,
-            Command::Kv { command, conn } => cli::kv(&conn, command).await,
-            Command::Command { command, conn } => cli::command(&conn, command).await,
-            Command::Watch { args, conn } => cli::watch(&conn, args).await,
-            Command::Events { args, conn } => cli::events(&conn, args).await,
+            Cmd::Serve(_) => Ok(()),
+            Cmd::Home { command, conn } => cli::home(&conn, command).await,
+            Cmd::Device { command, conn } => cli::device(&conn, command).await,
+            Cmd::Apikey { command, conn } => cli::apikey(&conn, command).await,
+            Cmd::Kv { command, conn } => cli::kv(&conn, command).await,
+            Cmd::Command { command, conn } => cli::command(&conn, command).await,
+            Cmd::Watch { args, conn } => cli::watch(&conn, args).await,
+            Cmd::Events { args, conn } => cli::events(&conn, args).await,
         }
     })?;
     Ok(())
