@@ -90,6 +90,7 @@ impl Config {
             ("--http-listen", Some(self.http_listen)),
             ("--mqtt-listen", mqtt.listen),
             ("--mqtt-tls-listen", mqtt.tls_listen),
+            ("--mqtt-ws-listen", mqtt.ws_listen),
         ];
         for (i, (a, addr_a)) in listeners.iter().enumerate() {
             for (b, addr_b) in &listeners[i + 1..] {
@@ -232,6 +233,9 @@ pub struct MqttSettings {
     pub listen: Option<SocketAddr>,
     /// TLS listener (`None`: off); needs `tls_cert` and `tls_key`.
     pub tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket on a listener of its own, any path (`None`: off). The HTTP listener
+    /// always serves it at `/mqtt`.
+    pub ws_listen: Option<SocketAddr>,
     /// PEM certificate chain for the TLS listener.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for the TLS listener.
@@ -247,6 +251,7 @@ impl Default for MqttSettings {
         MqttSettings {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             tls_listen: None,
+            ws_listen: None,
             tls_cert: None,
             tls_key: None,
             max_packet: 256 * 1024,

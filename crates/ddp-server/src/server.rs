@@ -88,6 +88,7 @@ pub struct Server {
     http_addr: SocketAddr,
     mqtt: Option<(TcpListener, SocketAddr)>,
     mqtt_tls: Option<(TcpListener, SocketAddr, tokio_rustls::TlsAcceptor)>,
+    mqtt_ws: Option<(TcpListener, SocketAddr)>,
     caps: Arc<Caps>,
     admin: AdminKey,
     _lock: Option<std::fs::File>,
@@ -135,6 +136,8 @@ impl Server {
             }
             _ => None,
         };
+        let mqtt_ws =
+            config.mqtt.ws_listen.map(|addr| listen(addr, "--mqtt-ws-listen / DDP_MQTT_WS_LISTEN")).transpose()?;
 
         let auth_cache = Arc::new(AuthCache::default());
         let hub = Arc::new(Hub::new(config.sessions.mailbox));
@@ -194,7 +197,7 @@ impl Server {
         let limit = crate::listener::open_file_limit().unwrap_or(1024);
         let caps = Caps::new(connection_budget(limit, storage_files));
         let app = Arc::new(App { kv, metrics: metrics::handle(), shutdown: CancellationToken::new(), store, config });
-        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, caps, admin, _lock: lock })
+        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, mqtt_ws, caps, admin, _lock: lock })
     }
 
     /// Where the REST and WebSocket API listens.
@@ -205,6 +208,11 @@ impl Server {
     /// Where the MQTT listener listens, when it is on.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.mqtt.as_ref().map(|(_, a)| *a)
+    }
+
+    /// Where MQTT over WebSocket has a listener of its own, when it is on.
+    pub fn mqtt_ws_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_ws.as_ref().map(|(_, a)| *a)
     }
 
     /// Where the MQTT TLS listener listens, when it is on.
@@ -226,7 +234,7 @@ impl Server {
     /// Serves until `shutdown` completes; then stops accepting, finishes in-flight requests and
     /// writes, closes live sessions and storage, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Server { app, http, http_addr, mqtt, mqtt_tls, caps, _lock, .. } = self;
+        let Server { app, http, http_addr, mqtt, mqtt_tls, mqtt_ws, caps, _lock, .. } = self;
         match &app.config.database {
             None => tracing::info!(data_dir = %app.config.data_dir.display(), "storage: embedded SQLite"),
             Some(url) => {
@@ -252,6 +260,11 @@ impl Server {
             tracing::info!(addr = %addr, transport = "mqtts", "listening");
             let door = caps.door("mqtts", per_listener);
             listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, door, Some(acceptor))));
+        }
+        if let Some((listener, addr)) = mqtt_ws {
+            tracing::info!(addr = %addr, transport = "mqtt-ws", "listening");
+            let door = caps.door("mqtt-ws", per_listener);
+            listeners.push(tokio::spawn(crate::mqtt::accept_ws_loop(app.clone(), listener, door)));
         }
         let trimmer = tokio::spawn(trim_history(app.clone()));
         let cancel = app.shutdown.clone();

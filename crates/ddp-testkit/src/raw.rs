@@ -161,11 +161,18 @@ impl RawWs {
     /// Opens `path` on `addr` with `token` in the Authorization header; panics unless the server
     /// switches protocols.
     pub async fn open(addr: SocketAddr, path: &str, token: &str) -> RawWs {
+        let auth = format!("ModeCloud {token}");
+        RawWs::open_with(addr, path, &[("Authorization", &auth)]).await.0
+    }
+
+    /// Opens `path` on `addr` with these extra headers; returns the socket and the server's
+    /// answer head (status line and headers). Panics unless the server switches protocols.
+    pub async fn open_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (RawWs, String) {
         let mut stream = TcpStream::connect(addr).await.expect("tcp");
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Authorization: ModeCloud {token}\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
         );
         stream.write_all(request.as_bytes()).await.expect("write handshake");
         let mut buffered = Vec::new();
@@ -184,7 +191,22 @@ impl RawWs {
         let head = String::from_utf8_lossy(&buffered[..end]).to_string();
         assert!(head.starts_with("HTTP/1.1 101"), "not upgraded: {head}");
         buffered.drain(..end);
-        RawWs { stream, buffered }
+        (RawWs { stream, buffered }, head)
+    }
+
+    /// Reads binary messages until `n` more bytes of their payloads have arrived (MQTT over
+    /// WebSocket is a byte stream: packets may span messages); `None` when the connection ended.
+    pub async fn read_bytes(&mut self, n: usize, into: &mut Vec<u8>) -> Option<()> {
+        let target = into.len() + n;
+        while into.len() < target {
+            let frame = self.next_frame().await?;
+            match frame.opcode {
+                2 | 0 => into.extend_from_slice(&frame.payload),
+                8 => return None,
+                _ => {}
+            }
+        }
+        Some(())
     }
 
     /// A client frame: `fin`, reserved bits `rsv` (0–7), `opcode`, masked or not.
@@ -273,5 +295,58 @@ impl RawWs {
                 return frame.close_code();
             }
         }
+    }
+}
+
+/// A raw MQTT client over a [`RawWs`]: writes packets in whatever binary messages the test
+/// chooses, reads the server's binary messages as one byte stream.
+pub struct RawMqttWs {
+    /// The WebSocket underneath.
+    pub ws: RawWs,
+    read: Vec<u8>,
+}
+
+impl RawMqttWs {
+    /// Over an upgraded WebSocket.
+    pub fn new(ws: RawWs) -> RawMqttWs {
+        RawMqttWs { ws, read: Vec::new() }
+    }
+
+    /// Sends `bytes` as one masked binary message.
+    pub async fn send_message(&mut self, bytes: &[u8]) {
+        self.ws.send(&RawWs::frame(true, 0, 2, true, bytes)).await;
+    }
+
+    /// The next MQTT packet from the server: (first byte, body); `None` when it closed.
+    pub async fn next_packet(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((len, used)) = Self::header(&self.read)
+                && self.read.len() >= used + len
+            {
+                let first = self.read[0];
+                let body = self.read[used..used + len].to_vec();
+                self.read.drain(..used + len);
+                return Some((first, body));
+            }
+            let frame = self.ws.next_frame().await?;
+            match frame.opcode {
+                2 | 0 => self.read.extend_from_slice(&frame.payload),
+                8 => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// (remaining length, header length) of the packet at the start of `buf`, once known.
+    fn header(buf: &[u8]) -> Option<(usize, usize)> {
+        let (mut len, mut shift) = (0usize, 0);
+        for (i, b) in buf.iter().enumerate().skip(1).take(4) {
+            len |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                return Some((len, i + 1));
+            }
+        }
+        None
     }
 }

@@ -24,6 +24,8 @@ pub struct TestServer {
     pub mqtt_addr: Option<SocketAddr>,
     /// The MQTT TLS listener's address (when on).
     pub mqtt_tls_addr: Option<SocketAddr>,
+    /// The MQTT-over-WebSocket listener's address (when on).
+    pub mqtt_ws_addr: Option<SocketAddr>,
     /// A client for requests.
     pub client: Client,
     stop: Option<oneshot::Sender<()>>,
@@ -104,6 +106,7 @@ impl TestServer {
         let addr = server.http_addr();
         let mqtt_addr = server.mqtt_addr();
         let mqtt_tls_addr = server.mqtt_tls_addr();
+        let mqtt_ws_addr = server.mqtt_ws_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
@@ -113,6 +116,7 @@ impl TestServer {
             addr,
             mqtt_addr,
             mqtt_tls_addr,
+            mqtt_ws_addr,
             client: Client::new(),
             stop: Some(stop),
             task: Some(task),

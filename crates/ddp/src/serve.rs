@@ -58,6 +58,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_MQTT_TLS_LISTEN", default_value = "off", value_parser = parse_listen)]
     mqtt_tls_listen: Listen,
 
+    /// Address for MQTT over WebSocket on a listener of its own, any path (e.g. 0.0.0.0:8081), or
+    /// `off`. The HTTP listener always serves it at /mqtt.
+    #[arg(long, env = "DDP_MQTT_WS_LISTEN", default_value = "off", value_parser = parse_listen)]
+    mqtt_ws_listen: Listen,
+
     /// PEM certificate chain for MQTT over TLS.
     #[arg(long, env = "DDP_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -216,6 +221,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.mqtt = MqttSettings {
         listen: args.mqtt_listen.0,
         tls_listen: args.mqtt_tls_listen.0,
+        ws_listen: args.mqtt_ws_listen.0,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         max_packet: args.mqtt_max_packet,

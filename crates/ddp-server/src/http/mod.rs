@@ -10,6 +10,7 @@ mod admin;
 mod commands;
 mod events;
 mod kv;
+mod mqtt;
 mod ops;
 mod serve;
 mod upgrade;
@@ -57,6 +58,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/devices/{id}/event", axum::routing::put(events::raise))
         .route("/events/websocket", get(events::stream))
         .route("/userSession/websocket", get(events::stream))
+        .route("/mqtt", get(mqtt::upgrade))
         .route("/devices/{id}/command", axum::routing::put(commands::send).get(commands::socket))
         .route("/devices/{id}/kv", get(kv::list_or_watch))
         .route("/homes/{id}/kv", get(kv::list))

@@ -17,6 +17,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
@@ -188,8 +189,8 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door
             a = listener.accept() => a,
             () = app.shutdown.cancelled() => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors, most likely: back off instead of spinning.
                 tracing::warn!(error = %e, "http accept failed");
@@ -201,7 +202,7 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        connections.spawn(serve_connection(app.clone(), router.clone(), stream, conn));
+        connections.spawn(serve_connection(app.clone(), router.clone(), stream, peer, conn));
     }
     connections.close();
     if tokio::time::timeout(DRAIN, connections.wait()).await.is_err() {
@@ -211,10 +212,10 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door
 
 /// Serves one connection: HTTP/1.1 with keep-alive and upgrades, under its timeouts, until it
 /// ends, is shed at the cap, or the server shuts down (in-flight requests finish first).
-async fn serve_connection(app: Arc<App>, router: Router, stream: TcpStream, conn: Arc<Conn>) {
+async fn serve_connection(app: Arc<App>, router: Router, stream: TcpStream, peer: SocketAddr, conn: Arc<Conn>) {
     let phase = Phase::new(app.config.http);
     let io = Timed { inner: stream, phase: phase.clone(), sleep: None, _conn: conn.clone() };
-    let handle = ConnHandle { conn: conn.clone() };
+    let handle = ConnHandle { conn: conn.clone(), peer };
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         request.extensions_mut().insert(handle.clone());
         phase.begin();
@@ -247,16 +248,28 @@ async fn serve_connection(app: Arc<App>, router: Router, stream: TcpStream, conn
     }
 }
 
-/// A request's connection, for marking it authenticated once a credential checked out.
+/// A request's connection: marked authenticated once a credential checked out, and handed to
+/// what an upgrade turns it into (MQTT over WebSocket authenticates later, at its CONNECT).
 #[derive(Clone)]
 pub(crate) struct ConnHandle {
     conn: Arc<Conn>,
+    peer: SocketAddr,
 }
 
 impl ConnHandle {
     /// The connection carried a valid credential: it is not shed at the cap.
     pub(crate) fn authenticated(&self) {
         self.conn.authenticated();
+    }
+
+    /// The connection's place under the cap.
+    pub(crate) fn conn(&self) -> Arc<Conn> {
+        self.conn.clone()
+    }
+
+    /// The client's address.
+    pub(crate) fn peer(&self) -> SocketAddr {
+        self.peer
     }
 }
 

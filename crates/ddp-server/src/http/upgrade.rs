@@ -4,7 +4,9 @@
 
 use std::future::Future;
 
-use axum::http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
+use axum::http::header::{
+    CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +25,8 @@ pub(crate) type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 pub(crate) struct Upgrade {
     accept: HeaderValue,
     on_upgrade: OnUpgrade,
+    offered: Vec<String>,
+    protocol: Option<&'static str>,
 }
 
 fn header_has(headers: &HeaderMap, name: axum::http::HeaderName, token: &str) -> bool {
@@ -58,7 +62,25 @@ impl Upgrade {
         let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
             return bad("the connection cannot be upgraded");
         };
-        Ok(Some(Upgrade { accept, on_upgrade }))
+        let offered = parts
+            .headers
+            .get_all(SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .collect();
+        Ok(Some(Upgrade { accept, on_upgrade, offered, protocol: None }))
+    }
+
+    /// The subprotocols the client offered (`Sec-WebSocket-Protocol`, as sent).
+    pub(crate) fn offered(&self) -> impl Iterator<Item = &str> {
+        self.offered.iter().map(String::as_str)
+    }
+
+    /// Answers with this subprotocol (one the client offered).
+    pub(crate) fn with_protocol(mut self, protocol: Option<&'static str>) -> Upgrade {
+        self.protocol = protocol;
+        self
     }
 
     /// Answers `101 Switching Protocols` and runs `session` on the socket once it is upgraded.
@@ -67,7 +89,7 @@ impl Upgrade {
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Upgrade { accept, on_upgrade } = self;
+        let Upgrade { accept, on_upgrade, protocol, .. } = self;
         tokio::spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
@@ -78,11 +100,15 @@ impl Upgrade {
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
         });
-        (
+        let mut response = (
             StatusCode::SWITCHING_PROTOCOLS,
             [(CONNECTION, HeaderValue::from_static("upgrade")), (UPGRADE, HeaderValue::from_static("websocket"))],
             [(SEC_WEBSOCKET_ACCEPT, accept)],
         )
-            .into_response()
+            .into_response();
+        if let Some(p) = protocol {
+            response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+        }
+        response
     }
 }

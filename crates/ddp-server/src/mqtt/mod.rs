@@ -10,11 +10,16 @@
 //! - [`wire`]: the packet codec (rmqtt-codec) behind our own small packet enums.
 //! - [`session`]: the session rules as a state machine without IO.
 //! - [`connection`]: one connection: read, decide, act.
-//! - this module: listeners (TCP and TLS) and the accept loop.
+//! - [`over_ws`]: a WebSocket as the connection's byte stream (MQTT over WebSocket).
+//! - this module: listeners (TCP, TLS, WebSocket) and their accept loops.
 
 mod connection;
+mod over_ws;
 mod session;
 mod wire;
+
+pub(crate) use connection::serve;
+pub(crate) use over_ws::{WsBytes, select_protocol, socket_config};
 
 #[cfg(test)]
 mod fuzz;
@@ -67,6 +72,56 @@ fn tune(stream: &TcpStream) {
         socket2::TcpKeepalive::new().with_time(Duration::from_secs(120)).with_interval(Duration::from_secs(30));
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// How long a client has to finish the WebSocket handshake of MQTT over WebSocket.
+const WS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts MQTT-over-WebSocket connections on a listener of their own (`--mqtt-ws-listen`), on
+/// any path (MODE's Go SDK v4 connects to `/`), until shutdown.
+pub(crate) async fn accept_ws_loop(app: Arc<App>, listener: TcpListener, door: Door) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = app.shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "mqtt-ws accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(conn) = door.admit() else { continue };
+        tune(&stream);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let config = socket_config(app.config.sessions.ws_read_buffer, app.config.mqtt.max_packet);
+            let pick =
+                |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                 mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                    let offered =
+                        request.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok());
+                    if let Some(p) = select_protocol(offered) {
+                        response
+                            .headers_mut()
+                            .insert("sec-websocket-protocol", axum::http::HeaderValue::from_static(p));
+                    }
+                    Ok(response)
+                };
+            let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, pick, Some(config));
+            let ws = tokio::select! {
+                done = tokio::time::timeout(WS_HANDSHAKE_TIMEOUT, handshake) => done,
+                () = conn.shed_now() => return,
+            };
+            match ws {
+                Ok(Ok(ws)) => connection::serve(app, WsBytes::new(ws), peer, conn).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "mqtt-ws handshake failed"),
+                Err(_) => tracing::debug!(%peer, "mqtt-ws handshake timed out"),
+            }
+        });
     }
 }
 

@@ -11,6 +11,7 @@ mod events;
 mod fuzz;
 mod kv;
 mod mqtt;
+mod mqtt_ws;
 mod ops;
 mod ws;
 mod ws_stress;
