@@ -78,6 +78,19 @@ fn tune(stream: &TcpStream) {
 /// How long a client has to finish the WebSocket handshake of MQTT over WebSocket.
 const WS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+
+/// The handshake's answer: with the subprotocol `mqtt` when the client offered it.
+// The error type is the library's (an HTTP response), not ours to make smaller.
+#[allow(clippy::result_large_err)]
+fn answer_protocol(request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+    let offered = request.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok());
+    if let Some(p) = select_protocol(offered) {
+        response.headers_mut().insert("sec-websocket-protocol", axum::http::HeaderValue::from_static(p));
+    }
+    Ok(response)
+}
+
 /// Accepts MQTT-over-WebSocket connections on a listener of their own (`--mqtt-ws-listen`), on
 /// any path (MODE's Go SDK v4 connects to `/`), until shutdown.
 pub(crate) async fn accept_ws_loop(app: Arc<App>, listener: TcpListener, door: Door) {
@@ -99,19 +112,7 @@ pub(crate) async fn accept_ws_loop(app: Arc<App>, listener: TcpListener, door: D
         let app = app.clone();
         tokio::spawn(async move {
             let config = socket_config(app.config.sessions.ws_read_buffer, app.config.mqtt.max_packet);
-            let pick =
-                |request: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                 mut response: tokio_tungstenite::tungstenite::handshake::server::Response| {
-                    let offered =
-                        request.headers().get_all("sec-websocket-protocol").iter().filter_map(|v| v.to_str().ok());
-                    if let Some(p) = select_protocol(offered) {
-                        response
-                            .headers_mut()
-                            .insert("sec-websocket-protocol", axum::http::HeaderValue::from_static(p));
-                    }
-                    Ok(response)
-                };
-            let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, pick, Some(config));
+            let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, answer_protocol, Some(config));
             let ws = tokio::select! {
                 done = tokio::time::timeout(WS_HANDSHAKE_TIMEOUT, handshake) => done,
                 () = conn.shed_now() => return,
