@@ -33,6 +33,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
 use crate::app::App;
 use crate::listener::Door;
@@ -77,8 +78,6 @@ fn tune(stream: &TcpStream) {
 
 /// How long a client has to finish the WebSocket handshake of MQTT over WebSocket.
 const WS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
 /// The handshake's answer: with the subprotocol `mqtt` when the client offered it.
 // The error type is the library's (an HTTP response), not ours to make smaller.
