@@ -19,6 +19,10 @@ pub struct Config {
     pub node_name: String,
     /// Where the REST and WebSocket API listens.
     pub http_listen: SocketAddr,
+    /// The same API over TLS (`None`: off); needs `tls`.
+    pub https_listen: Option<SocketAddr>,
+    /// The certificate and key of the TLS listeners (HTTPS and MQTT over TLS).
+    pub tls: TlsSettings,
     /// The admin key; `None` reads (or on first start generates) `admin.key` in the data
     /// directory, or with PostgreSQL the key digest stored in the database.
     pub admin_key: Option<String>,
@@ -74,20 +78,27 @@ impl Config {
         if self.node_name.trim().is_empty() {
             return Err("--node-name must not be empty".into());
         }
+        positive("--tls-reload-every", self.tls.reload_every)?;
         let mqtt = &self.mqtt;
-        match (&mqtt.tls_cert, &mqtt.tls_key) {
+        let tls_listener = mqtt.tls_listen.is_some() || self.https_listen.is_some();
+        match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return Err("--tls-cert needs --tls-key".into()),
             (None, Some(_)) => return Err("--tls-key needs --tls-cert".into()),
-            (Some(_), Some(_)) if mqtt.tls_listen.is_none() => {
-                return Err("--tls-cert and --tls-key are given but no TLS listener is on (--mqtt-tls-listen)".into());
+            (Some(_), Some(_)) if !tls_listener => {
+                return Err(
+                    "--tls-cert and --tls-key are given but no TLS listener is on (--https-listen, --mqtt-tls-listen)"
+                        .into(),
+                );
             }
-            (None, None) if mqtt.tls_listen.is_some() => {
-                return Err("--mqtt-tls-listen needs --tls-cert and --tls-key".into());
+            (None, None) if tls_listener => {
+                let flag = if self.https_listen.is_some() { "--https-listen" } else { "--mqtt-tls-listen" };
+                return Err(format!("{flag} needs --tls-cert and --tls-key"));
             }
             _ => {}
         }
         let listeners = [
             ("--http-listen", Some(self.http_listen)),
+            ("--https-listen", self.https_listen),
             ("--mqtt-listen", mqtt.listen),
             ("--mqtt-tls-listen", mqtt.tls_listen),
             ("--mqtt-ws-listen", mqtt.ws_listen),
@@ -113,6 +124,8 @@ impl Config {
             db_pool: 32,
             node_name: "ddp".into(),
             http_listen,
+            https_listen: None,
+            tls: TlsSettings::default(),
             admin_key: None,
             limits: Limits::default(),
             rate_limits: RateLimits::default(),
@@ -123,6 +136,23 @@ impl Config {
             http: HttpSettings::default(),
             max_connections: None,
         }
+    }
+}
+
+/// The certificate of the TLS listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// How often the files are checked for a renewal (they are also read again on SIGHUP).
+    pub reload_every: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> TlsSettings {
+        TlsSettings { cert: None, key: None, reload_every: Duration::from_secs(10) }
     }
 }
 
@@ -231,15 +261,11 @@ impl Default for SessionLimits {
 pub struct MqttSettings {
     /// Plain TCP listener (`None`: off).
     pub listen: Option<SocketAddr>,
-    /// TLS listener (`None`: off); needs `tls_cert` and `tls_key`.
+    /// TLS listener (`None`: off); needs [`Config::tls`].
     pub tls_listen: Option<SocketAddr>,
     /// MQTT over WebSocket on a listener of its own, any path (`None`: off). The HTTP listener
     /// always serves it at `/mqtt`.
     pub ws_listen: Option<SocketAddr>,
-    /// PEM certificate chain for the TLS listener.
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for the TLS listener.
-    pub tls_key: Option<PathBuf>,
     /// Largest MQTT packet accepted, in bytes.
     pub max_packet: usize,
     /// How long a client has to send CONNECT.
@@ -252,8 +278,6 @@ impl Default for MqttSettings {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             tls_listen: None,
             ws_listen: None,
-            tls_cert: None,
-            tls_key: None,
             max_packet: 256 * 1024,
             connect_timeout: Duration::from_secs(10),
         }

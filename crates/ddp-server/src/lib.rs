@@ -29,6 +29,7 @@
 //!   node).
 //! - [`events`]: home events: system events from the commit feed, device events, app streams.
 //! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions.
+//! - [`tls`]: the TLS listeners' certificate, reloaded when its files change or on SIGHUP.
 //! - [`json`]: the server's own type for a serialized message.
 //! - [`listener`]: connection caps over the open-file budget; who is shed when they are full.
 //! - [`locks`]: what a poisoned lock means (fail closed).
@@ -57,8 +58,9 @@ mod ratelimit;
 mod secret;
 mod server;
 mod sessions;
+mod tls;
 mod watch;
 
-pub use config::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, SessionLimits};
+pub use config::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, SessionLimits, TlsSettings};
 pub use error::Error;
 pub use server::{ADMIN_KEY_FILE, DATABASE_FILE, LOCK_FILE, Server, StartError};

@@ -22,6 +22,7 @@ use crate::kv::{Kv, KvParts};
 use crate::listener::{Caps, connection_budget};
 use crate::secret::{self, SecretKind};
 use crate::sessions::Sessions;
+use crate::tls::TlsFiles;
 use crate::{http, metrics};
 
 /// The file in the data directory that holds the generated admin key.
@@ -66,8 +67,8 @@ pub enum StartError {
         /// The cause.
         source: StoreError,
     },
-    /// The TLS listener cannot be set up.
-    #[error("MQTT over TLS: {0}")]
+    /// The TLS listeners cannot be set up.
+    #[error("TLS: {0}")]
     Tls(String),
     /// A listener cannot be bound.
     #[error("cannot listen on {addr} (change it with {flag}): {source}")]
@@ -87,8 +88,10 @@ pub struct Server {
     http: TcpListener,
     http_addr: SocketAddr,
     mqtt: Option<(TcpListener, SocketAddr)>,
-    mqtt_tls: Option<(TcpListener, SocketAddr, tokio_rustls::TlsAcceptor)>,
+    https: Option<(TcpListener, SocketAddr)>,
+    mqtt_tls: Option<(TcpListener, SocketAddr)>,
     mqtt_ws: Option<(TcpListener, SocketAddr)>,
+    tls: Option<Arc<TlsFiles>>,
     caps: Arc<Caps>,
     admin: AdminKey,
     _lock: Option<std::fs::File>,
@@ -128,14 +131,13 @@ impl Server {
         let (http, http_addr) = listen(config.http_listen, "--http-listen / DDP_HTTP_LISTEN")?;
         check_somaxconn();
         let mqtt = config.mqtt.listen.map(|addr| listen(addr, "--mqtt-listen / DDP_MQTT_LISTEN")).transpose()?;
-        let mqtt_tls = match (config.mqtt.tls_listen, &config.mqtt.tls_cert, &config.mqtt.tls_key) {
-            (Some(addr), Some(cert), Some(key)) => {
-                let acceptor = crate::mqtt::tls_acceptor(cert, key).map_err(StartError::Tls)?;
-                let (listener, bound) = listen(addr, "--mqtt-tls-listen / DDP_MQTT_TLS_LISTEN")?;
-                Some((listener, bound, acceptor))
-            }
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(TlsFiles::load(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
+        let https = config.https_listen.map(|addr| listen(addr, "--https-listen / DDP_HTTPS_LISTEN")).transpose()?;
+        let mqtt_tls =
+            config.mqtt.tls_listen.map(|addr| listen(addr, "--mqtt-tls-listen / DDP_MQTT_TLS_LISTEN")).transpose()?;
         let mqtt_ws =
             config.mqtt.ws_listen.map(|addr| listen(addr, "--mqtt-ws-listen / DDP_MQTT_WS_LISTEN")).transpose()?;
 
@@ -197,7 +199,7 @@ impl Server {
         let limit = crate::listener::open_file_limit().unwrap_or(1024);
         let caps = Caps::new(connection_budget(limit, storage_files));
         let app = Arc::new(App { kv, metrics: metrics::handle(), shutdown: CancellationToken::new(), store, config });
-        Ok(Server { app, http, http_addr, mqtt, mqtt_tls, mqtt_ws, caps, admin, _lock: lock })
+        Ok(Server { app, http, http_addr, https, mqtt, mqtt_tls, mqtt_ws, tls, caps, admin, _lock: lock })
     }
 
     /// Where the REST and WebSocket API listens.
@@ -217,7 +219,12 @@ impl Server {
 
     /// Where the MQTT TLS listener listens, when it is on.
     pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
-        self.mqtt_tls.as_ref().map(|(_, a, _)| *a)
+        self.mqtt_tls.as_ref().map(|(_, a)| *a)
+    }
+
+    /// Where the HTTPS listener listens, when it is on.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().map(|(_, a)| *a)
     }
 
     /// The admin key in force, when this node knows it (with PostgreSQL, a node that did not
@@ -234,7 +241,7 @@ impl Server {
     /// Serves until `shutdown` completes; then stops accepting, finishes in-flight requests and
     /// writes, closes live sessions and storage, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
-        let Server { app, http, http_addr, mqtt, mqtt_tls, mqtt_ws, caps, _lock, .. } = self;
+        let Server { app, http, http_addr, https, mqtt, mqtt_tls, mqtt_ws, tls, caps, _lock, .. } = self;
         match &app.config.database {
             None => tracing::info!(data_dir = %app.config.data_dir.display(), "storage: embedded SQLite"),
             Some(url) => {
@@ -250,22 +257,31 @@ impl Server {
         );
         let mut listeners = Vec::new();
         tracing::info!(addr = %http_addr, transport = "http", "listening");
-        listeners.push(tokio::spawn(http::accept_loop(app.clone(), http, caps.door("http", per_listener))));
+        listeners.push(tokio::spawn(http::accept_loop(app.clone(), http, caps.door("http", per_listener), None)));
+        if let (Some((listener, addr)), Some(files)) = (https, &tls) {
+            tracing::info!(addr = %addr, transport = "https", "listening");
+            let door = caps.door("https", per_listener);
+            listeners.push(tokio::spawn(http::accept_loop(app.clone(), listener, door, Some(files.clone()))));
+        }
         if let Some((listener, addr)) = mqtt {
             tracing::info!(addr = %addr, transport = "mqtt", "listening");
             let door = caps.door("mqtt", per_listener);
             listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, door, None)));
         }
-        if let Some((listener, addr, acceptor)) = mqtt_tls {
+        if let (Some((listener, addr)), Some(files)) = (mqtt_tls, &tls) {
             tracing::info!(addr = %addr, transport = "mqtts", "listening");
             let door = caps.door("mqtts", per_listener);
-            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, door, Some(acceptor))));
+            listeners.push(tokio::spawn(crate::mqtt::accept_loop(app.clone(), listener, door, Some(files.clone()))));
+        }
+        if let Some(files) = tls {
+            tokio::spawn(crate::tls::watch(files, app.config.tls.reload_every, app.shutdown.clone()));
         }
         if let Some((listener, addr)) = mqtt_ws {
             tracing::info!(addr = %addr, transport = "mqtt-ws", "listening");
             let door = caps.door("mqtt-ws", per_listener);
             listeners.push(tokio::spawn(crate::mqtt::accept_ws_loop(app.clone(), listener, door)));
         }
+        tracing::info!(listeners = listeners.len(), "serving");
         let trimmer = tokio::spawn(trim_history(app.clone()));
         let cancel = app.shutdown.clone();
         tokio::select! {

@@ -27,5 +27,5 @@ pub use mqtt::{MqttClient, mqtt_options};
 pub use postgres::{create_database, fresh_database, suite_on_postgres};
 pub use process::DdpProcess;
 pub use proxy::TcpProxy;
-pub use server::{ADMIN_KEY, KeptData, TestServer, etag_of, etag_rev, expect_error, expect_json};
-pub use ws::{Recorded, WsClient, WsEnd, WsOpen, WsWriter, ws_connect};
+pub use server::{ADMIN_KEY, KeptData, TestServer, TlsFiles, etag_of, etag_rev, expect_error, expect_json};
+pub use ws::{Recorded, WsClient, WsEnd, WsOpen, WsWriter, tls_client_config, ws_connect, wss_connect};

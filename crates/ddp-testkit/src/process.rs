@@ -10,6 +10,8 @@ pub struct DdpProcess {
     pub base: String,
     /// `127.0.0.1:port` of the MQTT listener.
     pub mqtt: String,
+    /// Every listener's address, by transport (`http`, `https`, `mqtt`, `mqtts`, `mqtt-ws`).
+    pub listening: std::collections::HashMap<String, String>,
     /// The process id.
     pub pid: u32,
 }
@@ -56,22 +58,23 @@ impl DdpProcess {
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let mut lines = std::io::BufReader::new(stderr).lines();
-        let (mut http, mut mqtt) = (None, None);
-        while http.is_none() || mqtt.is_none() {
+        let mut listening = std::collections::HashMap::new();
+        loop {
             let Some(Ok(line)) = lines.next() else {
                 let _ = child.kill();
                 return Err("ddp serve exited before listening".into());
             };
             let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
-            if entry["message"] == "listening" {
-                let addr = entry["addr"].as_str().map(str::to_owned);
-                match entry["transport"].as_str() {
-                    Some("http") => http = addr,
-                    Some("mqtt") => mqtt = addr,
-                    _ => {}
-                }
+            if entry["message"] == "listening"
+                && let (Some(transport), Some(addr)) = (entry["transport"].as_str(), entry["addr"].as_str())
+            {
+                listening.insert(transport.to_owned(), addr.to_owned());
+            }
+            if entry["message"] == "serving" {
+                break;
             }
         }
+        let (http, mqtt) = (listening.get("http").cloned(), listening.get("mqtt").cloned());
         // Keep draining the log so the server never blocks on a full pipe; pass on what it warns of.
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
@@ -87,6 +90,7 @@ impl DdpProcess {
             child,
             base: format!("http://{}", http.unwrap_or_default()),
             mqtt: mqtt.unwrap_or_default(),
+            listening,
             pid,
         })
     }

@@ -26,12 +26,40 @@ pub struct TestServer {
     pub mqtt_tls_addr: Option<SocketAddr>,
     /// The MQTT-over-WebSocket listener's address (when on).
     pub mqtt_ws_addr: Option<SocketAddr>,
+    /// The HTTPS listener's address (when on).
+    pub https_addr: Option<SocketAddr>,
     /// A client for requests.
     pub client: Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
     dir: Option<tempfile::TempDir>,
     database: Option<String>,
+}
+
+/// A self-signed certificate and its key, as PEM files.
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: std::path::PathBuf,
+    /// The private key.
+    pub key: std::path::PathBuf,
+    /// The certificate in PEM, for clients to trust as their CA.
+    pub ca_pem: String,
+}
+
+impl TlsFiles {
+    /// Writes (or overwrites, as a renewal would) `cert.pem` and `key.pem` in `dir`: a fresh
+    /// certificate self-signed for `names`, with a fresh key.
+    pub fn write(dir: &std::path::Path, names: &[&str]) -> TlsFiles {
+        let cert = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .expect("certificate");
+        std::fs::create_dir_all(dir).expect("tls directory");
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        // The key first, then the certificate: a reader between the two sees a pair that does
+        // not match, and keeps the running certificate (as with a real renewal).
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
+        TlsFiles { cert: cert_path, key: key_path, ca_pem: cert.cert.pem() }
+    }
 }
 
 /// The storage of a stopped [`TestServer`]: its data directory and, on PostgreSQL, its database.
@@ -71,23 +99,31 @@ impl TestServer {
         TestServer::start_config(config, Some(dir)).await
     }
 
+    /// A server with HTTPS (`https_addr`) and MQTT over TLS (`mqtt_tls_addr`) on a certificate
+    /// self-signed for `names`, its files in the server's own temporary directory (a test may
+    /// renew them with [`TlsFiles::write`]; the server checks them every 100 ms); `tweak` as
+    /// for [`TestServer::start_with`].
+    pub async fn start_with_tls(names: &[&str], tweak: impl FnOnce(&mut Config)) -> (TestServer, TlsFiles) {
+        let dir = tempfile::tempdir().expect("temporary data directory");
+        let files = TlsFiles::write(&dir.path().join("tls"), names);
+        let mut config = TestServer::config(&dir.path().join("data"));
+        if suite_on_postgres() {
+            config.database = Some(fresh_database().await);
+        }
+        config.https_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        config.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        config.tls.cert = Some(files.cert.clone());
+        config.tls.key = Some(files.key.clone());
+        config.tls.reload_every = std::time::Duration::from_millis(100);
+        tweak(&mut config);
+        (TestServer::start_config(config, Some(dir)).await, files)
+    }
+
     /// A server with an MQTT TLS listener (`mqtt_tls_addr`) whose certificate is self-signed for
     /// `names`; returns it with that certificate in PEM, for clients to trust as their CA.
     pub async fn start_with_mqtt_tls(names: &[&str]) -> (TestServer, String) {
-        let cert = rcgen::generate_simple_self_signed(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
-            .expect("certificate");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        std::fs::write(&cert_path, cert.cert.pem()).expect("write cert");
-        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
-        // The server reads both files at start; the directory may go afterwards.
-        let server = TestServer::start_with(|c| {
-            c.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr"));
-            c.mqtt.tls_cert = Some(cert_path);
-            c.mqtt.tls_key = Some(key_path);
-        })
-        .await;
-        (server, cert.cert.pem())
+        let (server, files) = TestServer::start_with_tls(names, |_| {}).await;
+        (server, files.ca_pem)
     }
 
     /// The test configuration for a data directory: loopback ports chosen by the system, the
@@ -107,6 +143,7 @@ impl TestServer {
         let mqtt_addr = server.mqtt_addr();
         let mqtt_tls_addr = server.mqtt_tls_addr();
         let mqtt_ws_addr = server.mqtt_ws_addr();
+        let https_addr = server.https_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.await;
@@ -117,6 +154,7 @@ impl TestServer {
             mqtt_addr,
             mqtt_tls_addr,
             mqtt_ws_addr,
+            https_addr,
             client: Client::new(),
             stop: Some(stop),
             task: Some(task),

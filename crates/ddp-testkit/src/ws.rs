@@ -80,6 +80,45 @@ pub async fn ws_connect(addr: SocketAddr, path: &str, token: Option<&str>) -> Ws
     }
 }
 
+/// A TLS client configuration that trusts only `ca_pem` (a test server's self-signed certificate).
+pub fn tls_client_config(ca_pem: &str) -> std::sync::Arc<tokio_rustls::rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("a PEM certificate")).expect("a usable root");
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}
+
+/// Opens `wss://{host}:{port}{path}` (connecting to `addr`), trusting only `ca_pem`, with
+/// `token` in the Authorization header.
+pub async fn wss_connect(addr: SocketAddr, host: &str, path: &str, token: Option<&str>, ca_pem: &str) -> WsOpen {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("wss://{host}:{}{path}", addr.port());
+    let mut request = url.into_client_request().expect("request");
+    if let Some(t) = token {
+        request.headers_mut().insert("Authorization", format!("ModeCloud {t}").parse().expect("header"));
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let connector = tokio_tungstenite::Connector::Rustls(tls_client_config(ca_pem));
+    match tokio_tungstenite::client_async_tls_with_config(request, tcp, None, Some(connector)).await {
+        Ok((stream, _)) => WsOpen::Open(Box::new(WsClient { stream })),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body =
+                resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null)).unwrap_or(Value::Null);
+            WsOpen::Refused(status, body)
+        }
+        Err(e) => panic!("wss connect failed: {e}"),
+    }
+}
+
 /// Every JSON message a session received, recorded by a background task (stopped when dropped).
 pub struct Recorded {
     seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,

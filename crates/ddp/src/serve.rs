@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ddp_server::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, Server, SessionLimits};
+use ddp_server::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, Server, SessionLimits, TlsSettings};
 
 /// Log output format.
 #[derive(Clone, Copy, ValueEnum)]
@@ -21,7 +21,7 @@ pub enum LogFormat {
 #[command(after_help = "Examples:
   ddp serve
   ddp serve --data-dir /var/lib/ddp --http-listen 0.0.0.0:8080 --mqtt-listen 0.0.0.0:1883 --log-format json
-  ddp serve --mqtt-tls-listen 0.0.0.0:8883 --tls-cert cert.pem --tls-key key.pem
+  ddp serve --https-listen 0.0.0.0:8443 --mqtt-tls-listen 0.0.0.0:8883 --tls-cert cert.pem --tls-key key.pem
   DDP_ADMIN_KEY=$(cat admin.key) ddp serve
   ddp serve --database postgres://ddp:secret@db.internal:5432/ddp --node-name node-a --http-listen 0.0.0.0:8080
 
@@ -50,6 +50,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
 
+    /// Address for the same API over TLS (REST, every WebSocket, MQTT over WebSocket at /mqtt),
+    /// e.g. 0.0.0.0:8443, or `off`; needs --tls-cert and --tls-key.
+    #[arg(long, env = "DDP_HTTPS_LISTEN", default_value = "off", value_parser = parse_listen)]
+    https_listen: Listen,
+
     /// Address for MQTT devices (MQTT 3.1.1 and 5), or `off`.
     #[arg(long, env = "DDP_MQTT_LISTEN", default_value = "127.0.0.1:1883", value_parser = parse_listen)]
     mqtt_listen: Listen,
@@ -63,13 +68,18 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_MQTT_WS_LISTEN", default_value = "off", value_parser = parse_listen)]
     mqtt_ws_listen: Listen,
 
-    /// PEM certificate chain for MQTT over TLS.
+    /// PEM certificate chain for the TLS listeners (--https-listen, --mqtt-tls-listen). A
+    /// renewed file is picked up without a restart (see --tls-reload-every; also on SIGHUP).
     #[arg(long, env = "DDP_TLS_CERT")]
     tls_cert: Option<PathBuf>,
 
-    /// PEM private key for MQTT over TLS.
+    /// PEM private key for the TLS listeners.
     #[arg(long, env = "DDP_TLS_KEY")]
     tls_key: Option<PathBuf>,
+
+    /// How often the TLS files are checked for a renewal (e.g. 10s, 1m); SIGHUP reads them at once.
+    #[arg(long, env = "DDP_TLS_RELOAD_EVERY", default_value = "10s", value_parser = parse_duration)]
+    tls_reload_every: Duration,
 
     /// Largest MQTT packet accepted, in bytes; a larger one closes the connection.
     #[arg(long, env = "DDP_MQTT_MAX_PACKET", default_value_t = MqttSettings::default().max_packet)]
@@ -222,11 +232,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.mqtt_listen.0,
         tls_listen: args.mqtt_tls_listen.0,
         ws_listen: args.mqtt_ws_listen.0,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
         max_packet: args.mqtt_max_packet,
         ..MqttSettings::default()
     };
+    config.https_listen = args.https_listen.0;
+    config.tls = TlsSettings { cert: args.tls_cert, key: args.tls_key, reload_every: args.tls_reload_every };
     config.http = HttpSettings {
         header_timeout: args.http_header_timeout,
         idle_timeout: args.http_idle_timeout,

@@ -28,7 +28,7 @@ use axum::http::{Request, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -37,6 +37,7 @@ use crate::app::App;
 use crate::config::HttpSettings;
 use crate::listener::{Conn, Door};
 use crate::locks;
+use crate::tls::TlsFiles;
 
 /// How long shutdown lets in-flight requests finish.
 const DRAIN: Duration = Duration::from_secs(30);
@@ -180,8 +181,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Timed<S> {
     }
 }
 
-/// Accepts HTTP connections until shutdown, then lets in-flight requests finish.
-pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door) {
+/// How long a TLS handshake may take (it happens before any timeout of a request).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts HTTP connections (over TLS, with `tls`: the certificate in force when each arrives)
+/// until shutdown, then lets in-flight requests finish.
+pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door, tls: Option<Arc<TlsFiles>>) {
     let router = super::router(app.clone());
     let connections = TaskTracker::new();
     loop {
@@ -202,7 +207,26 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        connections.spawn(serve_connection(app.clone(), router.clone(), stream, peer, conn));
+        let (app, router) = (app.clone(), router.clone());
+        match tls.as_ref().map(|files| files.https()) {
+            None => {
+                connections.spawn(serve_connection(app, router, stream, peer, conn));
+            }
+            Some(acceptor) => {
+                connections.spawn(async move {
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        done = handshake => done,
+                        () = conn.shed_now() => return,
+                    };
+                    match tls {
+                        Ok(Ok(tls)) => serve_connection(app, router, tls, peer, conn).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     connections.close();
     if tokio::time::timeout(DRAIN, connections.wait()).await.is_err() {
@@ -212,7 +236,10 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door
 
 /// Serves one connection: HTTP/1.1 with keep-alive and upgrades, under its timeouts, until it
 /// ends, is shed at the cap, or the server shuts down (in-flight requests finish first).
-async fn serve_connection(app: Arc<App>, router: Router, stream: TcpStream, peer: SocketAddr, conn: Arc<Conn>) {
+async fn serve_connection<S>(app: Arc<App>, router: Router, stream: S, peer: SocketAddr, conn: Arc<Conn>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let phase = Phase::new(app.config.http);
     let io = Timed { inner: stream, phase: phase.clone(), sleep: None, _conn: conn.clone() };
     let handle = ConnHandle { conn: conn.clone(), peer };

@@ -24,45 +24,18 @@ pub(crate) use over_ws::{WsBytes, select_protocol, socket_config};
 #[cfg(test)]
 mod fuzz;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 
 use crate::app::App;
 use crate::listener::Door;
+use crate::tls::TlsFiles;
 
 /// How long a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Loads a certificate chain and private key (PEM files) into a TLS acceptor.
-pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read the certificate {} (--tls-cert): {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad certificate in {} (--tls-cert): {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("no certificate in {} (--tls-cert)", cert.display()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read the private key {} (--tls-key): {e}", key.display()))?;
-    // The provider is named, not left to process-wide defaults that another crate could make
-    // ambiguous by enabling a second one.
-    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("the certificate and key do not make a TLS configuration: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 fn tune(stream: &TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
@@ -126,8 +99,9 @@ pub(crate) async fn accept_ws_loop(app: Arc<App>, listener: TcpListener, door: D
 }
 
 /// Accepts connections on `listener` until shutdown, each admitted through `door` (the
-/// connection cap) and run in its own task.
-pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door, tls: Option<TlsAcceptor>) {
+/// connection cap) and run in its own task; over TLS with the certificate in force when each
+/// connection arrives.
+pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door, tls: Option<Arc<TlsFiles>>) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -145,7 +119,7 @@ pub(crate) async fn accept_loop(app: Arc<App>, listener: TcpListener, door: Door
         let Some(conn) = door.admit() else { continue };
         tune(&stream);
         let app = app.clone();
-        match tls.clone() {
+        match tls.as_ref().map(|files| files.mqtt()) {
             None => {
                 tokio::spawn(connection::serve(app, stream, peer, conn));
             }

@@ -13,5 +13,6 @@ mod kv;
 mod mqtt;
 mod mqtt_ws;
 mod ops;
+mod tls;
 mod ws;
 mod ws_stress;

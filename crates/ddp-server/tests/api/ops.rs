@@ -111,7 +111,8 @@ async fn the_whole_configuration_is_checked_before_anything_starts() {
         ("--max-connections", Box::new(|c| c.max_connections = Some(0))),
         ("--mqtt-max-packet", Box::new(|c| c.mqtt.max_packet = 10)),
         ("--db-readers", Box::new(|c| c.db_readers = 0)),
-        ("--tls-key", Box::new(|c| c.mqtt.tls_cert = Some("cert.pem".into()))),
+        ("--tls-key", Box::new(|c| c.tls.cert = Some("cert.pem".into()))),
+        ("--https-listen", Box::new(|c| c.https_listen = Some("127.0.0.1:0".parse().expect("addr")))),
         ("--mqtt-tls-listen", Box::new(|c| c.mqtt.tls_listen = Some("127.0.0.1:0".parse().expect("addr")))),
         (
             "give each listener its own address",
