@@ -16,6 +16,7 @@
 
 mod baselines;
 mod chart;
+mod commands;
 mod devices;
 mod fsync;
 mod mosquitto;
@@ -55,6 +56,8 @@ enum Command {
     IdleClient(sync::IdleClientArgs),
     /// Write-to-device latency with many connected devices under a steady write rate.
     Latency(sync::LatencyArgs),
+    /// Command delivery latency with many connected devices under a steady command rate.
+    Commands(commands::CommandsArgs),
     /// A client process of the reconnect storm (started by `compare`).
     #[command(hide = true)]
     StormClient(storm::StormClientArgs),
@@ -70,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Command::Idle(args) => runtime.block_on(sync::idle(args)),
         Command::IdleClient(args) => runtime.block_on(sync::idle_client(args)),
         Command::Latency(args) => runtime.block_on(sync::latency(args)),
+        Command::Commands(args) => runtime.block_on(commands::run(args)),
         Command::StormClient(args) => runtime.block_on(storm::client(args)),
         Command::Fsync(args) => {
             let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;

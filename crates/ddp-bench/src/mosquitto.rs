@@ -61,9 +61,14 @@ pub fn start() -> anyhow::Result<Mosquitto> {
     anyhow::bail!("mosquitto did not start listening on {addr}")
 }
 
-/// `subscribers` clients each subscribe (QoS 1) to their own topic; publishers send QoS 1
-/// messages at `rate` spread over the topics; each message's delivery time is measured.
-pub async fn measure(subscribers: usize, rate: u64, duration: Duration) -> anyhow::Result<LatencyResult> {
+/// `subscribers` clients each subscribe (QoS 1) to their own topic; publishers send messages at
+/// `qos` at `rate` spread over the topics; each message's delivery time is measured.
+pub async fn measure(
+    subscribers: usize,
+    rate: u64,
+    duration: Duration,
+    qos: rumqttc::QoS,
+) -> anyhow::Result<LatencyResult> {
     let broker = start()?;
     let epoch = Instant::now();
     let (report_tx, mut report_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
@@ -114,7 +119,7 @@ pub async fn measure(subscribers: usize, rate: u64, duration: Duration) -> anyho
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate as f64)).await;
         let topic = format!("bench/{}", (i as usize * 7919) % subscribers);
         let payload = json!({ "t": epoch.elapsed().as_micros() as u64, "s": i }).to_string();
-        publishers[(i % 8) as usize].publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await?;
+        publishers[(i % 8) as usize].publish(topic, qos, false, payload).await?;
     }
     let mut hist = Histogram::<u64>::new(3)?;
     let mut delivered = 0u64;
@@ -131,5 +136,7 @@ pub async fn measure(subscribers: usize, rate: u64, duration: Duration) -> anyho
     for r in readers {
         r.abort();
     }
-    Ok(LatencyResult { hist, acked: acked.load(Ordering::Relaxed).max(delivered), delivered, disorder: 0 })
+    // QoS 0 has no acknowledgement: every publish counts as sent.
+    let acked = if qos == rumqttc::QoS::AtMostOnce { total } else { acked.load(Ordering::Relaxed).max(delivered) };
+    Ok(LatencyResult { hist, acked, delivered, disorder: 0 })
 }

@@ -74,7 +74,7 @@ async fn connect(addr: &str, device: &Device, transport: Transport, keys: usize)
             }
             Ok(Box::new(ws))
         }
-        Transport::Mqtt => {
+        Transport::Mqtt | Transport::MqttWs => {
             let (d, first) = open_ddp_mqtt_reload(addr, "storm", device).await?;
             check_reload(&first, keys)?;
             Ok(Box::new(d))

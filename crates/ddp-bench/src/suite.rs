@@ -10,6 +10,8 @@
 //! 3. Memory per idle session at many sessions: DDP WebSocket and MQTT vs Mosquitto.
 //! 4. A reconnect storm: every device (10 keys each) reconnects at once; time until all have their
 //!    reload — vs Mosquitto delivering 10 retained messages per device.
+//! 5. Command delivery latency: commands sent over REST to devices on MQTT and on the command
+//!    WebSocket, vs Mosquitto relaying QoS 0 publishes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -45,8 +47,9 @@ pub struct CompareArgs {
     /// Write the latency chart (SVG) to this file.
     #[arg(long)]
     chart: Option<PathBuf>,
-    /// Scenarios to run, comma-separated (1 writes, 2 latency, 3 idle memory, 4 reconnect storm).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    /// Scenarios to run, comma-separated (1 writes, 2 latency, 3 idle memory, 4 reconnect storm,
+    /// 5 command latency).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
     scenarios: Vec<u8>,
 }
 
@@ -164,7 +167,8 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
             2 => latency_scenario(&plan, &bin, work.path(), &mut report).await?,
             3 => idle_scenario(&plan, &bin, work.path(), &mut report).await?,
             4 => storm_scenario(&plan, &bin, work.path(), &mut report).await?,
-            other => anyhow::bail!("there is no scenario {other} (1–4)"),
+            5 => commands_scenario(&plan, &bin, work.path(), &mut report).await?,
+            other => anyhow::bail!("there is no scenario {other} (1–5)"),
         }
     }
 
@@ -393,7 +397,7 @@ async fn latency_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Rep
                 0 => measure(&ddp.base, &ddp.base, &ddp.mqtt, &made, plan.lat_rate, duration, Transport::Ws).await?,
                 1 => measure(&ddp.base, &ddp.base, &ddp.mqtt, &made, plan.lat_rate, duration, Transport::Mqtt).await?,
                 2 => etcd.watch_latency(plan.lat_devices, plan.lat_rate, duration).await?,
-                _ => mosquitto::measure(plan.lat_devices, plan.lat_rate, duration).await?,
+                _ => mosquitto::measure(plan.lat_devices, plan.lat_rate, duration, rumqttc::QoS::AtLeastOnce).await?,
             };
             eprintln!(
                 "  round {}: {:<52} p50 {:.2} ms p99 {:.2} ms lost {}",
@@ -479,10 +483,11 @@ async fn idle_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report
     };
     let mut rows: Vec<(String, IdleResult)> = Vec::new();
     // A fresh server process for each transport, on the same data.
-    for transport in [Transport::Ws, Transport::Mqtt] {
+    for transport in [Transport::Ws, Transport::Mqtt, Transport::MqttWs] {
         let ddp = server::start(bin, &data, &[])?;
         let addr = match transport {
             Transport::Ws => ddp.base.trim_start_matches("http://").to_owned(),
+            Transport::MqttWs => format!("ws://{}/mqtt", ddp.base.trim_start_matches("http://")),
             _ => ddp.mqtt.clone(),
         };
         let r = measure_idle(ddp.pid, &addr, &made, plan.processes, transport, work).await?;
@@ -505,7 +510,7 @@ async fn idle_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report
         let _ = writeln!(s, "{}", r.table_row(name));
     }
     report.section(&s);
-    let (ws, mqtt) = (rows[0].1.per_session(), rows[1].1.per_session());
+    let (ws, mqtt, mqtt_ws) = (rows[0].1.per_session(), rows[1].1.per_session(), rows[2].1.per_session());
     report.goal(
         "3: ≤ 8 KB per WebSocket session",
         ws <= 8000.0 && rows[0].1.sessions == plan.idle_sessions,
@@ -516,6 +521,92 @@ async fn idle_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report
         mqtt <= 6000.0 && rows[1].1.sessions == plan.idle_sessions,
         format!("{mqtt:.0} bytes, {} sessions", rows[1].1.sessions),
     );
+    report.goal(
+        "3: ≤ 8 KB per MQTT-over-WebSocket session",
+        mqtt_ws <= 8000.0 && rows[2].1.sessions == plan.idle_sessions,
+        format!("{mqtt_ws:.0} bytes, {} sessions", rows[2].1.sessions),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Command delivery latency
+
+async fn commands_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    use crate::commands::{self, Via};
+    eprintln!("scenario 5: command delivery latency…");
+    let ddp = server::start(bin, &work.join("s5-ddp"), &[])?;
+    let made = devices::create(&ddp.base, plan.lat_devices, 0, 0).await?;
+    let names = [
+        "DDP command over MQTT (REST PUT → device)",
+        "DDP command over the command WebSocket (REST PUT → device)",
+        "Mosquitto QoS 0 (publish → subscriber)",
+    ];
+    let duration = Duration::from_secs_f64(plan.lat_seconds);
+    let mut runs: Vec<Vec<LatencyResult>> = (0..names.len()).map(|_| Vec::new()).collect();
+    for round in 0..plan.repeat {
+        for system in rotated(names.len(), round) {
+            let r = match system {
+                0 => commands::measure(&ddp.base, &ddp.mqtt, &made, plan.lat_rate, duration, Via::Mqtt).await?,
+                1 => commands::measure(&ddp.base, &ddp.mqtt, &made, plan.lat_rate, duration, Via::Ws).await?,
+                _ => mosquitto::measure(plan.lat_devices, plan.lat_rate, duration, rumqttc::QoS::AtMostOnce).await?,
+            };
+            eprintln!(
+                "  round {}: {:<60} p50 {:.2} ms p99 {:.2} ms lost {}",
+                round + 1,
+                names[system],
+                r.hist.value_at_quantile(0.5) as f64 / 1000.0,
+                r.hist.value_at_quantile(0.99) as f64 / 1000.0,
+                r.acked.saturating_sub(r.delivered)
+            );
+            runs[system].push(r);
+        }
+    }
+    drop(ddp);
+    let med = |v: &[LatencyResult], q: f64| {
+        let mut xs: Vec<f64> = v.iter().map(|r| r.hist.value_at_quantile(q) as f64 / 1000.0).collect();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let mut s = format!(
+        "## 5. Command delivery latency
+
+{} connected devices, {} commands/s spread over them for {} s, open          loop; each command carries its issue time, each device reports when it arrived and checks the order.          Commands are not stored, so Mosquitto relaying QoS 0 is the floor. Median of {} run(s) per system;          lost and out-of-order are totals; merged percentiles over every round beside.
+
+         | system | sent | delivered | lost | out of order | p50 ms | p99 ms | merged p99 ms | merged max ms |
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|
+",
+        plan.lat_devices, plan.lat_rate, plan.lat_seconds, plan.repeat
+    );
+    for (system, name) in names.iter().enumerate() {
+        let v = &runs[system];
+        let acked: u64 = v.iter().map(|r| r.acked).sum();
+        let delivered: u64 = v.iter().map(|r| r.delivered).sum();
+        let disorder: u64 = v.iter().map(|r| r.disorder).sum();
+        let mut merged = Histogram::<u64>::new(3)?;
+        for r in v {
+            merged.add(&r.hist)?;
+        }
+        let _ = writeln!(
+            s,
+            "| {name} | {acked} | {delivered} | {} | {disorder} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            acked.saturating_sub(delivered),
+            med(v, 0.5),
+            med(v, 0.99),
+            merged.value_at_quantile(0.99) as f64 / 1000.0,
+            merged.max() as f64 / 1000.0
+        );
+    }
+    report.section(&s);
+    let mosquitto_p99 = med(&runs[2], 0.99);
+    for (system, via) in [(0, "MQTT"), (1, "the command WebSocket")] {
+        let p99 = med(&runs[system], 0.99);
+        report.goal(
+            format!("5: commands over {via}: p99 ≤ 2× Mosquitto QoS 0 p99"),
+            p99 <= 2.0 * mosquitto_p99,
+            format!("{p99:.2} ms vs {mosquitto_p99:.2} ms ({:.1}×)", p99 / mosquitto_p99),
+        );
+    }
     Ok(())
 }
 

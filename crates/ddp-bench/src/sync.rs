@@ -32,6 +32,8 @@ pub enum Transport {
     Ws,
     /// MQTT 3.1.1 sessions subscribed to `/devices/{id}/kv`.
     Mqtt,
+    /// The same MQTT sessions over WebSocket (`/mqtt` on the HTTP listener).
+    MqttWs,
     /// Plain MQTT 3.1.1 to a broker (the Mosquitto baseline): no credentials, subscribed to
     /// `bench/{id}`, no reload.
     Broker,
@@ -43,6 +45,7 @@ impl Transport {
         match self {
             Transport::Ws => "WebSocket",
             Transport::Mqtt => "MQTT",
+            Transport::MqttWs => "MQTT over WebSocket",
             Transport::Broker => "MQTT (broker)",
         }
     }
@@ -52,6 +55,7 @@ impl Transport {
         match self {
             Transport::Ws => "ws",
             Transport::Mqtt => "mqtt",
+            Transport::MqttWs => "mqtt-ws",
             Transport::Broker => "broker",
         }
     }
@@ -174,8 +178,18 @@ pub async fn open_mqtt(
     credentials: Option<(String, String)>,
     topic: String,
 ) -> anyhow::Result<MqttDevice> {
-    let (host, port) = addr.rsplit_once(':').context("mqtt address")?;
-    let mut options = rumqttc::MqttOptions::new(client_id, host, port.parse::<u16>()?);
+    let mut options = match addr.strip_prefix("ws://") {
+        // MQTT over WebSocket: the broker address is the URL.
+        Some(_) => {
+            let mut o = rumqttc::MqttOptions::new(client_id, addr, 0);
+            o.set_transport(rumqttc::Transport::Ws);
+            o
+        }
+        None => {
+            let (host, port) = addr.rsplit_once(':').context("mqtt address")?;
+            rumqttc::MqttOptions::new(client_id, host, port.parse::<u16>()?)
+        }
+    };
     options.set_keep_alive(Duration::from_secs(60));
     options.set_clean_session(true);
     if let Some((user, pass)) = credentials {
@@ -325,6 +339,7 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let devices = devices::create(&ddp.base, args.sessions, args.keys, args.value_bytes).await?;
     let addr = match args.transport {
         Transport::Ws => ddp.base.trim_start_matches("http://").to_owned(),
+        Transport::MqttWs => format!("ws://{}/mqtt", ddp.base.trim_start_matches("http://")),
         Transport::Mqtt | Transport::Broker => ddp.mqtt.clone(),
     };
     let r = measure_idle(ddp.pid, &addr, &devices, args.processes, args.transport, work.path()).await?;
@@ -356,7 +371,7 @@ pub async fn idle_client(args: IdleClientArgs) -> anyhow::Result<()> {
                         // Keep reading so the server's pings are answered.
                         tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
                     }),
-                    Transport::Mqtt => open_ddp_mqtt(&addr, device).await.map(|(d, _)| {
+                    Transport::Mqtt | Transport::MqttWs => open_ddp_mqtt(&addr, device).await.map(|(d, _)| {
                         if let Ok(mut held) = held.lock() {
                             held.push(d);
                         }
@@ -425,7 +440,7 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<()> {
         }
     }
     if args.mosquitto {
-        let result = crate::mosquitto::measure(args.devices, args.rate, duration).await?;
+        let result = crate::mosquitto::measure(args.devices, args.rate, duration, rumqttc::QoS::AtLeastOnce).await?;
         rows.push(result.row("Mosquitto QoS 1 relay (publish → subscriber, not durable)"));
     }
     println!("{}", LatencyResult::HEADER);
@@ -496,7 +511,7 @@ pub async fn measure(
         };
     for chunk in devices.chunks(100) {
         match transport {
-            Transport::Broker => bail!("the DDP latency benchmark runs over ws or mqtt"),
+            Transport::Broker | Transport::MqttWs => bail!("the DDP latency benchmark runs over ws or mqtt"),
             Transport::Ws => {
                 let opened = futures_util::future::try_join_all(chunk.iter().map(|d| open_ws(&addr, d))).await?;
                 for (mut ws, mut last_rev) in opened {

@@ -200,6 +200,12 @@ impl Door {
         if let Some(l) = inner.listeners.get_mut(self.index) {
             l.open += 1;
             l.unauthenticated.push_back(Arc::downgrade(&conn));
+            // Entries go stale as connections end or authenticate; sweep them out when they
+            // outnumber the live ones, so the queue stays in proportion to what is open
+            // (amortized constant time per connection).
+            if l.unauthenticated.len() > 2 * l.open + 64 {
+                l.unauthenticated.retain(|w| w.upgrade().is_some_and(|c| c.may_be_shed()));
+            }
         }
         metrics::gauge!("ddp_connections", "listener" => name).increment(1.0);
         Some(conn)
@@ -278,6 +284,21 @@ mod tests {
         assert!(door.admit().is_none(), "every connection authenticated: the new one is refused");
         drop(a);
         assert!(door.admit().is_some(), "a place freed is taken");
+    }
+
+    #[test]
+    fn ended_and_authenticated_connections_do_not_pile_up_in_the_queue() {
+        let caps = Caps::new(1_000_000);
+        let door = caps.door("http", 1_000_000);
+        let held: Vec<Arc<Conn>> = (0..10).map(|_| door.admit().expect("admitted")).collect();
+        for i in 0..100_000 {
+            let c = door.admit().expect("admitted");
+            if i % 2 == 0 {
+                c.authenticated();
+            }
+        }
+        let queued = locks::recover(&caps.inner).listeners[0].unauthenticated.len();
+        assert!(queued <= 2 * held.len() + 64 + 1, "the queue holds {queued} entries for {} open", held.len());
     }
 
     #[test]

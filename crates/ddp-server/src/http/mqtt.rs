@@ -24,7 +24,7 @@ pub(crate) async fn upgrade(State(app): State<Arc<App>>, request: axum::extract:
         return Err(Error::invalid_parameter("this is MQTT over WebSocket: send a WebSocket upgrade request"));
     };
     let protocol = crate::mqtt::select_protocol(upgrade.offered());
-    let config = crate::mqtt::socket_config(app.config.sessions.ws_read_buffer, app.config.mqtt.max_packet);
+    let config = crate::mqtt::socket_config(app.config.mqtt.max_packet);
     Ok(upgrade.with_protocol(protocol).accept(config, move |socket| async move {
         crate::mqtt::serve(app, crate::mqtt::WsBytes::new(socket), handle.peer(), handle.conn()).await;
     }))

@@ -33,9 +33,9 @@ use crate::listener::Conn;
 use crate::sessions::{Session as Live, Signal};
 use crate::watch::Watch;
 
-/// Buffers start this small; an idle session holds little more.
-const BUFFER: usize = 512;
-/// Buffers grown past this by a large packet are given back once empty.
+/// The read buffer starts this small; an idle session holds little more.
+const BUFFER: usize = 256;
+/// A read buffer grown past this by a large packet is given back once empty.
 const BUFFER_KEEP: usize = 4096;
 /// How long one send to a peer may take before the connection is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -449,10 +449,12 @@ where
         }
     }
 
-    /// Gives back buffer memory a large packet made the connection grow, once it is empty.
+    /// Gives back buffer memory once it is empty: the whole write buffer (the codec sizes the
+    /// next one for its packet: an idle connection holds none), and a read buffer a large
+    /// packet made grow.
     fn trim_buffers(&mut self) {
-        if self.io.write_buffer().is_empty() && self.io.write_buffer().capacity() > BUFFER_KEEP {
-            *self.io.write_buffer_mut() = BytesMut::with_capacity(BUFFER);
+        if self.io.write_buffer().is_empty() && self.io.write_buffer().capacity() > 0 {
+            *self.io.write_buffer_mut() = BytesMut::new();
         }
         if self.io.read_buffer().is_empty() && self.io.read_buffer().capacity() > BUFFER_KEEP {
             *self.io.read_buffer_mut() = BytesMut::with_capacity(BUFFER);

@@ -83,7 +83,7 @@ pub(crate) async fn accept_ws_loop(app: Arc<App>, listener: TcpListener, door: D
         tune(&stream);
         let app = app.clone();
         tokio::spawn(async move {
-            let config = socket_config(app.config.sessions.ws_read_buffer, app.config.mqtt.max_packet);
+            let config = socket_config(app.config.mqtt.max_packet);
             let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, answer_protocol, Some(config));
             let ws = tokio::select! {
                 done = tokio::time::timeout(WS_HANDSHAKE_TIMEOUT, handshake) => done,

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 /// Largest binary message the server sends; a longer write is split.
-pub(crate) const CHUNK: usize = 2048;
+pub(crate) const CHUNK: usize = 256;
 
 /// The subprotocol to answer with, from those a client offered (`Sec-WebSocket-Protocol`).
 pub(crate) fn select_protocol<'a>(offered: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
@@ -28,12 +28,16 @@ pub(crate) fn select_protocol<'a>(offered: impl IntoIterator<Item = &'a str>) ->
     ["mqtt", "mqttv3.1"].into_iter().find(|p| offered.iter().any(|o| o.eq_ignore_ascii_case(p)))
 }
 
+/// Read buffer of an MQTT-over-WebSocket session: what an idle one holds (a client's packets
+/// are small; larger ones still fit).
+const READ_BUFFER: usize = 256;
+
 /// The WebSocket settings of an MQTT session: small buffers, messages up to the MQTT packet
 /// limit.
-pub(crate) fn socket_config(read_buffer: usize, max_packet: usize) -> WebSocketConfig {
+pub(crate) fn socket_config(max_packet: usize) -> WebSocketConfig {
     let max_message = max_packet.saturating_add(16);
     WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
@@ -66,6 +70,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
                 let n = self.read.len().min(buf.remaining());
                 buf.put_slice(&self.read[..n]);
                 self.read.advance(n);
+                if self.read.is_empty() {
+                    // An empty slice still holds the library's read buffer it was cut from: an
+                    // idle session must not keep that alive.
+                    self.read = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut self.ws).poll_next(cx)) {

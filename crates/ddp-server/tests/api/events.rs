@@ -290,3 +290,25 @@ async fn a_scoped_stream_of_a_deleted_home_is_closed_with_4004() {
     assert!(of_b.quiet_for(Duration::from_millis(200)).await, "a stream of another home stays");
     assert!(admin.quiet_for(Duration::from_millis(10)).await, "the admin's stays");
 }
+
+#[tokio::test]
+async fn modes_app_event_path_serves_the_same_stream() {
+    let s = TestServer::start().await;
+    let home = s.create_home("H").await;
+    let (dev, _) = s.create_device(Some(home)).await;
+    let (_, key) = s.create_api_key(Some(vec![home]), "read").await;
+    // MODE's TypeScript app client: the token in the query, no header.
+    let mut mode = match s.ws_path(&format!("/userSession/websocket?authToken={key}"), None).await {
+        WsOpen::Open(c) => *c,
+        WsOpen::Refused(status, body) => panic!("{status} {body}"),
+    };
+    let mut ours = s.events_open(&key, "").await;
+    s.put(&format!("/devices/{dev}"), "k", json!(1)).await;
+    let (a, b) = (next_event(&mut mode).await, next_event(&mut ours).await);
+    assert_eq!(a, b, "the same frames");
+    assert_eq!(a["eventType"], "_deviceKVSaved_");
+    match s.ws_path("/userSession/websocket?authToken=nope", None).await {
+        WsOpen::Refused(status, _) => assert_eq!(status, 401),
+        WsOpen::Open(_) => panic!("a bad token opened a stream"),
+    }
+}
