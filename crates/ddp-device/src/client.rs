@@ -67,6 +67,7 @@ pub struct ClientBuilder {
     backoff: (Duration, Duration),
     ca_pem: Option<Vec<u8>>,
     max_message: usize,
+    acks: bool,
 }
 
 /// The largest sync message a client takes by default: a reload of a store at the server's
@@ -112,6 +113,17 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether the client tells the server which changes it has applied (PROTOCOL.md §10), so
+    /// that apps can see (and wait for) the device having its configuration. On by default.
+    /// With [`persist_to`](Self::persist_to), a change is acknowledged once the mirror file
+    /// holding it is saved; saves then follow changes at once after a quiet spell and at most
+    /// once a second. Without, acknowledgements follow changes at once and at most ten a second.
+    /// Each carries the latest rev, so a burst of changes costs one or two.
+    pub fn acknowledge(mut self, on: bool) -> ClientBuilder {
+        self.acks = on;
+        self
+    }
+
     /// Starts the client: reads the persisted mirror if any, and starts connecting in the
     /// background. Returns at once; reads work immediately, [`Client::ready`] waits for the
     /// first sync. Must be called inside a tokio runtime.
@@ -132,7 +144,7 @@ impl ClientBuilder {
             status: watch::Sender::new(Status::default()),
         });
         let (commands, receiver) = mpsc::channel(1024);
-        let task = Task::new(shared.clone(), target, receiver, self.persist, self.backoff, self.max_message);
+        let task = Task::new(shared.clone(), target, receiver, self.persist, self.backoff, self.max_message, self.acks);
         tokio::spawn(task.run());
         Ok(Client { shared, commands, write_timeout: self.write_timeout })
     }
@@ -152,6 +164,7 @@ impl Client {
             backoff: (Duration::from_millis(200), Duration::from_secs(30)),
             ca_pem: None,
             max_message: DEFAULT_MAX_MESSAGE,
+            acks: true,
         }
     }
 

@@ -119,24 +119,36 @@ pub(crate) struct Task {
     queued: VecDeque<(DeviceRequest, Reply)>,
     in_flight: VecDeque<InFlight>,
     dirty: bool,
+    /// Whether applied changes are acknowledged.
+    acks: bool,
+    /// The rev acknowledged in this session.
+    acked: Rev,
+    last_ack: Option<Instant>,
+    /// The rev of the mirror last saved, and when.
+    saved: Rev,
+    last_save: Option<Instant>,
 }
 
 /// How often a changed mirror is saved.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// The least time between two acknowledgements when the mirror is not persisted.
+const ACK_EVERY: Duration = Duration::from_millis(100);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn frame(request: &DeviceRequest) -> String {
-    match request {
-        DeviceRequest::Set { key, value } => format!(r#"{{"action":"set","key":"{key}","value":{value}}}"#),
-        DeviceRequest::Delete { key } => format!(r#"{{"action":"delete","key":"{key}"}}"#),
-    }
-}
 
 enum Input<M> {
     Message(M),
     Job(Option<Job>),
     Save,
+    Ack,
+}
+
+/// Completes at `at`; never without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Task {
@@ -147,7 +159,9 @@ impl Task {
         persist: Option<PathBuf>,
         backoff: (Duration, Duration),
         max_message: usize,
+        acks: bool,
     ) -> Task {
+        let saved = shared.mirror.read().map(|m| m.rev()).unwrap_or_default();
         Task {
             shared,
             target,
@@ -158,6 +172,11 @@ impl Task {
             queued: VecDeque::new(),
             in_flight: VecDeque::new(),
             dirty: false,
+            acks,
+            acked: Rev::ZERO,
+            last_ack: None,
+            saved,
+            last_save: None,
         }
     }
 
@@ -222,10 +241,47 @@ impl Task {
             Ok(m) => m.clone(),
             Err(_) => return,
         };
+        self.last_save = Some(Instant::now());
         match persist::save(path, &snapshot) {
-            Ok(()) => self.dirty = false,
+            Ok(()) => {
+                self.dirty = false;
+                self.saved = snapshot.rev();
+            }
             Err(e) => tracing::warn!(error = %e, "cannot persist the mirror"),
         }
+    }
+
+    /// When the next acknowledgement is due: none when everything held is acknowledged.
+    fn ack_at(&self) -> Option<Instant> {
+        if !self.acks {
+            return None;
+        }
+        let rev = self.shared.mirror.read().map(|m| m.rev()).unwrap_or_default();
+        if rev <= self.acked {
+            return None;
+        }
+        let now = Instant::now();
+        let (last, every) =
+            if self.persist.is_some() { (self.last_save, SAVE_EVERY) } else { (self.last_ack, ACK_EVERY) };
+        Some(last.map_or(now, |t| (t + every).max(now)))
+    }
+
+    /// The acknowledgement to send now, if any: the mirror's rev (once saved, when it is
+    /// persisted).
+    fn take_ack(&mut self) -> Option<String> {
+        if self.persist.is_some() {
+            self.save();
+        }
+        let rev = match self.persist {
+            Some(_) => self.saved,
+            None => self.shared.mirror.read().map(|m| m.rev()).unwrap_or_default(),
+        };
+        if rev <= self.acked {
+            return None;
+        }
+        self.acked = rev;
+        self.last_ack = Some(Instant::now());
+        Some(DeviceRequest::Ack { rev }.to_frame())
     }
 
     /// Applies a message to the mirror, tells device code, and settles writes it confirms.
@@ -234,7 +290,8 @@ impl Task {
             Ok(mut m) => m.apply(&message),
             Err(_) => return,
         };
-        if !changes.is_empty() {
+        let rev = self.shared.mirror.read().map(|m| m.rev()).unwrap_or_default();
+        if !changes.is_empty() || rev != self.saved {
             self.dirty = true;
         }
         for c in changes {
@@ -276,8 +333,9 @@ impl Task {
             ServerMessage::Error { reason, message, key } => {
                 let error = Error::refused(reason, message);
                 match key {
-                    Some(key) => self.settle(|r| r.key().as_str() == key, Err(error)),
-                    None => self.settle(|_| true, Err(error)),
+                    Some(key) => self.settle(|r| r.key().is_some_and(|k| k.as_str() == key), Err(error)),
+                    // Writes always name their key: this refused an acknowledgement.
+                    None => tracing::debug!(error = %error, "the server refused a frame that named no key"),
                 }
             }
         }
@@ -288,6 +346,7 @@ impl Task {
         match request {
             DeviceRequest::Set { key, value } => m.get(key.as_str()) == Some(value),
             DeviceRequest::Delete { key } => m.get(key.as_str()).is_none(),
+            DeviceRequest::Ack { .. } => true,
         }
     }
 
@@ -352,13 +411,16 @@ impl Task {
             Err(_) => return Ended::Dropped("connecting timed out".into()),
         };
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
+        self.acked = Rev::ZERO;
         loop {
+            let ack_at = self.ack_at();
             let input = match self.next_queued() {
                 Some(c) => Input::Job(Some(c)),
                 None => tokio::select! {
                     m = ws.next() => Input::Message(m),
                     c = self.commands.recv() => Input::Job(c),
                     _ = save_tick.tick() => Input::Save,
+                    () = until(ack_at) => Input::Ack,
                 },
             };
             match input {
@@ -381,7 +443,7 @@ impl Task {
                     if reply.is_closed() {
                         continue; // the caller gave up
                     }
-                    if let Err(e) = ws.send(Message::text(frame(&request))).await {
+                    if let Err(e) = ws.send(Message::text(request.to_frame())).await {
                         let _ = reply.send(Err(Error::new(ErrorKind::ConnectionLost, format!("cannot send: {e}"))));
                         return Ended::Dropped(format!("send failed: {e}"));
                     }
@@ -396,6 +458,13 @@ impl Task {
                     return Ended::Closed(None);
                 }
                 Input::Save => self.save(),
+                Input::Ack => {
+                    if let Some(ack) = self.take_ack()
+                        && let Err(e) = ws.send(Message::text(ack)).await
+                    {
+                        return Ended::Dropped(format!("send failed: {e}"));
+                    }
+                }
             }
         }
     }
@@ -423,14 +492,17 @@ impl Task {
         let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 256);
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
         let mut subscribed = false;
+        self.acked = Rev::ZERO;
         loop {
             let queued = if subscribed { self.next_queued() } else { None };
+            let ack_at = if subscribed { self.ack_at() } else { None };
             let input = match queued {
                 Some(c) => Input::Job(Some(c)),
                 None => tokio::select! {
                     e = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(30), eventloop.poll()) => Input::Message(e),
                     c = self.commands.recv(), if subscribed => Input::Job(c),
                     _ = save_tick.tick() => Input::Save,
+                    () = until(ack_at) => Input::Ack,
                 },
             };
             match input {
@@ -492,7 +564,7 @@ impl Task {
                     if reply.is_closed() {
                         continue;
                     }
-                    match client.try_publish(topic.clone(), QoS::AtLeastOnce, false, frame(&request)) {
+                    match client.try_publish(topic.clone(), QoS::AtLeastOnce, false, request.to_frame()) {
                         Ok(()) => self.in_flight.push_back(InFlight { request, reply, packet_id: None }),
                         Err(e) => {
                             let _ = reply
@@ -509,6 +581,14 @@ impl Task {
                     return Ended::Closed(None);
                 }
                 Input::Save => self.save(),
+                Input::Ack => {
+                    // QoS 0: a lost ack is made good by the next one, or by the next session's.
+                    if let Some(ack) = self.take_ack()
+                        && let Err(e) = client.try_publish(topic.clone(), QoS::AtMostOnce, false, ack)
+                    {
+                        tracing::debug!(error = %e, "cannot queue an acknowledgement");
+                    }
+                }
             }
         }
     }
@@ -563,7 +643,7 @@ mod tests {
             key: ddp_protocol::Key::new("k").expect("key"),
             value: ddp_protocol::Value::parse("1.10").expect("v"),
         };
-        assert_eq!(frame(&set), r#"{"action":"set","key":"k","value":1.10}"#);
-        assert_eq!(DeviceRequest::parse(frame(&set).as_bytes()), Ok(set));
+        assert_eq!(set.to_frame(), r#"{"action":"set","key":"k","value":1.10}"#);
+        assert_eq!(DeviceRequest::parse(set.to_frame().as_bytes()), Ok(set));
     }
 }

@@ -144,6 +144,12 @@ pub enum DeviceRequest {
         /// The key.
         key: Key,
     },
+    /// **(extension, PROTOCOL.md §10)** The device has applied (and persisted) every change
+    /// up to `rev`.
+    Ack {
+        /// The highest rev applied.
+        rev: Rev,
+    },
 }
 
 /// Why a device frame was refused; carried back in an `error` message.
@@ -176,6 +182,7 @@ struct RawFrame<'a> {
     key: Option<String>,
     #[serde(borrow)]
     value: Option<&'a RawValue>,
+    rev: Option<&'a RawValue>,
 }
 
 impl DeviceRequest {
@@ -203,19 +210,35 @@ impl DeviceRequest {
                 Ok(DeviceRequest::Set { key: k, value })
             }
             Some("delete") => Ok(DeviceRequest::Delete { key: key(key_text)? }),
+            Some("ack") => {
+                let rev = raw.rev.and_then(|r| r.get().parse::<u64>().ok()).ok_or_else(|| {
+                    FrameError::new(Reason::InvalidParameter, "an ack needs \"rev\": a rev (0 or more)", None)
+                })?;
+                Ok(DeviceRequest::Ack { rev: Rev(rev) })
+            }
             Some(other) => Err(FrameError::new(
                 Reason::InvalidParameter,
-                format!("unknown action {other:?}; devices send \"set\" or \"delete\""),
+                format!("unknown action {other:?}; devices send \"set\", \"delete\" or \"ack\""),
                 key_text,
             )),
             None => Err(FrameError::new(Reason::InvalidParameter, "frame has no \"action\"", key_text)),
         }
     }
 
-    /// The key the request names.
-    pub fn key(&self) -> &Key {
+    /// The key the request names (an ack names none).
+    pub fn key(&self) -> Option<&Key> {
         match self {
-            DeviceRequest::Set { key, .. } | DeviceRequest::Delete { key } => key,
+            DeviceRequest::Set { key, .. } | DeviceRequest::Delete { key } => Some(key),
+            DeviceRequest::Ack { .. } => None,
+        }
+    }
+
+    /// The frame's JSON text: what a device sends.
+    pub fn to_frame(&self) -> String {
+        match self {
+            DeviceRequest::Set { key, value } => format!(r#"{{"action":"set","key":"{key}","value":{value}}}"#),
+            DeviceRequest::Delete { key } => format!(r#"{{"action":"delete","key":"{key}"}}"#),
+            DeviceRequest::Ack { rev } => format!(r#"{{"action":"ack","rev":{rev}}}"#),
         }
     }
 }
@@ -302,5 +325,32 @@ mod tests {
         assert_eq!(reason(br#"{"action":"explode","key":"a"}"#), Some(Reason::InvalidParameter));
         let err = DeviceRequest::parse(br#"{"action":"delete","key":"bad key"}"#).expect_err("bad key");
         assert_eq!(err.key.as_deref(), Some("bad key"));
+    }
+
+    #[test]
+    fn acks_carry_a_rev_and_nothing_else_counts() {
+        assert_eq!(DeviceRequest::parse(br#"{"action":"ack","rev":42}"#), Ok(DeviceRequest::Ack { rev: Rev(42) }));
+        assert_eq!(
+            DeviceRequest::parse(br#"{"action":"ack","rev":0,"key":"ignored"}"#),
+            Ok(DeviceRequest::Ack { rev: Rev(0) })
+        );
+        let reason = |t: &[u8]| DeviceRequest::parse(t).map_err(|e| e.reason).err();
+        for bad in [
+            &br#"{"action":"ack"}"#[..],
+            br#"{"action":"ack","rev":-1}"#,
+            br#"{"action":"ack","rev":1.5}"#,
+            br#"{"action":"ack","rev":"3"}"#,
+            br#"{"action":"ack","rev":null}"#,
+            br#"{"action":"ack","rev":18446744073709551616}"#,
+        ] {
+            assert_eq!(reason(bad), Some(Reason::InvalidParameter), "{}", String::from_utf8_lossy(bad));
+        }
+        for request in [
+            DeviceRequest::Ack { rev: Rev(7) },
+            DeviceRequest::Set { key: Key::new("k").expect("key"), value: Value::parse("1.10").expect("v") },
+            DeviceRequest::Delete { key: Key::new("k").expect("key") },
+        ] {
+            assert_eq!(DeviceRequest::parse(request.to_frame().as_bytes()), Ok(request));
+        }
     }
 }

@@ -5,7 +5,9 @@
 //!   moment — so a moved device's events go to its new home at once: `_deviceKVSaved_`,
 //!   `_deviceKVDeleted_`, `_keyValueSaved_`, `_keyValueDeleted_`. `_deviceConnected_` and
 //!   `_deviceDisconnected_` come from the session registry when a device's first session opens and
-//!   its last closes.
+//!   its last closes. `_deviceKVApplied_` comes from the delivery tracker
+//!   ([`Tracker`](crate::progress::Tracker)) when a device's acknowledged rev advances, at most
+//!   once a second per device.
 //! - **Device events** are raised by devices (`PUT /devices/{id}/event`, MQTT
 //!   `/devices/{id}/event`) through one path, [`EventBus::raise`]; reserved types (`_…_`) are
 //!   refused.
@@ -142,6 +144,13 @@ struct DeviceData {
     device_id: DeviceId,
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AppliedData {
+    device_id: DeviceId,
+    applied_rev: Rev,
+}
+
 fn envelope<D: Serialize>(home: HomeId, at: Timestamp, event_type: &str, data: D, origin: Origin) -> Result<String> {
     let (origin_device_id, origin_project_key_id) = match origin {
         Origin::Admin => (None, None),
@@ -256,6 +265,16 @@ impl EventBus {
         };
         if let Err(e) = self.store.broadcast_event(home, json).await {
             tracing::warn!(%device, event_type, error = %e, "presence event lost");
+        }
+    }
+
+    /// `_deviceKVApplied_` (PROTOCOL.md §10): `device`, in `home`, has applied its store up to
+    /// `rev` (acknowledged `at`); on every node.
+    pub(crate) async fn applied(&self, home: HomeId, device: DeviceId, rev: Rev, at: Timestamp) {
+        let data = AppliedData { device_id: device, applied_rev: rev };
+        let Ok(json) = envelope(home, at, "_deviceKVApplied_", data, Origin::Device(device)) else { return };
+        if let Err(e) = self.store.broadcast_event(home, json).await {
+            tracing::warn!(%device, error = %e, "_deviceKVApplied_ event lost");
         }
     }
 

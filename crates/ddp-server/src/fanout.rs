@@ -6,6 +6,8 @@
 //!   events on the [`EventBus`];
 //! - events raised on any node (device events, presence) go to this node's [`EventBus`], and
 //!   commands sent through any node to the device's sessions here ([`Sessions::command`]);
+//! - sync progress announced by any node, and every device store's changes, go to the delivery
+//!   tracker ([`Tracker`]), which wakes the writers waiting for a device;
 //! - admin changes clear the authentication cache and end, through the session registry
 //!   ([`Sessions`]), every session they invalidate — a rotated key's, a deleted device's (its own
 //!   and those watching it), a revoked project key's, and scoped project keys' sessions whose
@@ -20,15 +22,24 @@ use crate::auth::AuthCache;
 use crate::events::EventBus;
 use crate::hub::Hub;
 use crate::json::Json;
+use crate::progress::Tracker;
 use crate::sessions::Sessions;
+
+/// What reads the store, so exists only after it is open; nothing can be live before then.
+pub(crate) struct AfterOpen {
+    /// Home events.
+    pub(crate) events: Arc<EventBus>,
+    /// The session registry.
+    pub(crate) sessions: Arc<Sessions>,
+    /// Delivery and acknowledgement.
+    pub(crate) progress: Arc<Tracker>,
+}
 
 /// The server's [`CommitSink`].
 pub(crate) struct Fanout {
     auth_cache: Arc<AuthCache>,
     hub: Arc<Hub>,
-    /// The event bus and the session registry read the store, so they exist only after it is
-    /// open; nothing can be live before then.
-    after_open: OnceLock<(Arc<EventBus>, Arc<Sessions>)>,
+    after_open: OnceLock<AfterOpen>,
 }
 
 impl Fanout {
@@ -37,18 +48,24 @@ impl Fanout {
         Fanout { auth_cache, hub, after_open: OnceLock::new() }
     }
 
-    /// Connects the event bus and the session registry.
-    pub(crate) fn connect(&self, events: Arc<EventBus>, sessions: Arc<Sessions>) {
-        let _ = self.after_open.set((events, sessions));
+    /// Connects the event bus, the session registry and the delivery tracker.
+    pub(crate) fn connect(&self, live: AfterOpen) {
+        let _ = self.after_open.set(live);
     }
 
-    fn admin(sessions: &Sessions, change: &AdminChange) {
+    fn admin(live: &AfterOpen, change: &AdminChange) {
         match *change {
-            AdminChange::DeviceKeyRotated(d) => sessions.key_rotated(d),
-            AdminChange::DeviceDeleted(d) => sessions.device_deleted(d),
-            AdminChange::ApiKeyDeleted(k) => sessions.key_revoked(k),
-            AdminChange::DeviceMoved { device, to, .. } => sessions.device_moved(device, to),
-            AdminChange::HomeDeleted(h) => sessions.home_deleted(h),
+            AdminChange::DeviceKeyRotated(d) => live.sessions.key_rotated(d),
+            AdminChange::DeviceDeleted(d) => {
+                live.sessions.device_deleted(d);
+                live.progress.device_deleted(d);
+            }
+            AdminChange::ApiKeyDeleted(k) => live.sessions.key_revoked(k),
+            AdminChange::DeviceMoved { device, to, .. } => {
+                live.sessions.device_moved(device, to);
+                live.progress.device_moved(device, to);
+            }
+            AdminChange::HomeDeleted(h) => live.sessions.home_deleted(h),
         }
     }
 }
@@ -61,8 +78,9 @@ impl CommitSink for Fanout {
             match item {
                 Committed::Kv(change) => {
                     self.hub.publish(change);
-                    if let Some((events, _)) = after_open {
-                        events.change(change);
+                    if let Some(live) = after_open {
+                        live.events.change(change);
+                        live.progress.committed(change);
                     }
                 }
                 Committed::Admin(change) => {
@@ -71,18 +89,23 @@ impl CommitSink for Fanout {
                         self.auth_cache.invalidate();
                         admin_changed = true;
                     }
-                    if let Some((_, sessions)) = after_open {
-                        Fanout::admin(sessions, change);
+                    if let Some(live) = after_open {
+                        Fanout::admin(live, change);
                     }
                 }
                 Committed::Event { home, json } => {
-                    if let Some((events, _)) = after_open {
-                        events.publish(*home, || Ok(Json::from_shared(json.clone())));
+                    if let Some(live) = after_open {
+                        live.events.publish(*home, || Ok(Json::from_shared(json.clone())));
                     }
                 }
                 Committed::Command { device, json } => {
-                    if let Some((_, sessions)) = after_open {
-                        sessions.command(*device, &Json::from_shared(json.clone()));
+                    if let Some(live) = after_open {
+                        live.sessions.command(*device, &Json::from_shared(json.clone()));
+                    }
+                }
+                Committed::Sync(progress) => {
+                    if let Some(live) = after_open {
+                        live.progress.announced(progress);
                     }
                 }
             }

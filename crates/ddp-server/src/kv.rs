@@ -11,8 +11,11 @@
 //!   exists: a watch or an event stream can only be had for a [`Session`] the gate opened, so no
 //!   transport can forget to check;
 //! - **validation and limits** (§3, §3.3), and the durable write (the store assigns the rev);
-//! - **device frames** ([`Kv::device_frame`]): the `set`/`delete` messages devices send over
-//!   WebSocket and MQTT are parsed and dispatched here, for both;
+//! - **device frames** ([`Kv::device_frame`]): the `set`/`delete`/`ack` messages devices send
+//!   over WebSocket and MQTT are parsed and dispatched here, for both;
+//! - **delivery and acknowledgement** (PROTOCOL.md §10): a watch of a device's own session
+//!   reports what it delivered, acks move what is applied, and writers may wait for either
+//!   ([`Kv::await_progress`]); the bookkeeping is the [`Tracker`]'s;
 //! - **sessions**, registered with [`Sessions`] so that a revocation ends them.
 //!
 //! Fan-out to live sessions and events does not happen here: the store hands every commit to the
@@ -22,7 +25,7 @@ use std::sync::Arc;
 
 use ddp_protocol::sync::DeviceRequest;
 use ddp_protocol::{DeviceId, HomeId, Key, Reason, Rev, Value};
-use ddp_store::{Change, Condition, ItemRecord, KvAction, KvWrite, Snapshot, Store, StoreError, StoreRef};
+use ddp_store::{Change, Condition, DeviceSync, ItemRecord, KvAction, KvWrite, Snapshot, Store, StoreError, StoreRef};
 
 use crate::auth::{Authenticated, Authenticator, Principal};
 use crate::config::{Limits, RateLimits};
@@ -30,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::events::{EventBus, ListenerGuard};
 use crate::hub::Hub;
 use crate::json::Json;
+use crate::progress::{Awaited, Tracker};
 use crate::ratelimit::RateLimiter;
 use crate::sessions::{CloseReason, Purpose, Session, Sessions};
 use crate::watch::Watch;
@@ -125,6 +129,8 @@ pub(crate) struct KvParts {
     pub(crate) sessions: Arc<Sessions>,
     /// Home events.
     pub(crate) events: Arc<EventBus>,
+    /// Delivery and acknowledgement.
+    pub(crate) progress: Arc<Tracker>,
 }
 
 /// The gate. See the [module docs](self).
@@ -136,6 +142,7 @@ pub(crate) struct Kv {
     hub: Arc<Hub>,
     sessions: Arc<Sessions>,
     events: Arc<EventBus>,
+    progress: Arc<Tracker>,
 }
 
 impl Kv {
@@ -149,6 +156,7 @@ impl Kv {
             hub: parts.hub,
             sessions: parts.sessions,
             events: parts.events,
+            progress: parts.progress,
         }
     }
 
@@ -160,6 +168,11 @@ impl Kv {
     /// The session registry (for shutdown).
     pub(crate) fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// The delivery tracker (its background task runs for the server's life).
+    pub(crate) fn progress(&self) -> &Arc<Tracker> {
+        &self.progress
     }
 
     // ---- who is calling ----
@@ -433,7 +446,11 @@ impl Kv {
         let Some(store) = session.purpose().store() else {
             return Err(Error::denied("this session watches no store"));
         };
-        Watch::start(self.store.clone(), &self.hub, store, since).await
+        let progress = match (session.principal(), store) {
+            (Principal::Device(me), StoreRef::Device(d)) if *me == d => Some(self.progress.attach(d)),
+            _ => None,
+        };
+        Watch::start(self.store.clone(), &self.hub, store, since, progress).await
     }
 
     /// Applies a frame a session sent (`{"action":"set"|"delete",…}`, PROTOCOL.md §4) to the
@@ -444,7 +461,7 @@ impl Kv {
         // does not parse, so that garbage costs a client its rate like anything else.
         let parsed = DeviceRequest::parse(frame);
         let key = match &parsed {
-            Ok(request) => Some(request.key().as_str().to_owned()),
+            Ok(request) => request.key().map(|k| k.as_str().to_owned()),
             Err(e) => e.key.clone(),
         };
         self.admit(who).map_err(|error| Refused { error, key: key.clone() })?;
@@ -460,8 +477,47 @@ impl Kv {
             DeviceRequest::Delete { key } => {
                 self.write(who, transport, store, key, KvAction::Delete, Condition::None).await
             }
+            DeviceRequest::Ack { rev } => {
+                return match (who, store) {
+                    (Principal::Device(me), StoreRef::Device(d)) if *me == d => self.progress.ack(d, rev).await,
+                    _ => Err(Error::denied("only the device's own key acknowledges its changes")),
+                }
+                .map_err(|error| Refused { error, key: None });
+            }
         };
         written.map(|_| ()).map_err(|error| Refused { error, key })
+    }
+
+    // ---- delivery and acknowledgement ----
+
+    /// `GET /devices/{id}/sync`: the device's store rev, `deliveredRev` and `appliedRev`, and
+    /// whether it is connected — for the admin, project keys that may read the device, and the
+    /// device itself.
+    pub(crate) async fn device_sync(&self, who: &Principal, device: DeviceId) -> Result<(DeviceSync, bool)> {
+        self.admit(who)?;
+        self.authorize(who, StoreRef::Device(device), false).await?;
+        let sync = self.progress.current(vec![device]).await?.pop().ok_or(StoreError::DeviceNotFound(device))?;
+        let connected = !self.store.connected(vec![device]).await?.is_empty();
+        Ok((sync, connected))
+    }
+
+    /// The progress of `devices` (those that exist), for the admin API's device objects: the
+    /// caller holds the admin key (or is the device itself).
+    pub(crate) async fn progress_of(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceSync>> {
+        Ok(self.progress.current(devices).await?)
+    }
+
+    /// After a write at `rev` of `device`'s store: waits until the device has `what` it, for at
+    /// most `timeout` (or until shutdown); returns the device's progress then.
+    pub(crate) async fn await_progress(
+        &self,
+        device: DeviceId,
+        what: Awaited,
+        rev: Rev,
+        timeout: std::time::Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Rev {
+        self.progress.wait(device, what, rev, timeout, shutdown).await
     }
 
     /// Raises an event a device's own session sent (MQTT `/devices/{id}/event`).

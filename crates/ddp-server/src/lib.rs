@@ -28,7 +28,9 @@
 //!   for devices, the cap, presence and connection times (counted by the store, so over every
 //!   node).
 //! - [`events`]: home events: system events from the commit feed, device events, app streams.
-//! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions.
+//! - [`progress`]: delivery and acknowledgement — how far each device got, recorded coalesced,
+//!   shared by the nodes, waited for by writers.
+//! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions, progress.
 //! - [`tls`]: the TLS listeners' certificate, reloaded when its files change or on SIGHUP.
 //! - [`json`]: the server's own type for a serialized message.
 //! - [`listener`]: connection caps over the open-file budget; who is shed when they are full.
@@ -54,6 +56,7 @@ mod listener;
 mod locks;
 mod metrics;
 mod mqtt;
+mod progress;
 mod ratelimit;
 mod secret;
 mod server;

@@ -16,10 +16,11 @@ use crate::app::App;
 use crate::auth::{AuthCache, Authenticator};
 use crate::config::Config;
 use crate::events::EventBus;
-use crate::fanout::Fanout;
+use crate::fanout::{AfterOpen, Fanout};
 use crate::hub::Hub;
 use crate::kv::{Kv, KvParts};
 use crate::listener::{Caps, connection_budget};
+use crate::progress::Tracker;
 use crate::secret::{self, SecretKind};
 use crate::sessions::Sessions;
 use crate::tls::TlsFiles;
@@ -181,7 +182,8 @@ impl Server {
 
         let events = Arc::new(EventBus::new(store.clone(), config.sessions.event_queue));
         let sessions = Arc::new(Sessions::new(store.clone(), events.clone(), config.sessions.max_per_device));
-        fanout.connect(events.clone(), sessions.clone());
+        let progress = Arc::new(Tracker::new(store.clone(), events.clone()));
+        fanout.connect(AfterOpen { events: events.clone(), sessions: sessions.clone(), progress: progress.clone() });
         let kv = Kv::new(KvParts {
             store: store.clone(),
             limits: config.limits,
@@ -190,6 +192,7 @@ impl Server {
             hub,
             sessions,
             events,
+            progress,
         });
         let storage_files = match &config.database {
             // Each connection to the database file holds it, its WAL and its shared memory.
@@ -283,6 +286,7 @@ impl Server {
         }
         tracing::info!(listeners = listeners.len(), "serving");
         let trimmer = tokio::spawn(trim_history(app.clone()));
+        let progress = tokio::spawn(app.kv.progress().clone().run(app.shutdown.clone()));
         let cancel = app.shutdown.clone();
         tokio::select! {
             () = shutdown => {}
@@ -302,6 +306,9 @@ impl Server {
             );
         }
         trimmer.abort();
+        // What sessions delivered and devices acknowledged until the end is recorded too.
+        let _ = progress.await;
+        app.kv.progress().flush().await;
         app.store.close().await;
         tracing::info!("stopped; every acknowledged write is on disk");
         Ok(())

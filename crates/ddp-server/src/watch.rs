@@ -11,6 +11,10 @@
 //! The output is the JSON text of each sync message; transports put it in a WebSocket text frame
 //! or an MQTT payload as it is.
 //!
+//! A watch of a session of the device's own key carries an
+//! [`Attachment`](crate::progress::Attachment): once the transport has sent what the watch gave
+//! it, it calls [`Watch::sent`], which moves the device's `deliveredRev` (PROTOCOL.md §10).
+//!
 //! A watch is only ever started by the gate ([`Kv::watch`](crate::kv::Kv::watch)), for a
 //! session it admitted to that store: there is no way to watch a store without having been
 //! authorized to read it.
@@ -25,6 +29,7 @@ use ddp_store::{Change, Store, StoreRef};
 use crate::error::{Error, Result};
 use crate::hub::{ChangeFrame, Delivery, Hub, SubscriptionGuard};
 use crate::json::Json;
+use crate::progress::Attachment;
 
 /// A session's view of one store.
 pub(crate) struct Watch {
@@ -32,19 +37,22 @@ pub(crate) struct Watch {
     sub: SubscriptionGuard,
     target: StoreRef,
     last: Rev,
+    progress: Option<Attachment>,
 }
 
 impl Watch {
     /// Subscribes to `target`, then returns the watch and its first messages: a `reload`, or
-    /// with `since` inside the history a `resume` followed by the changes after it.
+    /// with `since` inside the history a `resume` followed by the changes after it. With
+    /// `progress` (a session of the device's own key), what is sent counts as delivered.
     pub(crate) async fn start(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
         target: StoreRef,
         since: Option<Rev>,
+        progress: Option<Attachment>,
     ) -> Result<(Watch, Vec<Json>)> {
         let sub = hub.subscribe(target)?;
-        let mut watch = Watch { store, sub, target, last: Rev::ZERO };
+        let mut watch = Watch { store, sub, target, last: Rev::ZERO, progress };
         if let Some(since) = since
             && let Some(changes) = watch.store.changes_since(target, since).await?
         {
@@ -125,6 +133,14 @@ impl Watch {
     pub(crate) fn last_rev(&self) -> Rev {
         self.last
     }
+
+    /// The transport has handed every message this watch gave it to the connection: for a
+    /// session of the device's own key, the device's store is delivered up to [`Watch::last_rev`].
+    pub(crate) fn sent(&self) {
+        if let Some(progress) = &self.progress {
+            progress.delivered(self.last);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -192,7 +208,7 @@ mod tests {
         for n in 1..=3 {
             f.write(n).await;
         }
-        let (mut watch, first) = Watch::start(f.store.clone(), &f.hub, f.target, None).await.expect("watch");
+        let (mut watch, first) = Watch::start(f.store.clone(), &f.hub, f.target, None, None).await.expect("watch");
         assert_eq!(revs(&first), [("reload".to_owned(), 3)]);
         f.write(4).await;
         f.write(5).await;
@@ -210,7 +226,7 @@ mod tests {
     async fn a_gap_the_history_no_longer_covers_is_answered_with_a_reload() {
         let f = fixture().await;
         f.write(1).await;
-        let (mut watch, _) = Watch::start(f.store.clone(), &f.hub, f.target, None).await.expect("watch");
+        let (mut watch, _) = Watch::start(f.store.clone(), &f.hub, f.target, None, None).await.expect("watch");
         for n in 2..=8 {
             f.write(n).await;
         }
@@ -231,7 +247,8 @@ mod tests {
         for n in 1..=4 {
             f.write(n).await;
         }
-        let (mut watch, first) = Watch::start(f.store.clone(), &f.hub, f.target, Some(Rev(2))).await.expect("watch");
+        let (mut watch, first) =
+            Watch::start(f.store.clone(), &f.hub, f.target, Some(Rev(2)), None).await.expect("watch");
         assert_eq!(revs(&first), [("resume".into(), 2), ("set".into(), 3), ("set".into(), 4)]);
         let sent = watch.process(Delivery::Lagged).await.expect("reloaded");
         assert_eq!(revs(&sent), [("reload".into(), 4)]);

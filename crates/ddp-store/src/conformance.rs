@@ -85,6 +85,59 @@ pub async fn run_all(store: &dyn Store, recorder: &Recorder) {
     sessions_are_counted_and_capped(store).await;
     events_reach_the_sink(store, recorder).await;
     commands_reach_the_sink_in_order(store, recorder).await;
+    sync_progress_is_recorded_never_lowered_and_shared(store, recorder).await;
+}
+
+async fn sync_progress_is_recorded_never_lowered_and_shared(store: &dyn Store, recorder: &Recorder) {
+    use ddp_protocol::Timestamp;
+    let dev = new_device(store, None).await;
+    let other = new_device(store, None).await;
+    let ghost = DeviceId::new(u64::MAX - 5).expect("id");
+    let at = |ms: i64| Some(Timestamp(1_700_000_000_000 + ms));
+    let p =
+        |delivered, applied, applied_at| SyncProgress { delivered: Rev(delivered), applied: Rev(applied), applied_at };
+    let blank = |device| DeviceSync { device, rev: Rev::ZERO, progress: SyncProgress::default() };
+    assert_eq!(
+        store.device_sync(vec![dev, ghost, other]).await,
+        Ok(vec![blank(dev), blank(other)]),
+        "nothing recorded yet; a missing device is left out"
+    );
+
+    for i in 1..=3 {
+        store.write(set(StoreRef::Device(dev), &format!("k{i}"), "1")).await.expect("write");
+    }
+    store.record_sync(vec![(dev, p(3, 2, at(1))), (ghost, p(9, 9, at(1)))]).await.expect("record");
+    let recorded = store.device_sync(vec![dev]).await.expect("read");
+    assert_eq!(
+        recorded,
+        vec![DeviceSync { device: dev, rev: Rev(3), progress: p(3, 2, at(1)) }],
+        "the store's rev beside the progress"
+    );
+
+    // Lower values (a slower node, a late batch) never lower what is recorded; higher ones raise it.
+    store.record_sync(vec![(dev, p(1, 1, at(5)))]).await.expect("record lower");
+    assert_eq!(store.device_sync(vec![dev]).await.expect("read")[0].progress, p(3, 2, at(1)), "never lowered");
+    store.record_sync(vec![(dev, p(2, 3, at(7))), (other, p(4, 0, None))]).await.expect("record higher");
+    let both = store.device_sync(vec![other, dev]).await.expect("read");
+    assert_eq!(
+        both.iter().find(|s| s.device == dev).map(|s| s.progress),
+        Some(p(3, 3, at(7))),
+        "each field on its own"
+    );
+    assert_eq!(both.iter().find(|s| s.device == other).map(|s| s.progress), Some(p(4, 0, None)));
+    assert_eq!(store.device_sync(vec![ghost]).await, Ok(vec![]), "a missing device is never recorded");
+
+    // Shared with every node's sink.
+    let shared = vec![(dev, p(3, 3, at(7))), (other, p(5, 1, at(9)))];
+    store.broadcast_sync(shared.clone()).await.expect("broadcast");
+    eventually("sync progress reaches the sink", || {
+        recorder.all().iter().any(|c| matches!(c, Committed::Sync(list) if **list == *shared))
+    })
+    .await;
+
+    // A deleted device's progress goes with it.
+    store.delete_device(dev).await.expect("delete");
+    assert_eq!(store.device_sync(vec![dev]).await, Ok(vec![]));
 }
 
 async fn sessions_are_counted_and_capped(store: &dyn Store) {

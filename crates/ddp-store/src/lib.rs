@@ -121,6 +121,20 @@ pub trait Store: Send + Sync + 'static {
     /// after the commands sent before it through this node. Commands are not stored either.
     async fn broadcast_command(&self, device: DeviceId, json: String) -> Result<(), StoreError>;
 
+    // ---- delivery and acknowledgement (PROTOCOL.md §10) ----
+
+    /// Raises the recorded progress of each device to at least the given one (never lowers
+    /// it; devices that no longer exist are skipped). Durable when it returns. Callers batch:
+    /// the server records what changed about once a second, not each delivery or ack.
+    async fn record_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError>;
+
+    /// The store rev and recorded progress of each of `devices` that exists, by device id.
+    async fn device_sync(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceSync>, StoreError>;
+
+    /// Hands progress seen on this node to the commit sink of every node ([`Committed::Sync`]),
+    /// so that their waiters hear of it at once. Not stored (that is [`Store::record_sync`]).
+    async fn broadcast_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError>;
+
     // ---- project API keys ----
 
     /// Creates a project API key whose secret has SHA-256 digest `key_hash`.

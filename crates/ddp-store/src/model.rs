@@ -355,6 +355,54 @@ pub enum Committed {
         /// The command's JSON, `{"action","parameters"}`.
         json: std::sync::Arc<str>,
     },
+    /// Sync progress recorded on some node, for the others
+    /// ([`Store::broadcast_sync`](crate::Store::broadcast_sync)).
+    Sync(std::sync::Arc<[(DeviceId, SyncProgress)]>),
+}
+
+/// How far a device has got with its store (PROTOCOL.md §10): what its own sessions handed to
+/// its connections, and what it acknowledged having applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncProgress {
+    /// The highest rev a session of the device's own key handed to its connection.
+    pub delivered: Rev,
+    /// The highest rev the device acknowledged having applied.
+    pub applied: Rev,
+    /// When the server received that acknowledgement (`None` before the first).
+    pub applied_at: Option<Timestamp>,
+}
+
+impl SyncProgress {
+    /// Raises this to at least `other`, field by field; never lowers anything. `applied_at`
+    /// goes with the greater `applied` (on a tie, the one known first stays). True when
+    /// anything moved.
+    pub fn merge(&mut self, other: &SyncProgress) -> bool {
+        let mut moved = false;
+        if other.delivered > self.delivered {
+            self.delivered = other.delivered;
+            moved = true;
+        }
+        if other.applied > self.applied {
+            self.applied = other.applied;
+            self.applied_at = other.applied_at;
+            moved = true;
+        } else if other.applied == self.applied && self.applied_at.is_none() && other.applied_at.is_some() {
+            self.applied_at = other.applied_at;
+            moved = true;
+        }
+        moved
+    }
+}
+
+/// What storage knows of one device's sync: its store's rev and its recorded progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSync {
+    /// The device.
+    pub device: DeviceId,
+    /// Its store's rev.
+    pub rev: Rev,
+    /// Its recorded progress (zero when none was recorded).
+    pub progress: SyncProgress,
 }
 
 /// The outcome of [`Store::session_opened`](crate::Store::session_opened).

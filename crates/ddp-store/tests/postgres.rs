@@ -151,6 +151,30 @@ async fn nodes_share_revs_changes_events_and_admin_changes() {
         assert_eq!(commands(seen), expected);
     }
 
+    // Sync progress announced by one node reaches the other; what both record meets in the
+    // database, each value the greater of the two, however the batches interleave.
+    let acked = device(&a, 4).await;
+    let progress = |delivered, applied| SyncProgress {
+        delivered: Rev(delivered),
+        applied: Rev(applied),
+        applied_at: Some(Timestamp(1_700_000_000_000 + applied as i64)),
+    };
+    a.broadcast_sync(vec![(acked, progress(5, 4))]).await.expect("broadcast sync");
+    eventually("b heard a's progress", || {
+        seen_b.all().iter().any(|c| matches!(c, Committed::Sync(list) if **list == [(acked, progress(5, 4))]))
+    })
+    .await;
+    let (ra, rb) = tokio::join!(
+        a.record_sync(vec![(acked, progress(5, 4)), (target, progress(2, 1))]),
+        b.record_sync(vec![(target, progress(3, 0)), (acked, progress(6, 2))]),
+    );
+    ra.expect("a records");
+    rb.expect("b records");
+    let recorded = b.device_sync(vec![acked, target]).await.expect("read");
+    let of = |d| recorded.iter().find(|s| s.device == d).map(|s| s.progress);
+    assert_eq!(of(acked), Some(progress(6, 4)));
+    assert_eq!(of(target), Some(SyncProgress { delivered: Rev(3), ..progress(2, 1) }));
+
     // An admin change on one node reaches the other.
     let dev = device(&a, 2).await;
     a.rotate_device_key(dev, [9; 32]).await.expect("rotate");

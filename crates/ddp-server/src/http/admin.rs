@@ -11,10 +11,11 @@ use axum::http::StatusCode;
 use axum::http::header::LOCATION;
 use axum::response::{IntoResponse, Response};
 use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Timestamp};
-use ddp_store::{ApiKeyRecord, DeviceRecord, DeviceUpdate, HomeRecord, NewApiKey, NewDevice, Permission};
+use ddp_store::{ApiKeyRecord, DeviceRecord, DeviceSync, DeviceUpdate, HomeRecord, NewApiKey, NewDevice, Permission};
 use serde::Serialize;
 use serde_json::{Map, Value as Json_};
 
+use super::progress::SyncJson;
 use super::{AdminCaller, Body, Caller};
 use crate::app::App;
 use crate::auth::Principal;
@@ -123,16 +124,40 @@ struct DeviceJson<'a> {
     is_connected: bool,
     last_connect_time: Option<Timestamp>,
     last_disconnect_time: Option<Timestamp>,
+    /// Delivery and acknowledgement (PROTOCOL.md §10).
+    sync: SyncJson,
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<&'a str>,
 }
 
-/// Which of `devices` hold a live session on some node.
-async fn connected(app: &App, devices: &[DeviceRecord]) -> Result<std::collections::HashSet<DeviceId>> {
-    Ok(app.store.connected(devices.iter().map(|d| d.id).collect()).await?.into_iter().collect())
+/// What device objects show of their devices' sessions: which hold a live session on some
+/// node, and where each device's sync stands.
+struct Live {
+    connected: std::collections::HashSet<DeviceId>,
+    sync: HashMap<DeviceId, DeviceSync>,
 }
 
-fn device_json<'a>(d: &'a DeviceRecord, is_connected: bool, api_key: Option<&'a str>) -> DeviceJson<'a> {
+impl Live {
+    async fn of(app: &App, devices: &[DeviceRecord]) -> Result<Live> {
+        let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
+        let connected = app.store.connected(ids.clone()).await?.into_iter().collect();
+        let sync = app.kv.progress_of(ids).await?.into_iter().map(|s| (s.device, s)).collect();
+        Ok(Live { connected, sync })
+    }
+
+    fn json<'a>(&self, d: &'a DeviceRecord) -> DeviceJson<'a> {
+        let is_connected = self.connected.contains(&d.id);
+        let sync = self.sync.get(&d.id).map_or_else(SyncJson::blank, |s| SyncJson::new(s, is_connected));
+        device_json(d, is_connected, sync, None)
+    }
+}
+
+fn device_json<'a>(
+    d: &'a DeviceRecord,
+    is_connected: bool,
+    sync: SyncJson,
+    api_key: Option<&'a str>,
+) -> DeviceJson<'a> {
     DeviceJson {
         id: d.id,
         name: &d.name,
@@ -143,6 +168,7 @@ fn device_json<'a>(d: &'a DeviceRecord, is_connected: bool, api_key: Option<&'a 
         is_connected,
         last_connect_time: d.last_connect,
         last_disconnect_time: d.last_disconnect,
+        sync,
         api_key,
     }
 }
@@ -223,7 +249,7 @@ pub(crate) async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, B
     let new = NewDevice { name, home, device_class, tag, key_hash: secret::digest(&api_key) };
     let device = app.store.create_device(new).await?;
     tracing::info!(device = %device.id, home = ?device.home.map(HomeId::get), "device created");
-    Ok(created(format!("/devices/{}", device.id), device_json(&device, false, Some(&api_key))))
+    Ok(created(format!("/devices/{}", device.id), device_json(&device, false, SyncJson::blank(), Some(&api_key))))
 }
 
 /// `GET /devices[?homeId=]`
@@ -234,8 +260,8 @@ pub(crate) async fn list_devices(
 ) -> Result<Response> {
     let home = query.get("homeId").map(|h| parse_id::<HomeId>("homeId", h)).transpose()?;
     let devices = app.store.devices(home).await?;
-    let live = connected(&app, &devices).await?;
-    Ok(Json(devices.iter().map(|d| device_json(d, live.contains(&d.id), None)).collect::<Vec<_>>()).into_response())
+    let live = Live::of(&app, &devices).await?;
+    Ok(Json(devices.iter().map(|d| live.json(d)).collect::<Vec<_>>()).into_response())
 }
 
 /// `GET /devices/{id}`: the admin, or the device itself.
@@ -252,8 +278,8 @@ pub(crate) async fn get_device(
         Principal::Project(_) => return Err(Error::denied("this needs the admin key")),
     }
     let device = app.store.device(id).await?;
-    let live = connected(&app, std::slice::from_ref(&device)).await?;
-    Ok(Json(device_json(&device, live.contains(&id), None)).into_response())
+    let live = Live::of(&app, std::slice::from_ref(&device)).await?;
+    Ok(Json(live.json(&device)).into_response())
 }
 
 /// `PATCH /devices/{id}` `{"name"?,"homeId"?}` (`homeId: null` takes it out of its home).
@@ -268,8 +294,8 @@ pub(crate) async fn update_device(
     let update = DeviceUpdate { name: fields.name(false)?, home: fields.home_id("homeId")? };
     let device = app.store.update_device(id, update).await?;
     tracing::info!(device = %id, home = ?device.home.map(HomeId::get), "device updated");
-    let live = connected(&app, std::slice::from_ref(&device)).await?;
-    Ok(Json(device_json(&device, live.contains(&id), None)).into_response())
+    let live = Live::of(&app, std::slice::from_ref(&device)).await?;
+    Ok(Json(live.json(&device)).into_response())
 }
 
 /// `POST /devices/{id}/apiKey`: a new key; the old one stops working at once.

@@ -13,6 +13,7 @@ use ddp_store::{Condition, StoreRef};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::progress::{Wait, wait_param, waited};
 use super::{Body, Caller};
 use crate::app::App;
 use crate::error::{Error, Result};
@@ -208,32 +209,45 @@ fn parse_put_body(body: &[u8]) -> Result<Value> {
     Value::from_raw(raw).map_err(|e| Error::new(Reason::InvalidValue, e.to_string()))
 }
 
-/// `PUT …/kv/{key}` with `{"value": <json>}`
+/// `PUT …/kv/{key}` with `{"value": <json>}`; `?wait=` waits for the device (PROTOCOL.md §10).
 pub(crate) async fn put(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     path: KvPath,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Response> {
     let key = parse_key(path.key.as_deref().unwrap_or_default())?;
     let condition = condition(&headers, true)?;
+    let wait = wait_param(&query, path.store)?;
     let value = parse_put_body(&body)?;
     let change = app.kv.set(&who, Transport::Rest, path.store, key, value, condition).await?;
-    Ok((StatusCode::NO_CONTENT, [(ETAG, etag(change.rev))]).into_response())
+    written(&app, change.rev, wait).await
 }
 
-/// `DELETE …/kv/{key}`
+/// `DELETE …/kv/{key}`; `?wait=` waits for the device (PROTOCOL.md §10).
 pub(crate) async fn delete(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
     path: KvPath,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response> {
     let key = parse_key(path.key.as_deref().unwrap_or_default())?;
     let condition = condition(&headers, false)?;
+    let wait = wait_param(&query, path.store)?;
     let change = app.kv.delete(&who, Transport::Rest, path.store, key, condition).await?;
-    Ok((StatusCode::NO_CONTENT, [(ETAG, etag(change.rev))]).into_response())
+    written(&app, change.rev, wait).await
+}
+
+/// The answer to a committed write: `204` with its `ETag`, or after the wait it asked for
+/// `200 {"rev","applied","appliedRev"}` (or `…delivered…`).
+async fn written(app: &App, rev: Rev, wait: Option<Wait>) -> Result<Response> {
+    match wait {
+        None => Ok((StatusCode::NO_CONTENT, [(ETAG, etag(rev))]).into_response()),
+        Some(wait) => Ok(([(ETAG, etag(rev))], axum::Json(waited(app, wait, rev).await)).into_response()),
+    }
 }
 
 /// `…/kv/` with an empty key.

@@ -12,6 +12,7 @@ mod events;
 mod kv;
 mod mqtt;
 mod ops;
+mod progress;
 mod serve;
 mod upgrade;
 mod ws;
@@ -53,6 +54,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/devices", post(admin::create_device).get(admin::list_devices))
         .route("/devices/{id}", get(admin::get_device).patch(admin::update_device).delete(admin::delete_device))
         .route("/devices/{id}/apiKey", post(admin::rotate_device_key))
+        .route("/devices/{id}/sync", get(progress::get))
         .route("/apiKeys", post(admin::create_api_key).get(admin::list_api_keys))
         .route("/apiKeys/{id}", axum::routing::delete(admin::delete_api_key))
         .route("/devices/{id}/event", axum::routing::put(events::raise))

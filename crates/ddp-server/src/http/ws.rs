@@ -238,6 +238,7 @@ async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Ses
     if Box::pin(send_all(&mut socket, first)).await.is_err() {
         return;
     }
+    watch.sent();
     let mut keepalive = Keepalive::new(app.config.sessions.idle);
     let close = loop {
         let input = tokio::select! {
@@ -253,6 +254,7 @@ async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Ses
                     if Box::pin(send_all(&mut socket, messages)).await.is_err() {
                         break None;
                     }
+                    watch.sent();
                 }
                 Err(e) => {
                     tracing::warn!(?store, error = %e, "sync session failed");

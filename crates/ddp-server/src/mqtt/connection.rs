@@ -247,7 +247,7 @@ where
                     match self.app.kv.watch(live, None).await {
                         Ok((watch, first)) => {
                             self.watch = Some(watch);
-                            self.publish(first).await?;
+                            self.publish(first).await?; // the reload, delivered once sent
                         }
                         Err(e) => {
                             tracing::warn!(peer = %self.peer, error = %e, "cannot start an mqtt sync session");
@@ -375,7 +375,8 @@ where
         self.run(queue.into()).await
     }
 
-    /// Publishes sync messages on the kv topic. A message larger than the Maximum Packet Size
+    /// Publishes sync messages on the kv topic; once they are flushed, the watch has delivered
+    /// them (PROTOCOL.md §10). A message larger than the Maximum Packet Size
     /// the client announced is never sent: the connection ends with `0x95` (packet too large),
     /// since skipping it would leave a gap in the client's mirror.
     async fn publish(&mut self, messages: Vec<Json>) -> Result<(), Ended> {
@@ -397,6 +398,9 @@ where
             self.send(Outbound::Publish { topic, payload: m.bytes() }).await?;
         }
         self.flush().await?;
+        if let Some(watch) = &self.watch {
+            watch.sent();
+        }
         metrics::counter!("ddp_sync_messages_sent_total", "transport" => "mqtt").increment(n);
         Ok(())
     }

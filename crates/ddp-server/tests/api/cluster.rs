@@ -174,3 +174,38 @@ async fn a_command_sent_through_one_node_reaches_the_device_on_the_other() {
     assert_eq!(over_mqtt, expected);
     assert_eq!([socket.next_text().await, socket.next_text().await], expected);
 }
+
+#[tokio::test]
+async fn an_ack_on_one_node_releases_a_writer_waiting_on_the_other() {
+    let (a, b) = two_nodes().await;
+    let (dev, key) = a.create_device(None).await;
+    let mut ws = b.ws_open(dev, &key, "").await;
+    assert_eq!(ws.next_json().await["action"], "reload");
+    let writer = {
+        let url = format!("{}/devices/{dev}/kv/mode?wait=applied&waitTimeout=20", a.base);
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let resp = reqwest::Client::new()
+                .put(url)
+                .header("Authorization", format!("ModeCloud {ADMIN_KEY}"))
+                .json(&json!({"value": "eco"}))
+                .send()
+                .await
+                .expect("sent");
+            (resp.status(), resp.json::<serde_json::Value>().await.expect("json"), started.elapsed())
+        })
+    };
+    let set = ws.next_json().await;
+    assert_eq!((set["key"].clone(), set["rev"].clone()), (json!("mode"), json!(1)), "node B delivered node A's write");
+    ws.send_json(&json!({"action": "ack", "rev": 1})).await;
+    let (status, body, took) = writer.await.expect("writer");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"rev": 1, "applied": true, "appliedRev": 1}));
+    assert!(took < Duration::from_secs(10), "released by the ack on the other node, not by the timeout ({took:?})");
+    // Both nodes report it, and node A's delivered comes from node B's session.
+    for node in [&a, &b] {
+        let seen =
+            expect_json(node.admin(Method::GET, &format!("/devices/{dev}/sync")).send().await, StatusCode::OK).await;
+        assert_eq!((seen["deliveredRev"].clone(), seen["appliedRev"].clone()), (json!(1), json!(1)), "{seen}");
+    }
+}

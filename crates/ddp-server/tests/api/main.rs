@@ -6,6 +6,7 @@ mod auth;
 #[cfg(feature = "postgres-tests")]
 mod cluster;
 mod commands;
+mod delivery;
 mod errors;
 mod events;
 mod fuzz;

@@ -1,7 +1,7 @@
 //! How a node learns what every node commits.
 //!
 //! Three append-only tables are read after a cursor of sequence numbers: `changes`,
-//! `admin_log` and `event_log`. Sequence numbers are taken before commit, so a reader can see
+//! `admin_log` and `event_log` (events, commands and sync progress). Sequence numbers are taken before commit, so a reader can see
 //! seq 12 while seq 11 is still in flight: the cursor remembers such *gaps* and asks for them
 //! again until they appear or are given up (a rolled-back transaction leaves a gap forever).
 //! Rows past a gap are delivered at once. That keeps every store's changes in rev order, because
@@ -299,8 +299,11 @@ fn admin_row(row: &Row) -> Result<Option<AdminChange>, StoreError> {
     })
 }
 
-/// An `event_log` row: an event for a home, or a command for a device.
+/// An `event_log` row: an event for a home, a command for a device, or sync progress.
 fn event_row(row: &Row) -> Result<Option<Committed>, StoreError> {
+    if row.try_get::<_, i16>(4)? == 1 {
+        return super::progress::decode(row.try_get(2)?).map(Some);
+    }
     let home = row.try_get::<_, Option<i64>>(1)?.and_then(|h| HomeId::new(to_u64(h)));
     let json: Arc<str> = Arc::from(row.try_get::<_, String>(2)?);
     let device = row.try_get::<_, Option<i64>>(3)?.and_then(|d| DeviceId::new(to_u64(d)));
@@ -353,7 +356,7 @@ impl Listener {
             ))
             .await?;
         let admin = client.prepare(&query("admin_log", "seq, kind, a, b, c")).await?;
-        let events = client.prepare(&query("event_log", "seq, home_id, json, device_id")).await?;
+        let events = client.prepare(&query("event_log", "seq, home_id, json, device_id, kind")).await?;
         Ok(Listener { client, changes, admin, events })
     }
 }

@@ -27,10 +27,12 @@
 //! - `writer`: the group-commit batchers.
 //! - `feed`: the change feed (cursors, gaps, LISTEN/NOTIFY) and the announcer.
 //! - `presence`: sessions counted per device and node, heartbeats, reaping.
+//! - `progress`: delivery and acknowledgement per device, recorded and shared.
 //! - `rows`: rows into records, and the statements several operations share.
 
 mod feed;
 mod presence;
+mod progress;
 mod rows;
 mod schema;
 mod writer;
@@ -500,6 +502,7 @@ impl Store for PgStore {
         }
         delete_store(&tx, StoreRef::Device(id)).await?;
         tx.execute("DELETE FROM presence WHERE device_id = $1", &[&sql_id(id.get())]).await?;
+        tx.execute("DELETE FROM device_sync WHERE device_id = $1", &[&sql_id(id.get())]).await?;
         self.commit_admin(tx, AdminChange::DeviceDeleted(id)).await
     }
 
@@ -531,6 +534,18 @@ impl Store for PgStore {
         self.announcer.announce("command");
         self.feed.wake();
         Ok(())
+    }
+
+    async fn record_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError> {
+        self.record_progress(progress).await
+    }
+
+    async fn device_sync(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceSync>, StoreError> {
+        self.progress_of(devices).await
+    }
+
+    async fn broadcast_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError> {
+        self.announce_progress(progress).await
     }
 
     async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {

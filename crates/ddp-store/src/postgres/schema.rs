@@ -279,6 +279,42 @@ BEGIN
     INSERT INTO event_log (device_id, json, created_ms) VALUES (p_device, p_json, p_now);
 END $$;
 "#,
+    r#"
+-- Delivery and acknowledgement (PROTOCOL.md §10), per device: the highest rev handed to its own
+-- sessions and the highest it acknowledged, with when. Each node records its own about once a
+-- second; nothing is ever lowered.
+CREATE TABLE device_sync (
+    device_id      BIGINT PRIMARY KEY,
+    delivered_rev  BIGINT NOT NULL,
+    applied_rev    BIGINT NOT NULL,
+    applied_ms     BIGINT
+);
+-- p_devices holds each device once, in order (so nodes lock rows in the same order).
+CREATE FUNCTION ddp_record_sync(p_devices BIGINT[], p_delivered BIGINT[], p_applied BIGINT[], p_applied_ms BIGINT[])
+RETURNS VOID LANGUAGE sql AS $$
+    INSERT INTO device_sync AS s (device_id, delivered_rev, applied_rev, applied_ms)
+    SELECT u.d, u.delivered, u.applied, u.at
+    FROM unnest(p_devices, p_delivered, p_applied, p_applied_ms) AS u(d, delivered, applied, at)
+    WHERE EXISTS (SELECT 1 FROM devices WHERE id = u.d)
+    ORDER BY u.d
+    ON CONFLICT (device_id) DO UPDATE SET
+        delivered_rev = GREATEST(s.delivered_rev, EXCLUDED.delivered_rev),
+        applied_ms = CASE WHEN EXCLUDED.applied_rev > s.applied_rev
+                            OR (EXCLUDED.applied_rev = s.applied_rev AND s.applied_ms IS NULL)
+                          THEN EXCLUDED.applied_ms ELSE s.applied_ms END,
+        applied_rev = GREATEST(s.applied_rev, EXCLUDED.applied_rev);
+$$;
+-- Progress travels the event log to the other nodes: kind 0 is an event or a command (by the id
+-- set), kind 1 a batch of progress (JSON, see postgres/progress.rs). Nodes that predate this
+-- read kind 1 rows as neither and skip them.
+ALTER TABLE event_log ADD COLUMN kind SMALLINT NOT NULL DEFAULT 0;
+CREATE FUNCTION ddp_sync(p_json TEXT, p_now BIGINT)
+RETURNS VOID LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    INSERT INTO event_log (kind, json, created_ms) VALUES (1, p_json, p_now);
+END $$;
+"#,
 ];
 
 fn backend(e: tokio_postgres::Error) -> StoreError {

@@ -441,6 +441,7 @@ impl Store for SqliteStore {
                 return Ok(Err(StoreError::DeviceNotFound(id)));
             }
             delete_store(conn, StoreRef::Device(id))?;
+            conn.prepare_cached("DELETE FROM device_sync WHERE device_id = ?1")?.execute([sql_id(id.get())])?;
             tx.states.forget(StoreRef::Device(id));
             tx.out.push(Committed::Admin(AdminChange::DeviceDeleted(id)));
             Ok(Ok(()))
@@ -496,6 +497,77 @@ impl Store for SqliteStore {
 
     async fn broadcast_command(&self, device: DeviceId, json: String) -> Result<(), StoreError> {
         self.sink.committed(&[Committed::Command { device, json: Arc::from(json) }]);
+        Ok(())
+    }
+
+    async fn record_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError> {
+        if progress.is_empty() {
+            return Ok(());
+        }
+        // In the writer's next batch, with whatever writes it carries: no fsync of its own
+        // while writes flow.
+        self.write_job(move |tx| {
+            let mut stmt = tx.conn.prepare_cached(
+                "INSERT INTO device_sync (device_id, delivered_rev, applied_rev, applied_ms)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)
+                 ON CONFLICT (device_id) DO UPDATE SET
+                     delivered_rev = MAX(delivered_rev, excluded.delivered_rev),
+                     applied_ms = CASE WHEN excluded.applied_rev > applied_rev
+                                         OR (excluded.applied_rev = applied_rev AND applied_ms IS NULL)
+                                       THEN excluded.applied_ms ELSE applied_ms END,
+                     applied_rev = MAX(applied_rev, excluded.applied_rev)",
+            )?;
+            for (device, p) in &progress {
+                stmt.execute(params![
+                    sql_id(device.get()),
+                    sql_id(p.delivered.0),
+                    sql_id(p.applied.0),
+                    p.applied_at.map(Timestamp::millis)
+                ])?;
+            }
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    async fn device_sync(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceSync>, StoreError> {
+        self.read(move |conn| {
+            let tx = conn.transaction()?;
+            let mut out = Vec::with_capacity(devices.len());
+            {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT MAX(s.rev, COALESCE((SELECT MAX(c.rev) FROM changes c WHERE c.kind = 0 AND c.owner = s.owner), 0)),
+                            d.delivered_rev, d.applied_rev, d.applied_ms
+                     FROM stores s LEFT JOIN device_sync d ON d.device_id = s.owner
+                     WHERE s.kind = 0 AND s.owner = ?1",
+                )?;
+                for device in devices {
+                    let row = stmt
+                        .query_row([sql_id(device.get())], |r| {
+                            Ok(DeviceSync {
+                                device,
+                                rev: rev_of(r.get(0)?),
+                                progress: SyncProgress {
+                                    delivered: rev_of(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
+                                    applied: rev_of(r.get::<_, Option<i64>>(2)?.unwrap_or(0)),
+                                    applied_at: r.get::<_, Option<i64>>(3)?.map(Timestamp),
+                                },
+                            })
+                        })
+                        .optional()?;
+                    out.extend(row);
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn broadcast_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError> {
+        if !progress.is_empty() {
+            self.sink.committed(&[Committed::Sync(Arc::from(progress))]);
+        }
         Ok(())
     }
 

@@ -4,7 +4,8 @@ use rusqlite::Connection;
 
 use crate::StoreError;
 
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE homes (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     name        TEXT NOT NULL,
@@ -70,7 +71,18 @@ CREATE TABLE changes (
     origin_id    INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX changes_by_store ON changes(kind, owner, rev);
-"#];
+"#,
+    r#"
+-- Delivery and acknowledgement (PROTOCOL.md §10), per device: the highest rev handed to its own
+-- sessions and the highest it acknowledged, with when. Recorded about once a second; never lowered.
+CREATE TABLE device_sync (
+    device_id      INTEGER PRIMARY KEY,
+    delivered_rev  INTEGER NOT NULL,
+    applied_rev    INTEGER NOT NULL,
+    applied_ms     INTEGER
+);
+"#,
+];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
