@@ -12,6 +12,12 @@
 //! holds is merged, not applied blindly ([`mirror`]). Over WebSocket a reconnect resumes from
 //! the mirror's rev (`sinceRev`), so only missed changes flow. The mirror can be kept in a file.
 //!
+//! The client **acknowledges** what it has applied (PROTOCOL.md §10): once the mirror holds a
+//! rev — and, when it is kept in a file, once that file is saved — it tells the server, which
+//! shows it as the device's `appliedRev` and lets apps wait for it (`PUT …?wait=applied`).
+//! Acknowledgements are coalesced (the latest rev, a few a second at most); see
+//! [`ClientBuilder::acknowledge`].
+//!
 //! ## Quick start
 //!
 //! ```no_run
@@ -46,7 +52,8 @@
 //! - [`client`]: [`Client`], [`ClientBuilder`], [`Status`], [`Update`].
 //! - [`mirror`]: [`Mirror`], the state machine without IO, and [`Change`].
 //! - [`error`]: [`Error`] and [`ErrorKind`].
-//! - `connection`: the background task (transports, write confirmations, reconnection).
+//! - `connection`: the background task (transports, write confirmations, acknowledgements,
+//!   reconnection).
 //! - `persist`: the mirror file.
 
 pub mod client;

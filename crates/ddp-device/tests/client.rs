@@ -347,3 +347,72 @@ async fn commands_reach_the_application_over_mqtt() {
 async fn commands_reach_the_application_over_websocket() {
     commands_reach_the_application(Via::Ws).await;
 }
+
+/// `PUT …?wait=applied` of `value` to `key`; the answer's body.
+async fn put_and_wait(
+    s: &TestServer,
+    dev: u64,
+    key: &str,
+    value: serde_json::Value,
+    timeout: &str,
+) -> serde_json::Value {
+    let resp = s
+        .admin(Method::PUT, &format!("/devices/{dev}/kv/{key}?wait=applied&waitTimeout={timeout}"))
+        .json(&json!({ "value": value }))
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    resp.json().await.expect("json")
+}
+
+async fn acknowledges_what_it_applied(via: Via) {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    s.put(&format!("/devices/{dev}"), "mode", json!("eco")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("mirror.json");
+    let client = fast(Client::builder(&url(&s, via), dev, &key)).persist_to(&file).start().expect("start");
+    ready(&client).await;
+    // A write waits for the device: the SDK applies it, saves its mirror, then acks.
+    let answer = put_and_wait(&s, dev, "mode", json!("away"), "10").await;
+    assert_eq!(answer, json!({"rev": 2, "applied": true, "appliedRev": 2}));
+    let saved = std::fs::read_to_string(&file).expect("mirror file");
+    assert!(saved.contains("away"), "acknowledged only once persisted: {saved}");
+    // A burst is acknowledged coalesced, up to its last rev.
+    for i in 0..20 {
+        s.put(&format!("/devices/{dev}"), &format!("k{i}"), json!(i)).await;
+    }
+    let answer = put_and_wait(&s, dev, "last", json!(true), "10").await;
+    assert_eq!(answer["applied"], true, "{answer}");
+    assert_eq!(answer["appliedRev"], 23);
+    let sync = s.admin(Method::GET, &format!("/devices/{dev}/sync")).send().await.expect("sync");
+    let sync: serde_json::Value = sync.json().await.expect("json");
+    assert_eq!((sync["deliveredRev"].clone(), sync["appliedRev"].clone()), (json!(23), json!(23)));
+    client.close().await;
+}
+
+#[tokio::test]
+async fn acknowledges_what_it_applied_over_websocket() {
+    acknowledges_what_it_applied(Via::Ws).await;
+}
+
+#[tokio::test]
+async fn acknowledges_what_it_applied_over_mqtt() {
+    acknowledges_what_it_applied(Via::Mqtt).await;
+}
+
+#[tokio::test]
+async fn acknowledgements_can_be_turned_off() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let client = fast(Client::builder(&url(&s, Via::Ws), dev, &key)).acknowledge(false).start().expect("start");
+    ready(&client).await;
+    let answer = put_and_wait(&s, dev, "mode", json!("away"), "0.5").await;
+    assert_eq!(answer, json!({"rev": 1, "applied": false, "appliedRev": 0}));
+    converges(&client, "mode", Some("\"away\"")).await;
+    let sync = s.admin(Method::GET, &format!("/devices/{dev}/sync")).send().await.expect("sync");
+    let sync: serde_json::Value = sync.json().await.expect("json");
+    assert_eq!(sync["deliveredRev"], 1, "delivered all the same");
+    client.close().await;
+}
