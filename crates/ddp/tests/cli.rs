@@ -333,3 +333,62 @@ async fn command_send_reaches_the_device() {
     assert!(run.code != 0 && run.err.contains("JSON object"), "{}", run.err);
     fails(&s, Some(&key), &["command", "send", "--device", &d, "reboot"], "PERMISSION_DENIED").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_the_device_and_device_sync_shows_where_it_stands() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = dev.to_string();
+    let mut ws = s.ws_open(dev, &key, "").await;
+    assert_eq!(ws.next_json().await["action"], "reload");
+    // The device acks every change it gets.
+    let acker = tokio::spawn(async move {
+        loop {
+            let m = ws.next_json().await;
+            if m["action"] == "set" || m["action"] == "delete" {
+                ws.send_json(&serde_json::json!({"action": "ack", "rev": m["rev"]})).await;
+            }
+            if m["key"] == "stop" {
+                return ws;
+            }
+        }
+    });
+    let out = ok(&s, &["kv", "set", "--device", &d, "mode", "eco", "--wait", "applied"]).await;
+    assert!(out.starts_with(&format!("set mode = \"eco\" at rev 1; device {dev} applied it within ")), "{out}");
+    assert!(out.contains(" s at 20"), "when it was applied: {out}");
+    let answer = json(&s, &["kv", "set", "--device", &d, "level", "3", "--wait", "delivered"]).await;
+    assert_eq!(answer, serde_json::json!({"key": "level", "rev": 2, "delivered": true, "deliveredRev": 2}));
+    let out = ok(&s, &["kv", "delete", "--device", &d, "level", "--wait", "applied", "--wait-timeout", "5"]).await;
+    assert!(out.starts_with("deleted level at rev 3; device"), "{out}");
+    ok(&s, &["kv", "set", "--device", &d, "stop", "1", "--wait", "applied"]).await;
+    let mut ws = acker.await.expect("acker");
+
+    let table = ok(&s, &["device", "sync", &d]).await;
+    for line in ["store rev", "delivered rev", "applied rev", "applied at", "connected"] {
+        assert!(table.contains(line), "{line} in {table}");
+    }
+    assert!(table.contains("the device has applied its whole store"), "{table}");
+    let sync = json(&s, &["device", "sync", &d]).await;
+    assert_eq!((sync["rev"].clone(), sync["appliedRev"].clone()), (serde_json::json!(4), serde_json::json!(4)));
+
+    // Not applied in time: the write stands, the command says so and exits non-zero.
+    let run = ddp(
+        &s,
+        Some(ADMIN_KEY),
+        &["kv", "set", "--device", &d, "mode", "away", "--wait", "applied", "--wait-timeout", "0.3"],
+    )
+    .await;
+    assert_eq!(run.code, 1);
+    assert!(run.out.contains("set mode = \"away\" at rev 5"), "{}", run.out);
+    assert!(run.err.contains("had not applied rev 5 within 0.3 s (it is at rev 4); the write stands"), "{}", run.err);
+    assert_eq!(ws.next_json().await["rev"], 5);
+    let table = ok(&s, &["device", "sync", &d]).await;
+    assert!(table.contains("has not acknowledged the last 1 change(s)"), "{table}");
+    let home = s.create_home("H").await.to_string();
+    let run = ddp(&s, Some(ADMIN_KEY), &["kv", "set", "--home", &home, "x", "1", "--wait", "applied"]).await;
+    assert!(run.code != 0 && run.err.contains("--wait is for device stores"), "{}", run.err);
+    let run =
+        ddp(&s, Some(ADMIN_KEY), &["kv", "set", "--device", &d, "x", "1", "--wait", "applied", "--wait-timeout", "90"])
+            .await;
+    assert!(run.code != 0 && run.err.contains("0–60"), "{}", run.err);
+}

@@ -137,6 +137,14 @@ pub enum Device {
         /// Device id.
         id: u64,
     },
+    /// Where a device's sync stands: its store's rev, the rev delivered to its sessions and the
+    /// rev it acknowledged having applied (the admin, a project key that may read it, or the
+    /// device itself).
+    #[command(after_help = "Examples:\n  ddp device sync 7\n  ddp device sync 7 --json")]
+    Sync {
+        /// Device id.
+        id: u64,
+    },
 }
 
 /// `ddp apikey …`
@@ -203,7 +211,7 @@ pub enum Kv {
     },
     /// Set a key. VALUE is taken as JSON when it is valid JSON, else as a string.
     #[command(
-        after_help = "Examples:\n  ddp kv set --device 7 targetTemp 21.5\n  ddp kv set --device 7 mode eco            # the string \"eco\"\n  ddp kv set --device 7 schedule '{\"on\":\"07:00\"}'\n  ddp kv set --device 7 mode away --if-rev 12"
+        after_help = "Examples:\n  ddp kv set --device 7 targetTemp 21.5\n  ddp kv set --device 7 mode eco            # the string \"eco\"\n  ddp kv set --device 7 schedule '{\"on\":\"07:00\"}'\n  ddp kv set --device 7 mode away --if-rev 12\n  ddp kv set --device 7 mode away --wait applied --wait-timeout 30"
     )]
     Set {
         #[command(flatten)]
@@ -215,9 +223,18 @@ pub enum Kv {
         /// Only if the key is still at this rev (else REVISION_MISMATCH).
         #[arg(long)]
         if_rev: Option<u64>,
+        /// Then wait until the device has `applied` (acknowledged) or been `delivered` the
+        /// change; exits non-zero when it has not within --wait-timeout (the write stands).
+        #[arg(long, value_enum, value_name = "WHAT")]
+        wait: Option<WaitFor>,
+        /// How long --wait waits, in seconds (0–60).
+        #[arg(long, default_value_t = 10.0, value_name = "SECONDS", requires = "wait")]
+        wait_timeout: f64,
     },
     /// Delete a key.
-    #[command(after_help = "Examples:\n  ddp kv delete --device 7 mode\n  ddp kv delete --device 7 mode --if-rev 13")]
+    #[command(
+        after_help = "Examples:\n  ddp kv delete --device 7 mode\n  ddp kv delete --device 7 mode --if-rev 13\n  ddp kv delete --device 7 mode --wait delivered"
+    )]
     Delete {
         #[command(flatten)]
         store: StoreArg,
@@ -226,6 +243,13 @@ pub enum Kv {
         /// Only if the key is still at this rev.
         #[arg(long)]
         if_rev: Option<u64>,
+        /// Then wait until the device has `applied` (acknowledged) or been `delivered` the
+        /// change; exits non-zero when it has not within --wait-timeout (the write stands).
+        #[arg(long, value_enum, value_name = "WHAT")]
+        wait: Option<WaitFor>,
+        /// How long --wait waits, in seconds (0–60).
+        #[arg(long, default_value_t = 10.0, value_name = "SECONDS", requires = "wait")]
+        wait_timeout: f64,
     },
     /// List a store's keys.
     #[command(after_help = "Examples:\n  ddp kv list --device 7\n  ddp kv list --home 3 --prefix zone:")]
@@ -236,6 +260,24 @@ pub enum Kv {
         #[arg(long)]
         prefix: Option<String>,
     },
+}
+
+/// What a write waits for (PROTOCOL.md §10).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaitFor {
+    /// The device acknowledged having applied it.
+    Applied,
+    /// A session of the device was handed it.
+    Delivered,
+}
+
+impl WaitFor {
+    const fn as_str(self) -> &'static str {
+        match self {
+            WaitFor::Applied => "applied",
+            WaitFor::Delivered => "delivered",
+        }
+    }
 }
 
 /// `ddp command …`
@@ -429,9 +471,31 @@ pub async fn device(conn: &Connection, command: Device) -> Result<(), Failure> {
                 println!("deleted device {id}");
             }
         }
+        Device::Sync { id } => {
+            let sync = api.json(api.request(Method::GET, &format!("/devices/{id}/sync"))).await?;
+            if conn.json {
+                output::json(&sync);
+            } else {
+                output::fields(&sync, SYNC_FIELDS);
+                let (rev, applied) = (sync["rev"].as_u64().unwrap_or(0), sync["appliedRev"].as_u64().unwrap_or(0));
+                if applied >= rev {
+                    println!("the device has applied its whole store");
+                } else {
+                    println!("the device has not acknowledged the last {} change(s)", rev - applied);
+                }
+            }
+        }
     }
     Ok(())
 }
+
+const SYNC_FIELDS: &[(&str, &str)] = &[
+    ("rev", "store rev"),
+    ("deliveredRev", "delivered rev"),
+    ("appliedRev", "applied rev"),
+    ("appliedTime", "applied at"),
+    ("isConnected", "connected"),
+];
 
 pub async fn apikey(conn: &Connection, command: ApiKey) -> Result<(), Failure> {
     let api = conn.api()?;
@@ -477,14 +541,105 @@ fn key_path(store: StoreArg, key: &str) -> Result<String, Failure> {
     Ok(format!("{}/{key}", store.path()))
 }
 
-/// Sends a key-value write, with `If-Match` when `--if-rev` was given; returns the store's rev
-/// after it (from the ETag).
-async fn write_if_rev(api: &Api, mut request: RequestBuilder, if_rev: Option<u64>) -> Result<u64, Failure> {
+/// A write's `--wait`, `--wait-timeout`.
+struct Waiting {
+    what: WaitFor,
+    seconds: f64,
+    device: u64,
+}
+
+impl Waiting {
+    fn of(store: StoreArg, wait: Option<WaitFor>, seconds: f64) -> Result<Option<Waiting>, Failure> {
+        let Some(what) = wait else { return Ok(None) };
+        let Some(device) = store.device else {
+            return Err(Failure::new("--wait is for device stores (--device): a home has no device to confirm"));
+        };
+        if !(0.0..=60.0).contains(&seconds) {
+            return Err(Failure::new(format!("--wait-timeout must be 0–60 seconds, got {seconds}")));
+        }
+        Ok(Some(Waiting { what, seconds, device }))
+    }
+}
+
+/// A committed write: its rev, and the server's answer to `--wait` when it waited.
+struct Written {
+    rev: u64,
+    waited: Option<serde_json::Value>,
+}
+
+/// Sends a key-value write, with `If-Match` when `--if-rev` was given and `?wait=` with
+/// `--wait`.
+async fn write(
+    api: &Api,
+    mut request: RequestBuilder,
+    if_rev: Option<u64>,
+    waiting: Option<&Waiting>,
+) -> Result<Written, Failure> {
     if let Some(rev) = if_rev {
         request = request.header("If-Match", format!("\"{rev}\""));
     }
+    if let Some(w) = waiting {
+        request = request.query(&[("wait", w.what.as_str().to_owned()), ("waitTimeout", w.seconds.to_string())]);
+    }
     let response = api.send(request).await?;
-    Ok(etag_rev(&response).unwrap_or_default())
+    let rev = etag_rev(&response).unwrap_or_default();
+    let waited = match waiting {
+        None => None,
+        Some(_) => Some(
+            response.json::<serde_json::Value>().await.map_err(|e| Failure::new(format!("unexpected answer: {e}")))?,
+        ),
+    };
+    Ok(Written { rev, waited })
+}
+
+/// Reports what `--wait` found (`done`: what the write did, e.g. "set mode = 3"); a device that
+/// did not confirm in time is a failure (the write stands).
+async fn report(
+    conn: &Connection,
+    api: &Api,
+    key: &str,
+    done: &str,
+    written: Written,
+    waiting: Option<&Waiting>,
+    started: std::time::Instant,
+) -> Result<(), Failure> {
+    let (Some(body), Some(w)) = (written.waited, waiting) else {
+        if conn.json {
+            println!("{}", json!({ "key": key, "rev": written.rev }));
+        } else {
+            println!("{done} at rev {}", written.rev);
+        }
+        return Ok(());
+    };
+    let what = w.what.as_str();
+    let confirmed = body[what] == true;
+    let reached = &body[if w.what == WaitFor::Applied { "appliedRev" } else { "deliveredRev" }];
+    if conn.json {
+        let mut body = body.clone();
+        body["key"] = json!(key);
+        println!("{body}");
+    } else if confirmed {
+        let took = started.elapsed().as_secs_f64();
+        let at = match w.what {
+            WaitFor::Applied => {
+                match api.json(api.request(Method::GET, &format!("/devices/{}/sync", w.device))).await {
+                    Ok(sync) => format!(" at {}", output::cell(&sync["appliedTime"])),
+                    Err(_) => String::new(),
+                }
+            }
+            WaitFor::Delivered => String::new(),
+        };
+        println!("{done} at rev {}; device {} {what} it within {took:.2} s{at}", written.rev, w.device);
+    } else {
+        println!("{done} at rev {}", written.rev);
+    }
+    if confirmed {
+        return Ok(());
+    }
+    Err(Failure::new(format!(
+        "device {} had not {what} rev {} within {} s (it is at rev {reached}); the write stands",
+        w.device, written.rev, w.seconds
+    )))
 }
 
 pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
@@ -503,26 +658,23 @@ pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
                 eprintln!("(rev {}, modified {})", rev.unwrap_or_default(), item.modification_time);
             }
         }
-        Kv::Set { store, key, value, if_rev } => {
+        Kv::Set { store, key, value, if_rev, wait, wait_timeout } => {
+            let waiting = Waiting::of(store, wait, wait_timeout)?;
             let value = parse_value(&value)?;
             let body = format!("{{\"value\":{}}}", value.as_json());
             let request =
                 api.request(Method::PUT, &key_path(store, &key)?).header("Content-Type", "application/json").body(body);
-            let rev = write_if_rev(&api, request, if_rev).await?;
-            if conn.json {
-                println!("{}", json!({ "key": key, "rev": rev }));
-            } else {
-                println!("set {key} = {} at rev {rev}", value.as_json());
-            }
+            let started = std::time::Instant::now();
+            let written = write(&api, request, if_rev, waiting.as_ref()).await?;
+            let done = format!("set {key} = {}", value.as_json());
+            report(conn, &api, &key, &done, written, waiting.as_ref(), started).await?;
         }
-        Kv::Delete { store, key, if_rev } => {
+        Kv::Delete { store, key, if_rev, wait, wait_timeout } => {
+            let waiting = Waiting::of(store, wait, wait_timeout)?;
             let request = api.request(Method::DELETE, &key_path(store, &key)?);
-            let rev = write_if_rev(&api, request, if_rev).await?;
-            if conn.json {
-                println!("{}", json!({ "key": key, "rev": rev }));
-            } else {
-                println!("deleted {key} at rev {rev}");
-            }
+            let started = std::time::Instant::now();
+            let written = write(&api, request, if_rev, waiting.as_ref()).await?;
+            report(conn, &api, &key, &format!("deleted {key}"), written, waiting.as_ref(), started).await?;
         }
         Kv::List { store, prefix } => {
             let mut request = api.request(Method::GET, &store.path());
