@@ -14,6 +14,7 @@
 //!
 //! Run it with `cargo build --release -p ddp -p ddp-bench && target/release/ddp-bench writes`.
 
+mod acks;
 mod baselines;
 mod chart;
 mod commands;
@@ -58,6 +59,9 @@ enum Command {
     Latency(sync::LatencyArgs),
     /// Command delivery latency with many connected devices under a steady command rate.
     Commands(commands::CommandsArgs),
+    /// Write → applied and write → delivered latency with SDK devices that acknowledge, and
+    /// what acknowledgements cost durable writes.
+    Acks(acks::AcksArgs),
     /// A client process of the reconnect storm (started by `compare`).
     #[command(hide = true)]
     StormClient(storm::StormClientArgs),
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::IdleClient(args) => runtime.block_on(sync::idle_client(args)),
         Command::Latency(args) => runtime.block_on(sync::latency(args)),
         Command::Commands(args) => runtime.block_on(commands::run(args)),
+        Command::Acks(args) => runtime.block_on(acks::run(args)),
         Command::StormClient(args) => runtime.block_on(storm::client(args)),
         Command::Fsync(args) => {
             let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;

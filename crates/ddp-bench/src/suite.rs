@@ -12,6 +12,9 @@
 //!    reload — vs Mosquitto delivering 10 retained messages per device.
 //! 5. Command delivery latency: commands sent over REST to devices on MQTT and on the command
 //!    WebSocket, vs Mosquitto relaying QoS 0 publishes.
+//! 6. Delivery and acknowledgement: write → delivered and write → applied latency with SDK
+//!    devices that acknowledge, and durable writes with acking devices vs without (no peer keeps
+//!    a standing per-device answer, so DDP is compared with itself).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -48,8 +51,8 @@ pub struct CompareArgs {
     #[arg(long)]
     chart: Option<PathBuf>,
     /// Scenarios to run, comma-separated (1 writes, 2 latency, 3 idle memory, 4 reconnect storm,
-    /// 5 command latency).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    /// 5 command latency, 6 delivery and acknowledgement).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
     scenarios: Vec<u8>,
 }
 
@@ -168,7 +171,8 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
             3 => idle_scenario(&plan, &bin, work.path(), &mut report).await?,
             4 => storm_scenario(&plan, &bin, work.path(), &mut report).await?,
             5 => commands_scenario(&plan, &bin, work.path(), &mut report).await?,
-            other => anyhow::bail!("there is no scenario {other} (1–5)"),
+            6 => acks_scenario(&plan, &bin, work.path(), &mut report).await?,
+            other => anyhow::bail!("there is no scenario {other} (1–6)"),
         }
     }
 
@@ -204,7 +208,7 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
              read; absolute numbers depend on the machine.\n\n",
         );
         doc.push_str(
-            "## Commands\n\n```sh\nbench/run            # this report: installs the baselines if missing, builds, runs all four scenarios\n\
+            "## Commands\n\n```sh\nbench/run            # this report: installs the baselines if missing, builds, runs every scenario\n\
              bench/run --quick    # the same in under 2 minutes, for a look (target/bench/benchmarks-quick.md)\n\
              bench/run --scenarios 2,4   # some scenarios only\n```\n\n\
              Each scenario starts its own servers (DDP on a fresh data directory, etcd, Redis, Mosquitto) on loopback \
@@ -569,13 +573,12 @@ async fn commands_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Re
         xs[xs.len() / 2]
     };
     let mut s = format!(
-        "## 5. Command delivery latency
-
-{} connected devices, {} commands/s spread over them for {} s, open          loop; each command carries its issue time, each device reports when it arrived and checks the order.          Commands are not stored, so Mosquitto relaying QoS 0 is the floor. Median of {} run(s) per system;          lost and out-of-order are totals; merged percentiles over every round beside.
-
-         | system | sent | delivered | lost | out of order | p50 ms | p99 ms | merged p99 ms | merged max ms |
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|
-",
+        "## 5. Command delivery latency\n\n{} connected devices, {} commands/s spread over them for {} s, open \
+         loop; each command carries its issue time, each device reports when it arrived and checks the order. \
+         Commands are not stored, so Mosquitto relaying QoS 0 is the floor. Median of {} run(s) per system; \
+         lost and out-of-order are totals; merged percentiles over every round beside.\n\n\
+         | system | sent | delivered | lost | out of order | p50 ms | p99 ms | merged p99 ms | merged max ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         plan.lat_devices, plan.lat_rate, plan.lat_seconds, plan.repeat
     );
     for (system, name) in names.iter().enumerate() {
@@ -607,6 +610,92 @@ async fn commands_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Re
             format!("{p99:.2} ms vs {mosquitto_p99:.2} ms ({:.1}×)", p99 / mosquitto_p99),
         );
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Delivery and acknowledgement
+
+async fn acks_scenario(plan: &Plan, bin: &Path, work: &Path, report: &mut Report) -> anyhow::Result<()> {
+    use crate::acks;
+    eprintln!("scenario 6: delivery and acknowledgement…");
+    let ddp = server::start(bin, &work.join("s6-ddp"), &[])?;
+    let made = devices::create(&ddp.base, plan.lat_devices, 0, 0).await?;
+    let duration = Duration::from_secs_f64(plan.lat_seconds);
+    let mut waits = Vec::new();
+    let sdk = acks::connect_sdk(&ddp.base, &made, true).await?;
+    for round in 0..plan.repeat {
+        let r = acks::measure_waits(&ddp.base, &made, plan.lat_rate, duration).await?;
+        let ((ap50, ap99), (dp50, dp99)) = (r.applied_ms(), r.delivered_ms());
+        eprintln!(
+            "  round {}: write → delivered p50 {dp50:.2} ms p99 {dp99:.2} ms; write → applied p50 {ap50:.2} ms \
+             p99 {ap99:.2} ms; unconfirmed {}",
+            round + 1,
+            r.unconfirmed
+        );
+        waits.push(r);
+    }
+    acks::close_sdk(sdk).await;
+    let (without, with) =
+        acks::throughput_pair(&ddp.base, ddp.pid, &made, 64, Duration::from_secs_f64(plan.write_seconds), plan.repeat)
+            .await?;
+    drop(ddp);
+
+    let med = |xs: Vec<f64>| {
+        let mut xs = xs;
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let unconfirmed: u64 = waits.iter().map(|r| r.unconfirmed).sum();
+    let sent =
+        |applied: bool| -> u64 { waits.iter().map(|r| if applied { r.applied_sent } else { r.delivered_sent }).sum() };
+    let (ap50, ap99) =
+        (med(waits.iter().map(|r| r.applied_ms().0).collect()), med(waits.iter().map(|r| r.applied_ms().1).collect()));
+    let (dp50, dp99) = (
+        med(waits.iter().map(|r| r.delivered_ms().0).collect()),
+        med(waits.iter().map(|r| r.delivered_ms().1).collect()),
+    );
+    let (a, b) = (median(&without), median(&with));
+    let ratio = b.per_sec / a.per_sec;
+    let mut s = format!(
+        "## 6. Delivery and acknowledgement\n\n{} devices running the Rust SDK over WebSocket, which acknowledges \
+         each change once applied (coalesced: at most four acks a second per device). Apps write {} times a \
+         second for {} s, open loop, alternately with `?wait=applied` and `?wait=delivered`: each answer comes \
+         when the device acknowledged the change (or its session sent it), so its response time from the \
+         write's issue is the latency. Median of {} run(s).\n\n\
+         | measure | writes | p50 ms | p99 ms |\n|---|---:|---:|---:|\n\
+         | write → delivered | {} | {dp50:.2} | {dp99:.2} |\n\
+         | write → applied | {} | {ap50:.2} | {ap99:.2} |\n\n\
+         Writes the wait could not confirm within 10 s: {unconfirmed}.\n\n\
+         Durable writes/s from 64 closed-loop writers to the same devices' stores while all are connected, \
+         the SDK acknowledging or not, alternating (median of {} each):\n\n\
+         | devices | durable PUT/s | p99 ms |\n|---|---:|---:|\n\
+         | not acknowledging | {:.0} | {:.2} |\n| acknowledging | {:.0} | {:.2} |\n\n\
+         With acks / without: **{ratio:.2}×**.\n",
+        plan.lat_devices,
+        plan.lat_rate,
+        plan.lat_seconds,
+        plan.repeat,
+        sent(false),
+        sent(true),
+        plan.repeat,
+        a.per_sec,
+        a.p99_ms,
+        b.per_sec,
+        b.p99_ms,
+    );
+    s.push('\n');
+    report.section(&s);
+    report.goal(
+        format!("6: durable writes with {} acking devices ≥ 0.9× without acks", plan.lat_devices),
+        ratio >= 0.9,
+        format!("{:.0} vs {:.0} writes/s ({ratio:.2}×)", b.per_sec, a.per_sec),
+    );
+    report.goal(
+        "6: every write waiting for its device confirmed",
+        unconfirmed == 0,
+        format!("{unconfirmed} unconfirmed of {}", sent(true) + sent(false)),
+    );
     Ok(())
 }
 

@@ -117,7 +117,7 @@ impl ClientBuilder {
     /// that apps can see (and wait for) the device having its configuration. On by default.
     /// With [`persist_to`](Self::persist_to), a change is acknowledged once the mirror file
     /// holding it is saved; saves then follow changes at once after a quiet spell and at most
-    /// once a second. Without, acknowledgements follow changes at once and at most ten a second.
+    /// once a second. Without, acknowledgements follow changes at once and at most four a second.
     /// Each carries the latest rev, so a burst of changes costs one or two.
     pub fn acknowledge(mut self, on: bool) -> ClientBuilder {
         self.acks = on;

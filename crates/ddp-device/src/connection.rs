@@ -132,7 +132,7 @@ pub(crate) struct Task {
 /// How often a changed mirror is saved.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// The least time between two acknowledgements when the mirror is not persisted.
-const ACK_EVERY: Duration = Duration::from_millis(100);
+const ACK_EVERY: Duration = Duration::from_millis(250);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

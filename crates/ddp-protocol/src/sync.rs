@@ -1,6 +1,8 @@
 //! Sync messages (PROTOCOL.md §4): what the server sends a device's live session, and what a device
 //! may send back. The same JSON travels over WebSocket text frames and MQTT payloads.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -178,8 +180,10 @@ impl FrameError {
 /// `items`, `"value":null` on delete) are accepted and ignored.
 #[derive(Deserialize)]
 struct RawFrame<'a> {
-    action: Option<String>,
-    key: Option<String>,
+    #[serde(borrow)]
+    action: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    key: Option<Cow<'a, str>>,
     #[serde(borrow)]
     value: Option<&'a RawValue>,
     rev: Option<&'a RawValue>,
@@ -194,22 +198,23 @@ impl DeviceRequest {
         }
         let raw: RawFrame<'_> = serde_json::from_slice(text)
             .map_err(|e| FrameError::new(Reason::InvalidJson, format!("frame is not a JSON object: {e}"), None))?;
-        let key_text = raw.key;
-        let key = |k: Option<String>| -> Result<Key, FrameError> {
-            let k = k.ok_or_else(|| FrameError::new(Reason::InvalidKey, "frame has no \"key\"", None))?;
-            Key::new(&k).map_err(|e: KeyError| FrameError::new(Reason::InvalidKey, e.to_string(), Some(k)))
+        let key_text = raw.key.as_deref();
+        let named = || key_text.map(str::to_owned);
+        let key = || -> Result<Key, FrameError> {
+            let k = key_text.ok_or_else(|| FrameError::new(Reason::InvalidKey, "frame has no \"key\"", None))?;
+            Key::new(k).map_err(|e: KeyError| FrameError::new(Reason::InvalidKey, e.to_string(), named()))
         };
         match raw.action.as_deref() {
             Some("set") => {
-                let k = key(key_text.clone())?;
+                let k = key()?;
                 let value = match raw.value {
                     None => Err(ValueError::Null),
                     Some(v) => Value::from_raw(v),
                 }
-                .map_err(|e| FrameError::new(Reason::InvalidValue, e.to_string(), key_text))?;
+                .map_err(|e| FrameError::new(Reason::InvalidValue, e.to_string(), named()))?;
                 Ok(DeviceRequest::Set { key: k, value })
             }
-            Some("delete") => Ok(DeviceRequest::Delete { key: key(key_text)? }),
+            Some("delete") => Ok(DeviceRequest::Delete { key: key()? }),
             Some("ack") => {
                 let rev = raw.rev.and_then(|r| r.get().parse::<u64>().ok()).ok_or_else(|| {
                     FrameError::new(Reason::InvalidParameter, "an ack needs \"rev\": a rev (0 or more)", None)
@@ -219,9 +224,9 @@ impl DeviceRequest {
             Some(other) => Err(FrameError::new(
                 Reason::InvalidParameter,
                 format!("unknown action {other:?}; devices send \"set\", \"delete\" or \"ack\""),
-                key_text,
+                named(),
             )),
-            None => Err(FrameError::new(Reason::InvalidParameter, "frame has no \"action\"", key_text)),
+            None => Err(FrameError::new(Reason::InvalidParameter, "frame has no \"action\"", named())),
         }
     }
 

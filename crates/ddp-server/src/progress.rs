@@ -138,6 +138,25 @@ impl Outbox {
 
 type Devices = HashMap<DeviceId, Entry>;
 
+/// The metrics of the ack path, registered once (looking them up on every ack costs).
+struct Meters {
+    advanced: metrics::Counter,
+    unchanged: metrics::Counter,
+    refused: metrics::Counter,
+    applied_after: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Meters {
+        Meters {
+            advanced: metrics::counter!("ddp_acks_total", "outcome" => "advanced"),
+            unchanged: metrics::counter!("ddp_acks_total", "outcome" => "unchanged"),
+            refused: metrics::counter!("ddp_acks_total", "outcome" => "refused"),
+            applied_after: metrics::histogram!("ddp_commit_to_applied_seconds"),
+        }
+    }
+}
+
 /// The tracker. See the [module docs](self).
 pub(crate) struct Tracker {
     store: Arc<dyn Store>,
@@ -146,6 +165,7 @@ pub(crate) struct Tracker {
     hasher: std::hash::RandomState,
     outbox: Mutex<Outbox>,
     wake: Notify,
+    meters: Meters,
 }
 
 impl Tracker {
@@ -158,6 +178,7 @@ impl Tracker {
             hasher: std::hash::RandomState::new(),
             outbox: Mutex::default(),
             wake: Notify::new(),
+            meters: Meters::new(),
         }
     }
 
@@ -214,50 +235,64 @@ impl Tracker {
     /// store's rev: `INVALID_PARAMETER`, nothing changes. At or below the recorded one: nothing
     /// changes.
     pub(crate) async fn ack(&self, device: DeviceId, rev: Rev) -> Result<()> {
-        let (seeded, store_rev) = self.with_entry(device, |e| (e.seeded, e.store_rev));
-        if !seeded || rev > store_rev {
+        let now = Timestamp::now();
+        let mut outcome = self.with_entry(device, |e| self.apply_ack(e, rev, now, false));
+        if outcome.is_none() {
             // The first ack since this node took note of the device, or one beyond what it has
             // seen of the store: storage knows the store's rev and what was recorded before.
             self.load(vec![device], true).await?;
+            outcome = self.with_entry(device, |e| self.apply_ack(e, rev, now, true));
         }
-        let now = Timestamp::now();
-        let outcome = self.with_entry(device, |e| {
-            if rev > e.store_rev {
-                return Err(e.store_rev);
-            }
-            if rev <= e.known.applied {
-                return Ok(None);
-            }
-            e.known.applied = rev;
-            e.known.applied_at = Some(now);
-            while let Some(&(r, committed)) = e.commits.front() {
-                if r > rev {
-                    break;
-                }
-                e.commits.pop_front();
-                let ms = (now.millis() - committed.millis()).max(0);
-                metrics::histogram!("ddp_commit_to_applied_seconds").record(ms as f64 / 1000.0);
-            }
-            e.moved();
-            Ok(Some(e.known))
-        });
         match outcome {
-            Err(store_rev) => {
-                metrics::counter!("ddp_acks_total", "outcome" => "refused").increment(1);
+            Some(Err(store_rev)) => {
+                self.meters.refused.increment(1);
                 Err(Error::invalid_parameter(format!(
                     "an ack of rev {rev} is above the store's rev {store_rev}: ack only revs you have received"
                 )))
             }
-            Ok(None) => {
-                metrics::counter!("ddp_acks_total", "outcome" => "unchanged").increment(1);
+            Some(Ok(None)) | None => {
+                self.meters.unchanged.increment(1);
                 Ok(())
             }
-            Ok(Some(known)) => {
-                metrics::counter!("ddp_acks_total", "outcome" => "advanced").increment(1);
+            Some(Ok(Some(known))) => {
+                self.meters.advanced.increment(1);
                 self.moved(device, known, true);
                 Ok(())
             }
         }
+    }
+
+    /// Applies an ack to what this node knows: `None` when storage must be read first (the
+    /// entry is not seeded, or the rev is beyond the store's rev seen here) unless `loaded`;
+    /// `Err(store rev)` above the store; `Ok(None)` when nothing moved; else the new progress.
+    fn apply_ack(
+        &self,
+        e: &mut Entry,
+        rev: Rev,
+        now: Timestamp,
+        loaded: bool,
+    ) -> Option<std::result::Result<Option<SyncProgress>, Rev>> {
+        if !loaded && (!e.seeded || rev > e.store_rev) {
+            return None;
+        }
+        if rev > e.store_rev {
+            return Some(Err(e.store_rev));
+        }
+        if rev <= e.known.applied {
+            return Some(Ok(None));
+        }
+        e.known.applied = rev;
+        e.known.applied_at = Some(now);
+        while let Some(&(r, committed)) = e.commits.front() {
+            if r > rev {
+                break;
+            }
+            e.commits.pop_front();
+            let ms = (now.millis() - committed.millis()).max(0);
+            self.meters.applied_after.record(ms as f64 / 1000.0);
+        }
+        e.moved();
+        Some(Ok(Some(e.known)))
     }
 
     // ---- reading and waiting ----

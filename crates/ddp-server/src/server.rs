@@ -142,6 +142,8 @@ impl Server {
         let mqtt_ws =
             config.mqtt.ws_listen.map(|addr| listen(addr, "--mqtt-ws-listen / DDP_MQTT_WS_LISTEN")).transpose()?;
 
+        // Before anything registers a metric handle: handles taken earlier would record nowhere.
+        let metrics = metrics::handle();
         let auth_cache = Arc::new(AuthCache::default());
         let hub = Arc::new(Hub::new(config.sessions.mailbox));
         let fanout = Arc::new(Fanout::new(auth_cache.clone(), hub.clone()));
@@ -201,7 +203,7 @@ impl Server {
         };
         let limit = crate::listener::open_file_limit().unwrap_or(1024);
         let caps = Caps::new(connection_budget(limit, storage_files));
-        let app = Arc::new(App { kv, metrics: metrics::handle(), shutdown: CancellationToken::new(), store, config });
+        let app = Arc::new(App { kv, metrics, shutdown: CancellationToken::new(), store, config });
         Ok(Server { app, http, http_addr, https, mqtt, mqtt_tls, mqtt_ws, tls, caps, admin, _lock: lock })
     }
 
