@@ -61,6 +61,8 @@ mod ratelimit;
 mod secret;
 mod server;
 mod sessions;
+#[cfg(test)]
+mod testing;
 mod tls;
 mod watch;
 

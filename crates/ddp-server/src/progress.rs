@@ -606,50 +606,28 @@ mod tests {
     //! The tracker on a real embedded store, whose commit sink goes nowhere: what the fan-out
     //! would hand it is handed by the test.
 
-    use ddp_protocol::{Key, Value};
-    use ddp_store::{Condition, KvAction, KvWrite, NewDevice, NoSink, Origin, SqliteOptions, SqliteStore};
-
     use super::*;
+    use crate::testing::{Embedded, embedded, set};
 
     struct Fixture {
         store: Arc<dyn Store>,
         tracker: Arc<Tracker>,
         device: DeviceId,
-        _dir: tempfile::TempDir,
+        _embedded: Embedded,
     }
 
     async fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let options = SqliteOptions::new(dir.path().join("progress.sqlite3"));
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(options, Arc::new(NoSink)).expect("open"));
-        let device = store
-            .create_device(NewDevice {
-                name: "d".into(),
-                home: None,
-                device_class: String::new(),
-                tag: String::new(),
-                key_hash: [7; 32],
-            })
-            .await
-            .expect("device")
-            .id;
+        let embedded = embedded().await;
+        let store = embedded.store.clone();
         let events = Arc::new(EventBus::new(store.clone(), 16));
         let tracker = Arc::new(Tracker::new(store.clone(), events));
-        Fixture { store, tracker, device, _dir: dir }
+        Fixture { store, tracker, device: embedded.device, _embedded: embedded }
     }
 
     async fn write(f: &Fixture, n: u32) -> Change {
         let mut last = None;
         for i in 0..n {
-            let write = KvWrite {
-                store: StoreRef::Device(f.device),
-                key: Key::new(&format!("k{i}")).expect("key"),
-                action: KvAction::Set(Value::parse("1").expect("value")),
-                condition: Condition::None,
-                max_keys: 100,
-                origin: Origin::Admin,
-            };
-            let change = f.store.write(write).await.expect("write");
+            let change = f.store.write(set(StoreRef::Device(f.device), &format!("k{i}"), "1")).await.expect("write");
             f.tracker.committed(&change);
             last = Some(change);
         }

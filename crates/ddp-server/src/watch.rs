@@ -149,46 +149,25 @@ mod tests {
     //! directly (its commit sink goes nowhere), and only some of them are published to the hub,
     //! as when changes reach a node out of order.
 
-    use ddp_protocol::{Key, Value};
-    use ddp_store::{Condition, KvAction, KvWrite, NewDevice, NoSink, Origin, SqliteOptions, SqliteStore};
-
     use super::*;
+    use crate::testing::{Embedded, embedded, set};
 
     struct Fixture {
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         target: StoreRef,
-        _dir: tempfile::TempDir,
+        _embedded: Embedded,
     }
 
     async fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let options = SqliteOptions::new(dir.path().join("watch.sqlite3"));
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(options, Arc::new(NoSink)).expect("store opens"));
-        let device = store
-            .create_device(NewDevice {
-                name: "d".into(),
-                home: None,
-                device_class: String::new(),
-                tag: String::new(),
-                key_hash: [7; 32],
-            })
-            .await
-            .expect("device");
-        Fixture { store, hub: Arc::new(Hub::new(64)), target: StoreRef::Device(device.id), _dir: dir }
+        let embedded = embedded().await;
+        let target = StoreRef::Device(embedded.device);
+        Fixture { store: embedded.store.clone(), hub: Arc::new(Hub::new(64)), target, _embedded: embedded }
     }
 
     impl Fixture {
         async fn write(&self, n: u64) -> Change {
-            let write = KvWrite {
-                store: self.target,
-                key: Key::new("k").expect("key"),
-                action: KvAction::Set(Value::parse(&n.to_string()).expect("value")),
-                condition: Condition::None,
-                max_keys: 100,
-                origin: Origin::Admin,
-            };
-            self.store.write(write).await.expect("written")
+            self.store.write(set(self.target, "k", &n.to_string())).await.expect("written")
         }
     }
 
