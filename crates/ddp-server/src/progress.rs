@@ -125,8 +125,21 @@ struct Outbox {
     announce: HashMap<DeviceId, SyncProgress>,
     /// Progress to record in storage.
     record: HashMap<DeviceId, SyncProgress>,
-    /// Devices whose `_deviceKVApplied_` is due (or will be, once [`EVENT_EVERY`] has passed).
-    events: HashSet<DeviceId>,
+    /// Devices whose `_deviceKVApplied_` is due now.
+    due: HashSet<DeviceId>,
+    /// Devices whose `_deviceKVApplied_` waits for [`EVENT_EVERY`] to pass since their last.
+    deferred: HashSet<DeviceId>,
+}
+
+/// When an advanced ack's `_deviceKVApplied_` goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Raise {
+    /// At once.
+    Now,
+    /// Once [`EVENT_EVERY`] has passed since the last one.
+    Later,
+    /// Never: the device is in no home.
+    Never,
 }
 
 impl Outbox {
@@ -197,11 +210,17 @@ impl Tracker {
         locks::recover(self.shard(device)).get_mut(&device).map(f)
     }
 
-    fn moved(&self, device: DeviceId, known: SyncProgress, event: bool) {
+    fn moved(&self, device: DeviceId, known: SyncProgress, raise: Raise) {
         let mut outbox = locks::recover(&self.outbox);
         outbox.moved(device, known);
-        if event {
-            outbox.events.insert(device);
+        match raise {
+            Raise::Now => {
+                outbox.due.insert(device);
+            }
+            Raise::Later => {
+                outbox.deferred.insert(device);
+            }
+            Raise::Never => {}
         }
         drop(outbox);
         self.wake.notify_one();
@@ -227,7 +246,7 @@ impl Tracker {
             Some(e.known)
         });
         if let Some(known) = moved {
-            self.moved(device, known, false);
+            self.moved(device, known, Raise::Never);
         }
     }
 
@@ -254,9 +273,9 @@ impl Tracker {
                 self.meters.unchanged.increment(1);
                 Ok(())
             }
-            Some(Ok(Some(known))) => {
+            Some(Ok(Some((known, raise)))) => {
                 self.meters.advanced.increment(1);
-                self.moved(device, known, true);
+                self.moved(device, known, raise);
                 Ok(())
             }
         }
@@ -264,14 +283,15 @@ impl Tracker {
 
     /// Applies an ack to what this node knows: `None` when storage must be read first (the
     /// entry is not seeded, or the rev is beyond the store's rev seen here) unless `loaded`;
-    /// `Err(store rev)` above the store; `Ok(None)` when nothing moved; else the new progress.
+    /// `Err(store rev)` above the store; `Ok(None)` when nothing moved; else the new progress and
+    /// when its event goes out.
     fn apply_ack(
         &self,
         e: &mut Entry,
         rev: Rev,
         now: Timestamp,
         loaded: bool,
-    ) -> Option<std::result::Result<Option<SyncProgress>, Rev>> {
+    ) -> Option<std::result::Result<Option<(SyncProgress, Raise)>, Rev>> {
         if !loaded && (!e.seeded || rev > e.store_rev) {
             return None;
         }
@@ -292,7 +312,15 @@ impl Tracker {
             self.meters.applied_after.record(ms as f64 / 1000.0);
         }
         e.moved();
-        Some(Ok(Some(e.known)))
+        let raise = if e.home == Some(None) {
+            Raise::Never
+        } else if e.last_event.is_none_or(|at| at.elapsed() >= EVENT_EVERY) {
+            e.last_event = Some(Instant::now());
+            Raise::Now
+        } else {
+            Raise::Later
+        };
+        Some(Ok(Some((e.known, raise))))
     }
 
     // ---- reading and waiting ----
@@ -417,7 +445,8 @@ impl Tracker {
         let mut outbox = locks::recover(&self.outbox);
         outbox.announce.remove(&device);
         outbox.record.remove(&device);
-        outbox.events.remove(&device);
+        outbox.due.remove(&device);
+        outbox.deferred.remove(&device);
     }
 
     // ---- the background task ----
@@ -429,13 +458,13 @@ impl Tracker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_record = Instant::now() + RECORD_EVERY;
         loop {
-            tokio::select! {
-                () = self.wake.notified() => {}
-                _ = tick.tick() => {}
+            let ticked = tokio::select! {
+                () = self.wake.notified() => false,
+                _ = tick.tick() => true,
                 () = shutdown.cancelled() => return,
-            }
+            };
             let announced = self.announce().await;
-            self.raise_events().await;
+            self.raise_events(ticked).await;
             if Instant::now() >= next_record {
                 next_record = Instant::now() + RECORD_EVERY;
                 self.record().await;
@@ -485,27 +514,30 @@ impl Tracker {
         }
     }
 
-    /// Raises the `_deviceKVApplied_` events that are due, each with the latest value.
-    async fn raise_events(&self) {
-        let candidates: Vec<DeviceId> = locks::recover(&self.outbox).events.iter().copied().collect();
-        for device in candidates {
-            let due = self.with_existing(device, |e| {
-                let due = e.last_event.is_none_or(|at| at.elapsed() >= EVENT_EVERY);
-                if due {
-                    e.last_event = Some(Instant::now());
+    /// Raises the `_deviceKVApplied_` events that are due, each with the latest value: those due
+    /// at once, and (on a `tick`) the deferred ones whose [`EVENT_EVERY`] has passed.
+    async fn raise_events(&self, tick: bool) {
+        let mut now: Vec<DeviceId> = locks::recover(&self.outbox).due.drain().collect();
+        if tick {
+            let deferred: Vec<DeviceId> = locks::recover(&self.outbox).deferred.iter().copied().collect();
+            for device in deferred {
+                let due = self.with_existing(device, |e| {
+                    let due = e.last_event.is_none_or(|at| at.elapsed() >= EVENT_EVERY);
+                    if due {
+                        e.last_event = Some(Instant::now());
+                    }
+                    due
+                });
+                if due != Some(false) {
+                    locks::recover(&self.outbox).deferred.remove(&device);
                 }
-                due.then_some((e.home, e.known))
-            });
-            let (home, known) = match due {
-                None => {
-                    // Forgotten (deleted) devices raise nothing.
-                    locks::recover(&self.outbox).events.remove(&device);
-                    continue;
+                if due == Some(true) {
+                    now.push(device);
                 }
-                Some(None) => continue, // not yet: the last one was less than EVENT_EVERY ago
-                Some(Some(due)) => due,
-            };
-            locks::recover(&self.outbox).events.remove(&device);
+            }
+        }
+        for device in now {
+            let Some((home, known)) = self.with_existing(device, |e| (e.home, e.known)) else { continue };
             let home = match home {
                 Some(home) => home,
                 None => match self.store.device(device).await {

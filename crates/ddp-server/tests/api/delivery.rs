@@ -278,3 +278,33 @@ async fn recorded_progress_survives_a_restart() {
     assert_eq!(after["appliedRev"], 1);
     assert_eq!(after["appliedTime"], before["appliedTime"], "a clean stop records everything, exactly");
 }
+
+#[tokio::test]
+async fn applied_events_come_at_most_once_a_second_per_device_with_the_latest_value() {
+    let s = TestServer::start().await;
+    let home = s.create_home("H").await;
+    let (dev, key) = s.create_device(Some(home)).await;
+    let mut ws = s.ws_open(dev, &key, "").await;
+    assert_eq!(ws.next_json().await["action"], "reload");
+    for i in 0..3 {
+        s.put(&format!("/devices/{dev}"), &format!("k{i}"), json!(i)).await;
+        ws.next_json().await;
+    }
+    let mut events = s.events_open(ADMIN_KEY, "").await;
+    let started = std::time::Instant::now();
+    ws.send_json(&json!({"action": "ack", "rev": 1})).await;
+    let first = events.next_json().await;
+    assert_eq!(
+        (first["eventType"].clone(), first["eventData"]["appliedRev"].clone()),
+        (json!("_deviceKVApplied_"), json!(1))
+    );
+    // Two more acks within the second: one event, a second after the first, with the latest.
+    for rev in 2..=3 {
+        ws.send_json(&json!({"action": "ack", "rev": rev})).await;
+        sync_until(&s, dev, "the ack recorded", |v| v["appliedRev"] == rev).await;
+    }
+    let second = events.next_json().await;
+    assert_eq!(second["eventData"]["appliedRev"], 3, "the latest value, not every one: {second}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "not within a second of the first");
+    assert!(events.quiet_for(Duration::from_millis(1500)).await, "nothing more: rev 2 was never announced alone");
+}
