@@ -39,6 +39,12 @@ pub enum Update {
     },
     /// The session dropped; the client reconnects by itself.
     Disconnected,
+    /// An atomic batch (PROTOCOL.md §11) up to `rev` was applied whole: its
+    /// [`Update::Changed`]s came just before, and the mirror never held part of it.
+    Batch {
+        /// The rev of the batch's last change.
+        rev: Rev,
+    },
 }
 
 pub(crate) struct Shared {

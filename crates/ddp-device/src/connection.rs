@@ -330,7 +330,10 @@ impl Task {
             ServerMessage::Delete { rev, key } => {
                 self.settle(|r| matches!(r, DeviceRequest::Delete { key: k } if *k == key), Ok(rev));
             }
-            ServerMessage::Error { reason, message, key } => {
+            ServerMessage::Batch { rev, .. } => {
+                let _ = self.shared.updates.send(Update::Batch { rev });
+            }
+            ServerMessage::Error { reason, message, key, .. } => {
                 let error = Error::refused(reason, message);
                 match key {
                     Some(key) => self.settle(|r| r.key().is_some_and(|k| k.as_str() == key), Err(error)),
@@ -346,7 +349,7 @@ impl Task {
         match request {
             DeviceRequest::Set { key, value } => m.get(key.as_str()) == Some(value),
             DeviceRequest::Delete { key } => m.get(key.as_str()).is_none(),
-            DeviceRequest::Ack { .. } => true,
+            DeviceRequest::Ack { .. } | DeviceRequest::Batch { .. } => true,
         }
     }
 
@@ -380,11 +383,12 @@ impl Task {
         let Target::Ws { url, key } = &self.target else { return Ended::Dropped("not a WebSocket target".into()) };
         let mut url = url.clone();
         let rev = self.shared.mirror.read().map(|m| m.rev()).unwrap_or_default();
-        // Commands come on the sync session itself (PROTOCOL.md §8's extension).
+        // Commands come on the sync session itself (PROTOCOL.md §8's extension), and each
+        // atomic batch as one message (§11), applied at once.
         if rev > Rev::ZERO {
-            url.set_query(Some(&format!("commands=1&sinceRev={rev}")));
+            url.set_query(Some(&format!("commands=1&batches=1&sinceRev={rev}")));
         } else {
-            url.set_query(Some("commands=1"));
+            url.set_query(Some("commands=1&batches=1"));
         }
         let mut request = match url.as_str().into_client_request() {
             Ok(r) => r,

@@ -10,6 +10,8 @@
 //! - [`Mirror::rev`] is the rev up to which the mirror has seen *every* change, which is what a
 //!   session resumes from.
 //!
+//! - a `batch` (PROTOCOL.md §11) is its changes applied at once, in order.
+//!
 //! These rules make the mirror's content independent of the order in which it receives the
 //! messages of one history, of duplicates and of delays: any order ends in the in-order state
 //! (property-tested below).
@@ -104,6 +106,9 @@ impl Mirror {
             ServerMessage::Reload { rev, items, .. } => self.reload(*rev, items.iter().map(|i| (&i.key, &i.value))),
             ServerMessage::Set { rev, key, value } => self.change(*rev, key, Some(value)).into_iter().collect(),
             ServerMessage::Delete { rev, key } => self.change(*rev, key, None).into_iter().collect(),
+            // The changes of one batch, applied under the one borrow: whoever reads (or
+            // persists) the mirror sees it before the batch or after it, never in between.
+            ServerMessage::Batch { changes, .. } => changes.iter().flat_map(|c| self.apply(c)).collect(),
             ServerMessage::Resume { .. } | ServerMessage::Error { .. } | ServerMessage::Command { .. } => Vec::new(),
         }
     }

@@ -11,8 +11,10 @@
 //! - [`rev`]: [`Rev`], a store's revision counter.
 //! - [`timestamp`]: [`Timestamp`], milliseconds since the epoch, written as RFC 3339 UTC with milliseconds.
 //! - [`reason`]: [`Reason`], the `UPPER_SNAKE_CASE` error reasons of §2.
+//! - [`batch`]: the ops of an atomic batch (§11) and RFC 7396 merge patch's home, [`Value::merge_patch`].
 //! - [`sync`]: the sync messages exchanged with devices over WebSocket and MQTT (§4).
 
+pub mod batch;
 pub mod ids;
 pub mod key;
 pub mod reason;

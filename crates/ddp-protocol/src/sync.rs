@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::batch::Op;
 use crate::{Key, KeyError, Reason, Rev, Timestamp, Value, ValueError};
 
 /// One item of a store, as listed by REST and carried by `reload`.
@@ -69,6 +70,14 @@ pub enum ServerMessage {
         /// The key.
         key: Key,
     },
+    /// **(extension, PROTOCOL.md §11)** The changes of one atomic batch, for a session opened
+    /// with `?batches=1`: `rev` is the last one's; apply them all at once.
+    Batch {
+        /// The rev of the batch's last change.
+        rev: Rev,
+        /// The `set`/`delete` messages, in rev order.
+        changes: Vec<ServerMessage>,
+    },
     /// **(extension)** A command for the device, on a sync session opened with `?commands=1`.
     Command {
         /// The command.
@@ -83,6 +92,9 @@ pub enum ServerMessage {
         /// The key the frame named, when it named one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
+        /// For a `batch` frame, the op at fault (from 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        index: Option<usize>,
     },
 }
 
@@ -99,6 +111,8 @@ impl<'de> Deserialize<'de> for ServerMessage {
             reason: Option<Reason>,
             message: Option<String>,
             command: Option<Command>,
+            changes: Option<Vec<ServerMessage>>,
+            index: Option<usize>,
         }
         let w = Wire::deserialize(d)?;
         let rev = |what: &str| w.rev.ok_or_else(|| D::Error::custom(format!("{what} without rev")));
@@ -118,6 +132,10 @@ impl<'de> Deserialize<'de> for ServerMessage {
                 value: w.value.clone().ok_or_else(|| D::Error::custom("set without value"))?,
             },
             "delete" => ServerMessage::Delete { rev: rev("delete")?, key: key("delete")? },
+            "batch" => ServerMessage::Batch {
+                rev: rev("batch")?,
+                changes: w.changes.clone().ok_or_else(|| D::Error::custom("batch without changes"))?,
+            },
             "command" => ServerMessage::Command {
                 command: w.command.clone().ok_or_else(|| D::Error::custom("command without command"))?,
             },
@@ -125,6 +143,7 @@ impl<'de> Deserialize<'de> for ServerMessage {
                 reason: w.reason.ok_or_else(|| D::Error::custom("error without reason"))?,
                 message: w.message.clone().unwrap_or_default(),
                 key: w.key.clone(),
+                index: w.index,
             },
             other => return Err(D::Error::custom(format!("unknown action {other:?}"))),
         })
@@ -152,6 +171,11 @@ pub enum DeviceRequest {
         /// The highest rev applied.
         rev: Rev,
     },
+    /// **(extension, PROTOCOL.md §11)** Applies `ops` atomically, in order.
+    Batch {
+        /// The ops (at least one).
+        ops: Vec<Op>,
+    },
 }
 
 /// Why a device frame was refused; carried back in an `error` message.
@@ -163,16 +187,23 @@ pub struct FrameError {
     pub message: String,
     /// The key, when the frame named one.
     pub key: Option<String>,
+    /// For a `batch` frame, the op at fault.
+    pub index: Option<usize>,
 }
 
 impl FrameError {
     fn new(reason: Reason, message: impl Into<String>, key: Option<String>) -> FrameError {
-        FrameError { reason, message: message.into(), key }
+        FrameError { reason, message: message.into(), key, index: None }
     }
 
     /// The `error` message that reports this to the device.
     pub fn to_message(&self) -> ServerMessage {
-        ServerMessage::Error { reason: self.reason, message: self.message.clone(), key: self.key.clone() }
+        ServerMessage::Error {
+            reason: self.reason,
+            message: self.message.clone(),
+            key: self.key.clone(),
+            index: self.index,
+        }
     }
 }
 
@@ -187,6 +218,7 @@ struct RawFrame<'a> {
     #[serde(borrow)]
     value: Option<&'a RawValue>,
     rev: Option<&'a RawValue>,
+    ops: Option<&'a RawValue>,
 }
 
 impl DeviceRequest {
@@ -221,9 +253,21 @@ impl DeviceRequest {
                 })?;
                 Ok(DeviceRequest::Ack { rev: Rev(rev) })
             }
+            Some("batch") => {
+                let ops = raw.ops.ok_or_else(|| {
+                    FrameError::new(Reason::InvalidParameter, "a batch needs \"ops\": an array of ops", None)
+                })?;
+                let ops = Op::parse_list(ops, usize::MAX).map_err(|e| FrameError {
+                    reason: e.reason,
+                    message: e.message,
+                    key: e.key,
+                    index: e.index,
+                })?;
+                Ok(DeviceRequest::Batch { ops })
+            }
             Some(other) => Err(FrameError::new(
                 Reason::InvalidParameter,
-                format!("unknown action {other:?}; devices send \"set\", \"delete\" or \"ack\""),
+                format!("unknown action {other:?}; devices send \"set\", \"delete\", \"batch\" or \"ack\""),
                 named(),
             )),
             None => Err(FrameError::new(Reason::InvalidParameter, "frame has no \"action\"", named())),
@@ -234,7 +278,7 @@ impl DeviceRequest {
     pub fn key(&self) -> Option<&Key> {
         match self {
             DeviceRequest::Set { key, .. } | DeviceRequest::Delete { key } => Some(key),
-            DeviceRequest::Ack { .. } => None,
+            DeviceRequest::Ack { .. } | DeviceRequest::Batch { .. } => None,
         }
     }
 
@@ -244,6 +288,7 @@ impl DeviceRequest {
             DeviceRequest::Set { key, value } => format!(r#"{{"action":"set","key":"{key}","value":{value}}}"#),
             DeviceRequest::Delete { key } => format!(r#"{{"action":"delete","key":"{key}"}}"#),
             DeviceRequest::Ack { rev } => format!(r#"{{"action":"ack","rev":{rev}}}"#),
+            DeviceRequest::Batch { ops } => format!(r#"{{"action":"batch","ops":{}}}"#, Op::list_json(ops)),
         }
     }
 }
@@ -289,6 +334,8 @@ mod tests {
             r#"{"action":"error","reason":"INVALID_KEY","message":"bad","key":"a/b"}"#,
             r#"{"action":"error","reason":"INVALID_JSON","message":"bad"}"#,
             r#"{"action":"command","command":{"action":"reboot","parameters":{"delay":1.50}}}"#,
+            r#"{"action":"batch","rev":9,"changes":[{"action":"set","rev":8,"key":"ssid","value":"x"},{"action":"delete","rev":9,"key":"old"}]}"#,
+            r#"{"action":"error","reason":"KEY_NOT_FOUND","message":"op 1: gone","key":"b","index":1}"#,
         ];
         for text in messages {
             let parsed: ServerMessage = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -354,6 +401,13 @@ mod tests {
             DeviceRequest::Ack { rev: Rev(7) },
             DeviceRequest::Set { key: Key::new("k").expect("key"), value: Value::parse("1.10").expect("v") },
             DeviceRequest::Delete { key: Key::new("k").expect("key") },
+            DeviceRequest::Batch {
+                ops: vec![Op {
+                    key: Key::new("k").expect("key"),
+                    kind: crate::batch::OpKind::Delete,
+                    if_rev: Some(Rev(3)),
+                }],
+            },
         ] {
             assert_eq!(DeviceRequest::parse(request.to_frame().as_bytes()), Ok(request));
         }

@@ -111,6 +111,86 @@ impl Value {
     }
 }
 
+impl Value {
+    /// Whether the value is a JSON object.
+    pub fn is_object(&self) -> bool {
+        self.as_json().starts_with('{')
+    }
+
+    /// RFC 7396 JSON merge patch: `patch` applied to `target` (absent, or not an object, counts
+    /// as `{}`). Members set to `null` are removed; other members are merged recursively; a
+    /// patch that is not an object replaces the target. Member order is kept: the target's
+    /// members stay where they were, new ones are appended in the patch's order. Numbers and
+    /// strings keep their exact text.
+    pub fn merge_patch(target: Option<&Value>, patch: &Value) -> Value {
+        if !patch.is_object() {
+            return patch.clone();
+        }
+        let merged = merge_text(target.map(Value::as_json), patch.as_json());
+        // Both inputs are values and the result only nests as deep as they do.
+        Value::from_stored(merged).unwrap_or_else(|_| patch.clone())
+    }
+}
+
+/// The members of a JSON object, in order, values as raw text.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Members<'a>, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Members<'a>, M::Error> {
+                let mut members = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push((k, v));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// [`Value::merge_patch`] on JSON texts; `patch` is an object.
+fn merge_text(target: Option<&str>, patch: &str) -> String {
+    let mut members: Vec<(String, std::borrow::Cow<'_, str>)> = match target {
+        Some(t) if t.starts_with('{') => serde_json::from_str::<Members<'_>>(t)
+            .map(|m| m.0.into_iter().map(|(k, v)| (k, std::borrow::Cow::Borrowed(v.get()))).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let patch = serde_json::from_str::<Members<'_>>(patch).map(|m| m.0).unwrap_or_default();
+    for (key, value) in patch {
+        let text = minify(value.get()).unwrap_or_else(|_| value.get().to_owned());
+        let at = members.iter().position(|(k, _)| *k == key);
+        if text == "null" {
+            members.retain(|(k, _)| *k != key);
+            continue;
+        }
+        let merged = if text.starts_with('{') { merge_text(at.map(|i| members[i].1.as_ref()), &text) } else { text };
+        match at {
+            Some(i) => members[i].1 = std::borrow::Cow::Owned(merged),
+            None => members.push((key, std::borrow::Cow::Owned(merged))),
+        }
+    }
+    let mut out = String::with_capacity(2 + members.iter().map(|(k, v)| k.len() + v.len() + 4).sum::<usize>());
+    out.push('{');
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(k).unwrap_or_else(|_| "\"\"".to_owned()));
+        out.push(':');
+        out.push_str(v);
+    }
+    out.push('}');
+    out
+}
+
 /// Removes white space outside strings and checks the nesting depth. `text` must be valid JSON.
 ///
 /// Works on bytes: every structural character is ASCII, and bytes of multi-byte UTF-8 characters
@@ -241,6 +321,40 @@ mod tests {
         let v = Value::parse("1.10").expect("valid");
         let doc = serde_json::to_string(&Item { key: "k", value: &v }).expect("serialize");
         assert_eq!(doc, r#"{"key":"k","value":1.10}"#);
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let merge = |t: Option<&str>, p: &str| {
+            Value::merge_patch(t.map(|t| Value::parse(t).expect("target")).as_ref(), &Value::parse(p).expect("patch"))
+                .as_json()
+                .to_owned()
+        };
+        // The examples of RFC 7396 appendix A (target, patch, result).
+        let cases = [
+            (r#"{"a":"b"}"#, r#"{"a":"c"}"#, r#"{"a":"c"}"#),
+            (r#"{"a":"b"}"#, r#"{"b":"c"}"#, r#"{"a":"b","b":"c"}"#),
+            (r#"{"a":"b"}"#, r#"{"a":null}"#, r#"{}"#),
+            (r#"{"a":"b","b":"c"}"#, r#"{"a":null}"#, r#"{"b":"c"}"#),
+            (r#"{"a":["b"]}"#, r#"{"a":"c"}"#, r#"{"a":"c"}"#),
+            (r#"{"a":"c"}"#, r#"{"a":["b"]}"#, r#"{"a":["b"]}"#),
+            (r#"{"a":{"b":"c"}}"#, r#"{"a":{"b":"d","c":null}}"#, r#"{"a":{"b":"d"}}"#),
+            (r#"{"a":[{"b":"c"}]}"#, r#"{"a":[1]}"#, r#"{"a":[1]}"#),
+            (r#"["a","b"]"#, r#"{"a":"c"}"#, r#"{"a":"c"}"#),
+            (r#"{"e":null}"#, r#"{"a":1}"#, r#"{"e":null,"a":1}"#),
+            (r#"[1,2]"#, r#"{"a":"b","c":null}"#, r#"{"a":"b"}"#),
+            (r#"{}"#, r#"{"a":{"bb":{"ccc":null}}}"#, r#"{"a":{"bb":{}}}"#),
+        ];
+        for (target, patch, result) in cases {
+            assert_eq!(merge(Some(target), patch), result, "{target} + {patch}");
+        }
+        assert_eq!(merge(None, r#"{"a":{"b":null},"c":1}"#), r#"{"a":{},"c":1}"#, "absent counts as {{}}");
+        assert_eq!(merge(Some("7"), r#"{"x":1}"#), r#"{"x":1}"#, "a number counts as {{}}");
+        assert_eq!(
+            merge(Some(r#"{"z":1.10,"a":{"n":12345678901234567890}}"#), r#"{ "a" : { "m" : -0.0 } }"#),
+            r#"{"z":1.10,"a":{"n":12345678901234567890,"m":-0.0}}"#,
+            "order and exact numbers are kept"
+        );
     }
 
     proptest! {

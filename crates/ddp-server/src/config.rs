@@ -67,6 +67,7 @@ impl Config {
         at_least("--max-value-bytes", self.limits.max_value_bytes, 1)?;
         at_least("--max-keys-per-store", self.limits.max_keys_per_store, 1)?;
         at_least("--max-body-bytes", self.limits.max_body_bytes, 1)?;
+        at_least("--max-batch-ops", self.limits.max_batch_ops, 1)?;
         at_least("--max-sessions-per-device", self.sessions.max_per_device, 1)?;
         at_least("--session-queue", self.sessions.mailbox, 1)?;
         at_least("the event stream queue", self.sessions.event_queue, 1)?;
@@ -187,11 +188,13 @@ pub struct Limits {
     pub max_keys_per_store: usize,
     /// Largest HTTP request body.
     pub max_body_bytes: usize,
+    /// Most ops in one atomic batch (PROTOCOL.md §11).
+    pub max_batch_ops: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_value_bytes: 64 * 1024, max_keys_per_store: 1000, max_body_bytes: 1024 * 1024 }
+        Limits { max_value_bytes: 64 * 1024, max_keys_per_store: 1000, max_body_bytes: 1024 * 1024, max_batch_ops: 100 }
     }
 }
 

@@ -81,6 +81,19 @@ impl Error {
         Error::new(Reason::Unavailable, message).with_retry_after(Duration::from_secs(1))
     }
 
+    /// This error as the failure of op `index` of a batch: `data.index` names it and the
+    /// message says so.
+    pub fn at_op(mut self, index: usize) -> Error {
+        self.message = format!("op {index}: {}", self.message);
+        let mut data = match self.data.take() {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        data.insert("index".into(), index.into());
+        self.data = Some(serde_json::Value::Object(data));
+        self
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> u16 {
         self.reason.http_status()
@@ -116,6 +129,16 @@ impl From<StoreError> for Error {
                 Error::new(Reason::TooManyKeys, format!("the store already holds its limit of {limit} keys"))
                     .with_data(serde_json::json!({ "limit": limit }))
             }
+            StoreError::StoreRevMismatch { current } => {
+                Error::new(Reason::RevisionMismatch, format!("the precondition failed: the store is at rev {current}"))
+                    .with_data(serde_json::json!({ "rev": current.0 }))
+            }
+            StoreError::ValueTooLarge { size, limit } => Error::new(
+                Reason::ValueTooLarge,
+                format!("the merged value would be {size} bytes; the limit is {limit} bytes"),
+            )
+            .with_data(serde_json::json!({ "size": size, "limit": limit })),
+            StoreError::InOp { index, error } => Error::from(*error).at_op(index),
             StoreError::DeviceAlreadyInHome { device, home } => {
                 Error::new(Reason::DeviceAlreadyInHome, format!("device {device} is already in home {home}"))
             }

@@ -231,6 +231,7 @@ mod tests {
             time: Timestamp(0),
             home: None,
             origin: Origin::Admin,
+            batch_last: None,
         }
     }
 

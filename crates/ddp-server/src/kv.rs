@@ -23,9 +23,12 @@
 
 use std::sync::Arc;
 
+use ddp_protocol::batch::{Op, OpKind};
 use ddp_protocol::sync::DeviceRequest;
 use ddp_protocol::{DeviceId, HomeId, Key, Reason, Rev, Value};
-use ddp_store::{Change, Condition, DeviceSync, ItemRecord, KvAction, KvWrite, Snapshot, Store, StoreError, StoreRef};
+use ddp_store::{
+    Change, Condition, DeviceSync, ItemRecord, KvAction, KvBatch, KvOp, Snapshot, Store, StoreError, StoreRef,
+};
 
 use crate::auth::{Authenticated, Authenticator, Principal};
 use crate::config::{Limits, RateLimits};
@@ -111,6 +114,40 @@ pub(crate) struct Refused {
     pub(crate) error: Error,
     /// The key the frame named, if it named one.
     pub(crate) key: Option<String>,
+    /// For a `batch` frame, the op at fault.
+    pub(crate) index: Option<usize>,
+}
+
+impl Refused {
+    fn new(error: Error, key: Option<String>) -> Refused {
+        Refused { error, key, index: None }
+    }
+}
+
+/// A batch op of the wire as the store takes it: `ifRev` 0 means absent.
+pub(crate) fn kv_op(op: Op) -> KvOp {
+    let condition = match op.if_rev {
+        None => Condition::None,
+        Some(Rev::ZERO) => Condition::Absent,
+        Some(rev) => Condition::RevIn(vec![rev]),
+    };
+    let action = match op.kind {
+        OpKind::Set(v) => KvAction::Set(v),
+        OpKind::Delete => KvAction::Delete,
+        OpKind::Merge(patch) => KvAction::Merge(patch),
+    };
+    KvOp { key: op.key, action, condition }
+}
+
+/// Why a write failed, and the op at fault when one is.
+type Failed = (Option<usize>, Error);
+
+/// A batch's error: `data.index` names the op at fault.
+fn indexed((index, error): Failed) -> Error {
+    match index {
+        Some(i) => error.at_op(i),
+        None => error,
+    }
 }
 
 /// The parts the gate guards.
@@ -257,7 +294,7 @@ impl Kv {
         condition: Condition,
     ) -> Result<Change> {
         self.admit(who)?;
-        self.write(who, transport, store, key, KvAction::Set(value), condition).await
+        self.write_one(who, transport, store, KvOp { key, action: KvAction::Set(value), condition }).await
     }
 
     /// Deletes `key`; returns the committed change (with the store's new rev).
@@ -270,7 +307,44 @@ impl Kv {
         condition: Condition,
     ) -> Result<Change> {
         self.admit(who)?;
-        self.write(who, transport, store, key, KvAction::Delete, condition).await
+        self.write_one(who, transport, store, KvOp { key, action: KvAction::Delete, condition }).await
+    }
+
+    /// Merges `patch` (RFC 7396, an object) into `key`'s value (`PATCH …/kv/{key}`).
+    pub(crate) async fn merge(
+        &self,
+        who: &Principal,
+        transport: Transport,
+        store: StoreRef,
+        key: Key,
+        patch: Value,
+        condition: Condition,
+    ) -> Result<Change> {
+        self.admit(who)?;
+        if !patch.is_object() {
+            return Err(Error::new(Reason::InvalidValue, "a merge patch must be a JSON object"));
+        }
+        self.write_one(who, transport, store, KvOp { key, action: KvAction::Merge(patch), condition }).await
+    }
+
+    /// An atomic batch (PROTOCOL.md §11): every op or none, consecutive revs; `store_rev` is
+    /// the `If-Match` on the whole store. A failing op's error names it in `data.index`.
+    pub(crate) async fn batch(
+        &self,
+        who: &Principal,
+        transport: Transport,
+        store: StoreRef,
+        ops: Vec<Op>,
+        store_rev: Option<Rev>,
+    ) -> Result<Vec<Change>> {
+        self.admit(who)?;
+        self.write(who, transport, store, ops.into_iter().map(kv_op).collect(), store_rev).await.map_err(indexed)
+    }
+
+    /// A write of one op: a batch of one, its errors without an index.
+    async fn write_one(&self, who: &Principal, transport: Transport, store: StoreRef, op: KvOp) -> Result<Change> {
+        let mut changes = self.write(who, transport, store, vec![op], None).await.map_err(|(_, e)| e)?;
+        changes.pop().ok_or_else(|| Error::internal("a write of one op committed no change"))
     }
 
     /// The one write path: authorize, check the limits, write durably.
@@ -279,35 +353,55 @@ impl Kv {
         who: &Principal,
         transport: Transport,
         store: StoreRef,
-        key: Key,
-        action: KvAction,
-        condition: Condition,
-    ) -> Result<Change> {
-        self.authorize(who, store, true).await?;
-        let op = match &action {
-            KvAction::Set(value) => {
-                if value.len() > self.limits.max_value_bytes {
-                    return Err(Error::new(
-                        Reason::ValueTooLarge,
-                        format!(
-                            "the value is {} bytes; the limit is {} bytes",
-                            value.len(),
-                            self.limits.max_value_bytes
-                        ),
-                    )
-                    .with_data(serde_json::json!({ "size": value.len(), "limit": self.limits.max_value_bytes })));
-                }
-                "set"
+        ops: Vec<KvOp>,
+        store_rev: Option<Rev>,
+    ) -> std::result::Result<Vec<Change>, Failed> {
+        self.authorize(who, store, true).await.map_err(|e| (None, e))?;
+        let max_ops = self.limits.max_batch_ops;
+        if ops.len() > max_ops {
+            return Err((
+                None,
+                Error::new(
+                    Reason::PayloadTooLarge,
+                    format!("a batch holds at most {max_ops} ops; this one has {}", ops.len()),
+                )
+                .with_data(serde_json::json!({ "limit": max_ops, "ops": ops.len() })),
+            ));
+        }
+        let max_value = self.limits.max_value_bytes;
+        for (i, op) in ops.iter().enumerate() {
+            if let KvAction::Set(value) = &op.action
+                && value.len() > max_value
+            {
+                return Err((Some(i), StoreError::ValueTooLarge { size: value.len(), limit: max_value }.into()));
             }
-            KvAction::Delete => "delete",
+        }
+        let labels: Vec<&'static str> = ops
+            .iter()
+            .map(|op| match op.action {
+                KvAction::Set(_) => "set",
+                KvAction::Delete => "delete",
+                KvAction::Merge(_) => "merge",
+            })
+            .collect();
+        let batch = KvBatch {
+            store,
+            ops,
+            store_rev,
+            max_keys: self.limits.max_keys_per_store,
+            max_value_bytes: max_value,
+            origin: who.origin(),
         };
-        let write =
-            KvWrite { store, key, action, condition, max_keys: self.limits.max_keys_per_store, origin: who.origin() };
-        let result = self.store.write(write).await;
+        let result = self.store.write_batch(batch).await;
         let outcome = if result.is_ok() { "ok" } else { "refused" };
-        metrics::counter!("ddp_writes_total", "transport" => transport.as_str(), "op" => op, "outcome" => outcome)
-            .increment(1);
-        Ok(result?)
+        for op in labels {
+            metrics::counter!("ddp_writes_total", "transport" => transport.as_str(), "op" => op, "outcome" => outcome)
+                .increment(1);
+        }
+        result.map_err(|e| {
+            let (index, e) = e.split_op();
+            (index, Error::from(e))
+        })
     }
 
     /// Raises a device event (`{"eventType","eventData"}`) for `device`: by the device itself,
@@ -441,8 +535,14 @@ impl Kv {
     }
 
     /// Starts the watch of a session's store: a `reload` (or, with `since` inside the history,
-    /// a `resume` and the changes after it), then every change.
-    pub(crate) async fn watch(&self, session: &Session, since: Option<Rev>) -> Result<(Watch, Vec<Json>)> {
+    /// a `resume` and the changes after it), then every change — with `batches`, each batch's
+    /// changes as one `batch` message.
+    pub(crate) async fn watch(
+        &self,
+        session: &Session,
+        since: Option<Rev>,
+        batches: bool,
+    ) -> Result<(Watch, Vec<Json>)> {
         let Some(store) = session.purpose().store() else {
             return Err(Error::denied("this session watches no store"));
         };
@@ -450,7 +550,7 @@ impl Kv {
             (Principal::Device(me), StoreRef::Device(d)) if *me == d => Some(self.progress.attach(d)),
             _ => None,
         };
-        Watch::start(self.store.clone(), &self.hub, store, since, progress).await
+        Watch::start(self.store.clone(), &self.hub, store, since, progress, batches).await
     }
 
     /// Applies a frame a session sent (`{"action":"set"|"delete",…}`, PROTOCOL.md §4) to the
@@ -464,28 +564,35 @@ impl Kv {
             Ok(request) => request.key().map(|k| k.as_str().to_owned()),
             Err(e) => e.key.clone(),
         };
-        self.admit(who).map_err(|error| Refused { error, key: key.clone() })?;
-        let request = parsed.map_err(|e| Refused { error: Error::new(e.reason, e.message), key: e.key })?;
+        self.admit(who).map_err(|error| Refused::new(error, key.clone()))?;
+        let request =
+            parsed.map_err(|e| Refused { error: Error::new(e.reason, e.message), key: e.key, index: e.index })?;
         let Some(store) = session.purpose().store() else {
-            return Err(Refused { error: Error::denied("this session writes no store"), key });
+            return Err(Refused::new(Error::denied("this session writes no store"), key));
         };
         let transport = session.transport();
-        let written = match request {
-            DeviceRequest::Set { key, value } => {
-                self.write(who, transport, store, key, KvAction::Set(value), Condition::None).await
-            }
-            DeviceRequest::Delete { key } => {
-                self.write(who, transport, store, key, KvAction::Delete, Condition::None).await
-            }
+        let op = |key, action| vec![KvOp { key, action, condition: Condition::None }];
+        let (ops, batch) = match request {
+            DeviceRequest::Set { key, value } => (op(key, KvAction::Set(value)), false),
+            DeviceRequest::Delete { key } => (op(key, KvAction::Delete), false),
+            DeviceRequest::Batch { ops } => (ops.into_iter().map(kv_op).collect::<Vec<_>>(), true),
             DeviceRequest::Ack { rev } => {
                 return match (who, store) {
                     (Principal::Device(me), StoreRef::Device(d)) if *me == d => self.progress.ack(d, rev).await,
                     _ => Err(Error::denied("only the device's own key acknowledges its changes")),
                 }
-                .map_err(|error| Refused { error, key: None });
+                .map_err(|error| Refused::new(error, None));
             }
         };
-        written.map(|_| ()).map_err(|error| Refused { error, key })
+        let keys: Vec<String> =
+            if batch { ops.iter().map(|o| o.key.as_str().to_owned()).collect() } else { Vec::new() };
+        match self.write(who, transport, store, ops, None).await {
+            Ok(_) => Ok(()),
+            Err((index, error)) if batch => {
+                Err(Refused { key: index.and_then(|i| keys.get(i).cloned()), error: indexed((index, error)), index })
+            }
+            Err((_, error)) => Err(Refused::new(error, key)),
+        }
     }
 
     // ---- delivery and acknowledgement ----

@@ -9,7 +9,9 @@
 //! the history, or answered with a reload.
 //!
 //! The output is the JSON text of each sync message; transports put it in a WebSocket text frame
-//! or an MQTT payload as it is.
+//! or an MQTT payload as it is. A watch that takes batches (`?batches=1`, PROTOCOL.md §11) holds
+//! back the changes of a batch until its last one and sends them as one `batch` message; every
+//! other watch sends each change on its own, so Part I clients see ordinary `set`/`delete`s.
 //!
 //! A watch of a session of the device's own key carries an
 //! [`Attachment`](crate::progress::Attachment): once the transport has sent what the watch gave
@@ -36,27 +38,54 @@ pub(crate) struct Watch {
     store: Arc<dyn Store>,
     sub: SubscriptionGuard,
     target: StoreRef,
+    /// The last rev taken in (sent, or held back in `batch`).
     last: Rev,
+    /// The last rev sent.
+    sent: Rev,
     progress: Option<Attachment>,
+    /// Whether this watch sends a batch's changes as one `batch` message.
+    batches: bool,
+    /// The messages of a batch whose last change has not arrived yet.
+    batch: Vec<Json>,
+}
+
+/// `{"action":"batch","rev":<last>,"changes":[…]}` around the messages of one batch.
+fn batch_message(rev: Rev, changes: &[Json]) -> Json {
+    let mut text = String::with_capacity(48 + changes.iter().map(|c| c.len() + 1).sum::<usize>());
+    text.push_str(r#"{"action":"batch","rev":"#);
+    text.push_str(&rev.0.to_string());
+    text.push_str(r#","changes":["#);
+    for (i, change) in changes.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(std::str::from_utf8(&change.bytes()).unwrap_or("{}"));
+    }
+    text.push_str("]}");
+    Json::from_serialized(text)
 }
 
 impl Watch {
     /// Subscribes to `target`, then returns the watch and its first messages: a `reload`, or
     /// with `since` inside the history a `resume` followed by the changes after it. With
-    /// `progress` (a session of the device's own key), what is sent counts as delivered.
+    /// `progress` (a session of the device's own key), what is sent counts as delivered; with
+    /// `batches`, a batch's changes go out as one `batch` message.
     pub(crate) async fn start(
         store: Arc<dyn Store>,
         hub: &Arc<Hub>,
         target: StoreRef,
         since: Option<Rev>,
         progress: Option<Attachment>,
+        batches: bool,
     ) -> Result<(Watch, Vec<Json>)> {
         let sub = hub.subscribe(target)?;
-        let mut watch = Watch { store, sub, target, last: Rev::ZERO, progress };
+        let mut watch =
+            Watch { store, sub, target, last: Rev::ZERO, sent: Rev::ZERO, progress, batches, batch: Vec::new() };
         if let Some(since) = since
             && let Some(changes) = watch.store.changes_since(target, since).await?
         {
             watch.last = since;
+            watch.sent = since;
             let mut first = vec![Json::encode(&ServerMessage::Resume { rev: since })?];
             watch.push_changes(changes.iter(), &mut first)?;
             return Ok((watch, first));
@@ -100,17 +129,33 @@ impl Watch {
                     }
                 }
             }
-            out.push(frame.json.clone());
-            self.last = rev;
+            self.take(&frame.change, frame.json.clone(), &mut out);
         }
         Ok(out)
+    }
+
+    /// Takes in the next change (rev `last + 1`) and its message: sent at once, or held back
+    /// until its batch is whole.
+    fn take(&mut self, change: &Change, json: Json, out: &mut Vec<Json>) {
+        self.last = change.rev;
+        if !self.batches || (self.batch.is_empty() && change.batch_last.is_none()) {
+            out.push(json);
+            self.sent = change.rev;
+            return;
+        }
+        self.batch.push(json);
+        if change.ends_batch() {
+            out.push(batch_message(change.rev, &self.batch));
+            self.batch.clear();
+            self.sent = change.rev;
+        }
     }
 
     fn push_changes<'a>(&mut self, changes: impl Iterator<Item = &'a Change>, out: &mut Vec<Json>) -> Result<()> {
         for change in changes {
             if change.rev > self.last {
-                out.push(ChangeFrame::new(change.clone())?.json);
-                self.last = change.rev;
+                let json = ChangeFrame::new(change.clone())?.json;
+                self.take(change, json, out);
             }
         }
         Ok(())
@@ -126,19 +171,21 @@ impl Watch {
             .collect();
         let reload = Json::encode(&ServerMessage::Reload { rev: snapshot.rev, num_items: items.len(), items })?;
         self.last = snapshot.rev;
+        self.sent = snapshot.rev;
+        self.batch.clear(); // the snapshot holds every batch up to its rev whole
         Ok(reload)
     }
 
     /// The last rev this watch has sent.
     pub(crate) fn last_rev(&self) -> Rev {
-        self.last
+        self.sent
     }
 
     /// The transport has handed every message this watch gave it to the connection: for a
     /// session of the device's own key, the device's store is delivered up to [`Watch::last_rev`].
     pub(crate) fn sent(&self) {
         if let Some(progress) = &self.progress {
-            progress.delivered(self.last);
+            progress.delivered(self.sent);
         }
     }
 }
@@ -187,7 +234,8 @@ mod tests {
         for n in 1..=3 {
             f.write(n).await;
         }
-        let (mut watch, first) = Watch::start(f.store.clone(), &f.hub, f.target, None, None).await.expect("watch");
+        let (mut watch, first) =
+            Watch::start(f.store.clone(), &f.hub, f.target, None, None, false).await.expect("watch");
         assert_eq!(revs(&first), [("reload".to_owned(), 3)]);
         f.write(4).await;
         f.write(5).await;
@@ -205,7 +253,7 @@ mod tests {
     async fn a_gap_the_history_no_longer_covers_is_answered_with_a_reload() {
         let f = fixture().await;
         f.write(1).await;
-        let (mut watch, _) = Watch::start(f.store.clone(), &f.hub, f.target, None, None).await.expect("watch");
+        let (mut watch, _) = Watch::start(f.store.clone(), &f.hub, f.target, None, None, false).await.expect("watch");
         for n in 2..=8 {
             f.write(n).await;
         }
@@ -227,7 +275,7 @@ mod tests {
             f.write(n).await;
         }
         let (mut watch, first) =
-            Watch::start(f.store.clone(), &f.hub, f.target, Some(Rev(2)), None).await.expect("watch");
+            Watch::start(f.store.clone(), &f.hub, f.target, Some(Rev(2)), None, false).await.expect("watch");
         assert_eq!(revs(&first), [("resume".into(), 2), ("set".into(), 3), ("set".into(), 4)]);
         let sent = watch.process(Delivery::Lagged).await.expect("reloaded");
         assert_eq!(revs(&sent), [("reload".into(), 4)]);

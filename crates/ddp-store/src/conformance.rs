@@ -86,6 +86,204 @@ pub async fn run_all(store: &dyn Store, recorder: &Recorder) {
     events_reach_the_sink(store, recorder).await;
     commands_reach_the_sink_in_order(store, recorder).await;
     sync_progress_is_recorded_never_lowered_and_shared(store, recorder).await;
+    batches_apply_in_order_with_consecutive_revs(store, recorder).await;
+    a_failing_op_leaves_nothing(store, recorder).await;
+    merges_follow_rfc_7396(store).await;
+    concurrent_batches_get_contiguous_revs(store, recorder).await;
+}
+
+fn op(k: &str, action: KvAction, condition: Condition) -> KvOp {
+    KvOp { key: key(k), action, condition }
+}
+
+fn batch(store: StoreRef, ops: Vec<KvOp>) -> KvBatch {
+    KvBatch { store, ops, store_rev: None, max_keys: 1000, max_value_bytes: 65_536, origin: Origin::Admin }
+}
+
+async fn batches_apply_in_order_with_consecutive_revs(store: &dyn Store, recorder: &Recorder) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    store.write(set(d, "old", "1")).await.expect("set");
+    let changes = store
+        .write_batch(batch(
+            d,
+            vec![
+                op("ssid", KvAction::Set(val("\"home\"")), Condition::Absent),
+                op("password", KvAction::Set(val("\"secret\"")), Condition::None),
+                op("old", KvAction::Delete, Condition::RevIn(vec![Rev(1)])),
+                op("ssid", KvAction::Set(val("\"home-5g\"")), Condition::RevIn(vec![Rev(2)])),
+            ],
+        ))
+        .await
+        .expect("batch");
+    let got: Vec<(u64, &str, Option<&str>, Option<Rev>)> =
+        changes.iter().map(|c| (c.rev.0, c.key.as_str(), c.value.as_ref().map(Value::as_json), c.batch_last)).collect();
+    assert_eq!(
+        got,
+        [
+            (2, "ssid", Some("\"home\""), Some(Rev(5))),
+            (3, "password", Some("\"secret\""), Some(Rev(5))),
+            (4, "old", None, Some(Rev(5))),
+            (5, "ssid", Some("\"home-5g\""), Some(Rev(5)))
+        ],
+        "ops apply in order with consecutive revs; a key named twice ends with its last op"
+    );
+    let snap = store.snapshot(d, None).await.expect("snapshot");
+    let items: Vec<(&str, &str, u64)> =
+        snap.items.iter().map(|i| (i.key.as_str(), i.value.as_json(), i.rev.0)).collect();
+    assert_eq!((snap.rev, items), (Rev(5), vec![("password", "\"secret\"", 3), ("ssid", "\"home-5g\"", 5)]));
+    eventually("the sink saw the batch", || recorder.changes_of(d).len() >= 5).await;
+    let seen: Vec<(u64, Option<Rev>)> = recorder.changes_of(d).iter().map(|c| (c.rev.0, c.batch_last)).collect();
+    assert_eq!(
+        seen,
+        [(1, None), (2, Some(Rev(5))), (3, Some(Rev(5))), (4, Some(Rev(5))), (5, Some(Rev(5)))],
+        "the sink saw the batch in rev order, each change knowing where its batch ends"
+    );
+    let history = store.changes_since(d, Rev(1)).await.expect("history").expect("complete");
+    assert_eq!(history, changes_without_time(&recorder.changes_of(d)[1..], &history), "the history keeps the batch");
+    let mut whole = batch(d, vec![op("n", KvAction::Set(val("1")), Condition::None)]);
+    whole.store_rev = Some(Rev(5));
+    let one = store.write_batch(whole).await.expect("If-Match on the store rev holds");
+    assert_eq!((one[0].rev, one[0].batch_last), (Rev(6), None), "a batch of one is an ordinary change");
+}
+
+/// `history` with the times of `seen` (the sink and the history agree on everything else).
+fn changes_without_time(seen: &[Change], history: &[Change]) -> Vec<Change> {
+    seen.iter().zip(history).map(|(s, h)| Change { time: h.time, ..s.clone() }).collect()
+}
+
+async fn a_failing_op_leaves_nothing(store: &dyn Store, recorder: &Recorder) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    store.write(set(d, "a", "1")).await.expect("set");
+    let before = store.snapshot(d, None).await.expect("snapshot");
+    let failing: [(Vec<KvOp>, Option<usize>, StoreError); 4] = [
+        (
+            vec![op("b", KvAction::Set(val("2")), Condition::None), op("zz", KvAction::Delete, Condition::None)],
+            Some(1),
+            StoreError::KeyNotFound,
+        ),
+        (
+            vec![
+                op("b", KvAction::Set(val("2")), Condition::None),
+                op("a", KvAction::Set(val("3")), Condition::RevIn(vec![Rev(7)])),
+            ],
+            Some(1),
+            StoreError::RevisionMismatch { current: Some(Rev(1)) },
+        ),
+        (
+            vec![
+                op("a", KvAction::Delete, Condition::None),
+                op("c", KvAction::Set(val("1")), Condition::None),
+                op("a", KvAction::Set(val("1")), Condition::Exists),
+            ],
+            Some(2),
+            StoreError::RevisionMismatch { current: None },
+        ),
+        (
+            vec![op("b", KvAction::Set(val("1")), Condition::None), op("c", KvAction::Set(val("1")), Condition::None)],
+            Some(1),
+            StoreError::TooManyKeys { limit: 2 },
+        ),
+    ];
+    for (ops, index, error) in failing {
+        let mut b = batch(d, ops);
+        b.max_keys = 2;
+        assert_eq!(store.write_batch(b).await.map_err(StoreError::split_op), Err((index, error)));
+    }
+    let mut stale = batch(d, vec![op("b", KvAction::Set(val("2")), Condition::None)]);
+    stale.store_rev = Some(Rev(0));
+    assert_eq!(store.write_batch(stale).await, Err(StoreError::StoreRevMismatch { current: Rev(1) }));
+    let merge = batch(
+        d,
+        vec![op("m", KvAction::Merge(val(&format!("{{\"big\":\"{}\"}}", "x".repeat(70_000)))), Condition::None)],
+    );
+    assert!(matches!(
+        store.write_batch(merge).await.map_err(StoreError::split_op),
+        Err((Some(0), StoreError::ValueTooLarge { limit: 65_536, .. }))
+    ));
+    let missing =
+        batch(StoreRef::Device(DeviceId::new(999_999).expect("id")), vec![op("a", KvAction::Delete, Condition::None)]);
+    assert!(matches!(store.write_batch(missing).await, Err(StoreError::DeviceNotFound(_))));
+    assert_eq!(store.snapshot(d, None).await.expect("snapshot"), before, "no failing batch left anything");
+    store.write(set(d, "after", "1")).await.expect("set");
+    eventually("the sink saw the write after", || recorder.changes_of(d).len() >= 2).await;
+    let revs: Vec<u64> = recorder.changes_of(d).iter().map(|c| c.rev.0).collect();
+    assert_eq!(revs, [1, 2], "failed batches used no rev and reached no sink");
+}
+
+async fn merges_follow_rfc_7396(store: &dyn Store) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    store.write(set(d, "net", r#"{"ssid":"a","dhcp":false,"dns":["1.1.1.1"],"mtu":1500.0}"#)).await.expect("set");
+    store.write(set(d, "n", "7")).await.expect("set");
+    let changes = store
+        .write_batch(batch(
+            d,
+            vec![
+                op("net", KvAction::Merge(val(r#"{"dhcp":true,"dns":null,"ipv6":{"on":true}}"#)), Condition::None),
+                op("net", KvAction::Merge(val(r#"{"ipv6":{"prefix":64}}"#)), Condition::RevIn(vec![Rev(3)])),
+                op("n", KvAction::Merge(val(r#"{"x":1}"#)), Condition::None),
+                op("fresh", KvAction::Merge(val(r#"{"a":{"b":null}}"#)), Condition::Absent),
+            ],
+        ))
+        .await
+        .expect("merges");
+    let values: Vec<&str> = changes.iter().filter_map(|c| c.value.as_ref().map(Value::as_json)).collect();
+    assert_eq!(
+        values,
+        [
+            r#"{"ssid":"a","dhcp":true,"mtu":1500.0,"ipv6":{"on":true}}"#,
+            r#"{"ssid":"a","dhcp":true,"mtu":1500.0,"ipv6":{"on":true,"prefix":64}}"#,
+            r#"{"x":1}"#,
+            r#"{"a":{}}"#
+        ]
+    );
+    let net = store.get(d, key("net")).await.expect("get");
+    assert_eq!((net.value.as_json(), net.rev), (values[1], Rev(4)), "stored as a set of the result");
+    store.write(set(d, "odd", r#"{"é":1e400,"a\"b":2,"q":{"z":[1,{"y":null}]}}"#)).await.expect("set");
+    let odd = store
+        .write_batch(batch(
+            d,
+            vec![op("odd", KvAction::Merge(val(r#"{"a\"b":null,"c\nd":"x\u00e9","q":{"z":-0.0}}"#)), Condition::None)],
+        ))
+        .await
+        .expect("merge");
+    assert_eq!(
+        odd[0].value.as_ref().map(Value::as_json),
+        Some(r#"{"é":1e400,"q":{"z":-0.0},"c\nd":"x\u00e9"}"#),
+        "names are written back escaped, values keep their exact text"
+    );
+}
+
+async fn concurrent_batches_get_contiguous_revs(store: &dyn Store, recorder: &Recorder) {
+    let d = StoreRef::Device(new_device(store, None).await);
+    store.write(set(d, "counter", r#"{"n":0}"#)).await.expect("set");
+    const N: usize = 40;
+    let batches = (0..N).map(|i| {
+        store.write_batch(batch(
+            d,
+            vec![
+                op(&format!("k{}", i % 7), KvAction::Set(val(&i.to_string())), Condition::None),
+                op("counter", KvAction::Merge(val(&format!(r#"{{"w{i}":true}}"#))), Condition::None),
+                op(&format!("k{}", i % 7), KvAction::Delete, Condition::None),
+            ],
+        ))
+    });
+    let results = futures_util::future::join_all(batches).await;
+    let mut firsts = Vec::new();
+    for r in results {
+        let changes = r.expect("concurrent batch");
+        let revs: Vec<u64> = changes.iter().map(|c| c.rev.0).collect();
+        assert_eq!(revs, [revs[0], revs[0] + 1, revs[0] + 2], "a batch's revs are consecutive");
+        firsts.push(revs[0]);
+    }
+    firsts.sort_unstable();
+    assert_eq!(firsts, (0..N as u64).map(|i| 2 + 3 * i).collect::<Vec<_>>(), "batches never interleave");
+    let counter = store.get(d, key("counter")).await.expect("get");
+    let merged: serde_json::Value = serde_json::from_str(counter.value.as_json()).expect("json");
+    assert_eq!(merged.as_object().map(|o| o.len()), Some(N + 1), "no concurrent merge was lost: {merged}");
+    let total = 1 + 3 * N;
+    eventually("the sink saw every batch", || recorder.changes_of(d).len() >= total).await;
+    let seen: Vec<u64> = recorder.changes_of(d).iter().map(|c| c.rev.0).collect();
+    assert_eq!(seen, (1..=total as u64).collect::<Vec<_>>(), "the sink saw every change once, in rev order");
 }
 
 async fn sync_progress_is_recorded_never_lowered_and_shared(store: &dyn Store, recorder: &Recorder) {

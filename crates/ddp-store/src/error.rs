@@ -29,6 +29,28 @@ pub enum StoreError {
         /// The limit that was reached.
         limit: usize,
     },
+    /// A batch's `If-Match` on the whole store failed: the store is at `current`.
+    #[error("the store is at rev {current}")]
+    StoreRevMismatch {
+        /// The store's rev.
+        current: Rev,
+    },
+    /// A merge would leave a value larger than the limit.
+    #[error("the merged value would be {size} bytes; the limit is {limit}")]
+    ValueTooLarge {
+        /// The merged value's size in bytes.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Op `index` of a batch failed with `error`; nothing of the batch was applied.
+    #[error("op {index}: {error}")]
+    InOp {
+        /// The op at fault (from 0).
+        index: usize,
+        /// Why.
+        error: Box<StoreError>,
+    },
     /// The device is already in that home.
     #[error("device {device} is already in home {home}")]
     DeviceAlreadyInHome {
@@ -47,6 +69,21 @@ pub enum StoreError {
     /// The backend failed (disk, database, corruption). The text is for logs, never for clients.
     #[error("storage failure: {0}")]
     Backend(String),
+}
+
+impl StoreError {
+    /// This error, as the failure of op `index` of a batch.
+    pub fn in_op(self, index: usize) -> StoreError {
+        StoreError::InOp { index, error: Box::new(self) }
+    }
+
+    /// The error without the op it happened in, and that op.
+    pub fn split_op(self) -> (Option<usize>, StoreError) {
+        match self {
+            StoreError::InOp { index, error } => (Some(index), *error),
+            other => (None, other),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -20,6 +20,7 @@
 //!   writes, and a change feed that brings every node's commits to every node's sink.
 //! - `conformance`: the backend-independent test suite.
 
+mod batch;
 pub mod error;
 pub mod model;
 pub mod postgres;
@@ -58,9 +59,21 @@ impl CommitSink for NoSink {
 pub trait Store: Send + Sync + 'static {
     // ---- key-value stores ----
 
-    /// Applies one set or delete: checks the store exists, the precondition and the key limit,
-    /// then assigns the store's next rev, all in one durable transaction.
-    async fn write(&self, write: KvWrite) -> Result<Change, StoreError>;
+    /// Applies a batch (PROTOCOL.md §11): checks the store exists, its rev against
+    /// `store_rev`, and then each op in order — its precondition, that a deleted key exists, the
+    /// key limit, a merge's result size — as the ops before it left the store; then gives the
+    /// ops the store's next revs, in order, all in one durable transaction. All or nothing: a
+    /// failing op is [`StoreError::InOp`] and nothing is applied. The changes, in rev order.
+    ///
+    /// This is the only write path: a single write is a batch of one ([`Store::write`]).
+    async fn write_batch(&self, batch: KvBatch) -> Result<Vec<Change>, StoreError>;
+
+    /// One set, delete or merge: [`Store::write_batch`] with one op (its errors without the
+    /// [`StoreError::InOp`] around them).
+    async fn write(&self, write: KvWrite) -> Result<Change, StoreError> {
+        let mut changes = self.write_batch(write.into()).await.map_err(|e| e.split_op().1)?;
+        changes.pop().ok_or_else(|| StoreError::Backend("a write of one op committed no change".into()))
+    }
 
     /// One item, or [`StoreError::KeyNotFound`] / `NotFound` for a missing store.
     async fn get(&self, store: StoreRef, key: Key) -> Result<ItemRecord, StoreError>;

@@ -113,6 +113,51 @@ pub enum KvAction {
     Set(Value),
     /// Delete the key (it must exist).
     Delete,
+    /// Apply an RFC 7396 merge patch (a JSON object) to the key's value ([`Value::merge_patch`]);
+    /// stored as a set of the result.
+    Merge(Value),
+}
+
+/// One op of a [`KvBatch`].
+#[derive(Debug, Clone)]
+pub struct KvOp {
+    /// The key written.
+    pub key: Key,
+    /// Set, delete or merge.
+    pub action: KvAction,
+    /// The op's precondition, on the key as the ops before it left it.
+    pub condition: Condition,
+}
+
+/// Ops on one store, applied all or none, in order, in one durable transaction, with
+/// consecutive revs (PROTOCOL.md §11). A single write is a batch of one.
+#[derive(Debug, Clone)]
+pub struct KvBatch {
+    /// The store written.
+    pub store: StoreRef,
+    /// The ops, in order (at least one).
+    pub ops: Vec<KvOp>,
+    /// `If-Match` on the whole store: apply only if the store is at this rev.
+    pub store_rev: Option<Rev>,
+    /// Most keys the store may hold after any op.
+    pub max_keys: usize,
+    /// Largest value, in bytes, a merge may leave (sets are checked before they reach the store).
+    pub max_value_bytes: usize,
+    /// Who asked.
+    pub origin: Origin,
+}
+
+impl From<KvWrite> for KvBatch {
+    fn from(w: KvWrite) -> KvBatch {
+        KvBatch {
+            store: w.store,
+            ops: vec![KvOp { key: w.key, action: w.action, condition: w.condition }],
+            store_rev: None,
+            max_keys: w.max_keys,
+            max_value_bytes: usize::MAX,
+            origin: w.origin,
+        }
+    }
 }
 
 /// One set or delete, as the write path hands it to the store.
@@ -150,6 +195,16 @@ pub struct Change {
     pub home: Option<HomeId>,
     /// Who made the change.
     pub origin: Origin,
+    /// For a change made by a batch of two or more ops: the rev of the batch's last change
+    /// (sessions that take batches get them whole, PROTOCOL.md §11).
+    pub batch_last: Option<Rev>,
+}
+
+impl Change {
+    /// Whether this change ends its batch (a change of a batch of one always does).
+    pub fn ends_batch(&self) -> bool {
+        self.batch_last.is_none_or(|last| last <= self.rev)
+    }
 }
 
 /// One item of a store with its rev.

@@ -113,6 +113,10 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
     max_body_bytes: usize,
 
+    /// Most ops in one atomic batch (PATCH …/kv, a device's batch frame); more get 413 PAYLOAD_TOO_LARGE.
+    #[arg(long, env = "DDP_MAX_BATCH_OPS", default_value_t = Limits::default().max_batch_ops)]
+    max_batch_ops: usize,
+
     /// Requests per second allowed to each device key (bursts of twice that); 0 = unlimited.
     /// Over it: 429 RATE_LIMIT_EXCEEDED with Retry-After.
     #[arg(long, env = "DDP_DEVICE_RATE_LIMIT", default_value_t = RateLimits::default().device_per_sec)]
@@ -223,6 +227,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_value_bytes: args.max_value_bytes,
         max_keys_per_store: args.max_keys_per_store,
         max_body_bytes: args.max_body_bytes,
+        max_batch_ops: args.max_batch_ops,
     };
     config.rate_limits =
         RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };

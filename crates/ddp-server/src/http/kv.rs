@@ -8,6 +8,7 @@ use axum::http::header::{ETAG, IF_MATCH, IF_NONE_MATCH};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use ddp_protocol::batch::Op;
 use ddp_protocol::{DeviceId, HomeId, Reason, Rev, Timestamp, Value, ValueError};
 use ddp_store::{Condition, StoreRef};
 use serde::{Deserialize, Serialize};
@@ -125,12 +126,13 @@ pub(crate) async fn list_or_watch(State(app): State<Arc<App>>, request: axum::ex
                         .map_err(|_| Error::invalid_parameter(format!("sinceRev must be a rev, got {s:?}")))
                 })
                 .transpose()?;
-            let commands = match query.get("commands").map(String::as_str) {
-                None | Some("0" | "false") => false,
-                Some("1" | "true") => true,
-                Some(other) => return Err(Error::invalid_parameter(format!("commands must be 1 or 0, got {other:?}"))),
+            let flag = |name: &str| match query.get(name).map(String::as_str) {
+                None | Some("0" | "false") => Ok(false),
+                Some("1" | "true") => Ok(true),
+                Some(other) => Err(Error::invalid_parameter(format!("{name} must be 1 or 0, got {other:?}"))),
             };
-            super::ws::accept(app, upgrade, auth, path.store, since, commands).await
+            let (commands, batches) = (flag("commands")?, flag("batches")?);
+            super::ws::accept(app, upgrade, auth, path.store, since, commands, batches).await
         }
         None => {
             let auth = super::authenticate(&app, &parts, None).await?;
@@ -238,6 +240,125 @@ pub(crate) async fn delete(
     let condition = condition(&headers, false)?;
     let wait = wait_param(&query, path.store)?;
     let change = app.kv.delete(&who, Transport::Rest, path.store, key, condition).await?;
+    written(&app, change.rev, wait).await
+}
+
+/// `If-Match: "<store rev>"` on a batch: the whole batch is conditional on the store's rev.
+fn store_condition(headers: &HeaderMap) -> Result<Option<Rev>> {
+    if headers.contains_key(IF_NONE_MATCH) {
+        return Err(Error::invalid_parameter("a batch takes If-Match: \"<store rev>\", not If-None-Match"));
+    }
+    let values: Vec<&str> = headers
+        .get_all(IF_MATCH)
+        .iter()
+        .map(|v| v.to_str().map_err(|_| Error::invalid_parameter("If-Match is not readable text")))
+        .collect::<Result<_>>()?;
+    match values.as_slice() {
+        [] => Ok(None),
+        [one] => parse_etag(one).map(Some).ok_or_else(|| {
+            Error::invalid_parameter(format!("If-Match on a batch is one store rev like \"5\", got {one:?}"))
+        }),
+        _ => Err(Error::invalid_parameter("If-Match on a batch is one store rev")),
+    }
+}
+
+#[derive(Deserialize)]
+struct PatchBody<'a> {
+    #[serde(borrow)]
+    ops: Option<&'a RawValue>,
+}
+
+/// One change of a batch, as its answer lists it.
+#[derive(Serialize)]
+struct ResultJson<'a> {
+    key: &'a str,
+    rev: Rev,
+}
+
+/// `PATCH …/kv` with `{"ops":[…]}` (PROTOCOL.md §11): every op or none, consecutive revs;
+/// `200 {"rev","results":[{"key","rev"}…]}` with the store's new rev as `ETag`. `If-Match` makes
+/// it conditional on the store's rev; `?wait=` waits for the device (§10).
+pub(crate) async fn patch_store(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    path: KvPath,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response> {
+    let store_rev = store_condition(&headers)?;
+    let wait = wait_param(&query, path.store)?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Error::invalid_json("the body must be a JSON object {\"ops\": [op, …]}"));
+    }
+    let parsed: PatchBody<'_> = serde_json::from_slice(&body).map_err(|e| {
+        if e.to_string().contains("recursion limit") {
+            Error::new(Reason::InvalidValue, ValueError::TooDeep.to_string())
+        } else {
+            Error::invalid_json(format!("the body must be a JSON object {{\"ops\": [op, …]}}: {e}"))
+        }
+    })?;
+    let ops = parsed.ops.ok_or_else(|| Error::invalid_parameter("the body has no \"ops\""))?;
+    let limit = app.kv.limits().max_batch_ops;
+    let ops = Op::parse_list(ops, limit).map_err(|e| {
+        let mut error = Error::new(e.reason, e.message);
+        if e.reason == Reason::PayloadTooLarge {
+            error = error.with_data(serde_json::json!({ "limit": limit }));
+        }
+        match e.index {
+            Some(i) => {
+                let mut data = serde_json::Map::new();
+                data.insert("index".into(), i.into());
+                if let Some(key) = e.key {
+                    data.insert("key".into(), key.into());
+                }
+                error.data = Some(serde_json::Value::Object(data));
+                error
+            }
+            None => error,
+        }
+    })?;
+    let changes = app.kv.batch(&who, Transport::Rest, path.store, ops, store_rev).await?;
+    let rev = changes.last().map_or(Rev::ZERO, |c| c.rev);
+    let results: Vec<ResultJson<'_>> = changes.iter().map(|c| ResultJson { key: c.key.as_str(), rev: c.rev }).collect();
+    let mut answer = serde_json::json!({ "rev": rev, "results": results });
+    if let Some(wait) = wait
+        && let (Some(answer), serde_json::Value::Object(waited)) =
+            (answer.as_object_mut(), waited(&app, wait, rev).await)
+    {
+        for (k, v) in waited {
+            answer.entry(k).or_insert(v);
+        }
+    }
+    Ok(([(ETAG, etag(rev))], axum::Json(answer)).into_response())
+}
+
+/// `PATCH …/kv/{key}` with `Content-Type: application/merge-patch+json`: RFC 7396 merge of the
+/// body (an object) into the key's value; answered like a PUT.
+pub(crate) async fn patch_key(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    path: KvPath,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response> {
+    let key = parse_key(path.key.as_deref().unwrap_or_default())?;
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if !media.eq_ignore_ascii_case("application/merge-patch+json") {
+        return Err(Error::invalid_parameter(format!(
+            "PATCH of a key takes Content-Type: application/merge-patch+json (RFC 7396), got {content_type:?}"
+        )));
+    }
+    let condition = condition(&headers, true)?;
+    let wait = wait_param(&query, path.store)?;
+    let text = std::str::from_utf8(&body).map_err(|_| Error::invalid_json("the body is not UTF-8"))?;
+    let patch = Value::parse(text).map_err(|e| match e {
+        ValueError::Invalid(m) => Error::invalid_json(format!("the merge patch is not JSON: {m}")),
+        other => Error::new(Reason::InvalidValue, other.to_string()),
+    })?;
+    let change = app.kv.merge(&who, Transport::Rest, path.store, key, patch, condition).await?;
     written(&app, change.rev, wait).await
 }
 

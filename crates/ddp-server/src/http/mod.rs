@@ -43,7 +43,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     let kv_routes = |prefix: &str| {
         Router::new()
             .route(&format!("{prefix}/kv/"), get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
-            .route(&format!("{prefix}/kv/{{*key}}"), get(kv::get).put(kv::put).delete(kv::delete))
+            .route(&format!("{prefix}/kv/{{*key}}"), get(kv::get).put(kv::put).delete(kv::delete).patch(kv::patch_key))
     };
     Router::new()
         .route("/healthz", get(ops::healthz))
@@ -62,8 +62,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/userSession/websocket", get(events::stream))
         .route("/mqtt", get(mqtt::upgrade))
         .route("/devices/{id}/command", axum::routing::put(commands::send).get(commands::socket))
-        .route("/devices/{id}/kv", get(kv::list_or_watch))
-        .route("/homes/{id}/kv", get(kv::list))
+        .route("/devices/{id}/kv", get(kv::list_or_watch).patch(kv::patch_store))
+        .route("/homes/{id}/kv", get(kv::list).patch(kv::patch_store))
         .merge(kv_routes("/devices/{id}"))
         .merge(kv_routes("/homes/{id}"))
         .fallback(not_found)

@@ -62,10 +62,11 @@ pub(crate) async fn accept(
     store: StoreRef,
     since: Option<Rev>,
     commands: bool,
+    batches: bool,
 ) -> Result<Response> {
     let session = app.kv.open_sync(auth, Transport::WebSocket, store, commands).await?;
     let config = socket_config(&app, app.kv.limits().max_body_bytes);
-    Ok(upgrade.accept(config, move |socket| sync_session(app, socket, session, since)))
+    Ok(upgrade.accept(config, move |socket| sync_session(app, socket, session, since, batches)))
 }
 
 /// Upgrades to a device's command socket, for a session the gate opened.
@@ -222,11 +223,17 @@ fn command_frame(command: &Json) -> Json {
     Json::from_serialized(format!(r#"{{"action":"command","command":{command}}}"#))
 }
 
-async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Session, since: Option<Rev>) {
+async fn sync_session(
+    app: std::sync::Arc<App>,
+    mut socket: Socket,
+    session: Session,
+    since: Option<Rev>,
+    batches: bool,
+) {
     let store = session.purpose().store();
     let who = session.principal().clone();
     // The rarely taken paths are boxed: an idle session's future holds only what waiting needs.
-    let (mut watch, first) = match Box::pin(app.kv.watch(&session, since)).await {
+    let (mut watch, first) = match Box::pin(app.kv.watch(&session, since, batches)).await {
         Ok(started) => started,
         Err(e) => {
             tracing::warn!(?store, %who, error = %e, "cannot start a sync session");
@@ -273,6 +280,7 @@ async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Ses
                     Message::Binary(_) => error_frame(Refused {
                         error: crate::error::Error::invalid_json("send sync messages as JSON text frames"),
                         key: None,
+                        index: None,
                     }),
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(None),
                     Message::Close(_) => break None,
@@ -310,8 +318,8 @@ async fn sync_session(app: std::sync::Arc<App>, mut socket: Socket, session: Ses
 
 /// The `error` frame reporting a refused frame.
 fn error_frame(refused: Refused) -> Result<Option<Json>> {
-    let Refused { error, key } = refused;
-    Json::encode(&ServerMessage::Error { reason: error.reason, message: error.message, key }).map(Some)
+    let Refused { error, key, index } = refused;
+    Json::encode(&ServerMessage::Error { reason: error.reason, message: error.message, key, index }).map(Some)
 }
 
 /// Hands a device frame to the gate; returns the `error` frame to send when it was not applied.

@@ -244,7 +244,7 @@ where
                     }
                     self.flush().await?; // the SUBACK goes before the reload
                     let Some(live) = &self.live else { continue };
-                    match self.app.kv.watch(live, None).await {
+                    match self.app.kv.watch(live, None, false).await {
                         Ok((watch, first)) => {
                             self.watch = Some(watch);
                             self.publish(first).await?; // the reload, delivered once sent

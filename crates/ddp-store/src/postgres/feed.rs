@@ -261,6 +261,7 @@ fn change_row(row: &Row) -> Result<Change, StoreError> {
         time: Timestamp(row.try_get(6)?),
         home: row.try_get::<_, Option<i64>>(7)?.and_then(|h| HomeId::new(to_u64(h))),
         origin: Origin::from_parts(i64::from(row.try_get::<_, i16>(8)?), to_u64(row.try_get(9)?)),
+        batch_last: row.try_get::<_, Option<i64>>(10)?.map(rev_of),
     })
 }
 
@@ -352,7 +353,7 @@ impl Listener {
         let changes = client
             .prepare(&query(
                 "changes",
-                "seq, kind, owner, rev, key, value, modified_ms, home_id, origin_kind, origin_id",
+                "seq, kind, owner, rev, key, value, modified_ms, home_id, origin_kind, origin_id, batch_last",
             ))
             .await?;
         let admin = client.prepare(&query("admin_log", "seq, kind, a, b, c")).await?;

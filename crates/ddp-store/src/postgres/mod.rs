@@ -257,11 +257,13 @@ impl PgStore {
 
 #[async_trait]
 impl Store for PgStore {
-    async fn write(&self, write: KvWrite) -> Result<Change, StoreError> {
+    async fn write_batch(&self, batch: KvBatch) -> Result<Vec<Change>, StoreError> {
         let queue = self.writes.lock().ok().and_then(|w| w.clone()).ok_or(StoreError::Closed)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        queue.send(writer::Pending { write, reply }).await.map_err(|_| StoreError::Closed)?;
-        answer.await.unwrap_or(Err(StoreError::Closed))
+        queue.send(writer::Pending { batch, reply }).await.map_err(|_| StoreError::Closed)?;
+        let mut changes = answer.await.unwrap_or(Err(StoreError::Closed))?;
+        writer::mark_batch(&mut changes);
+        Ok(changes)
     }
 
     async fn get(&self, store: StoreRef, key: Key) -> Result<ItemRecord, StoreError> {
@@ -321,7 +323,8 @@ impl Store for PgStore {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT s.rev, s.history_from, c.rev, c.key, c.value, c.modified_ms, c.home_id, c.origin_kind, c.origin_id
+                "SELECT s.rev, s.history_from, c.rev, c.key, c.value, c.modified_ms, c.home_id, c.origin_kind, c.origin_id,
+                        c.batch_last
                  FROM stores s LEFT JOIN changes c ON c.kind = s.kind AND c.owner = s.owner AND c.rev > $3
                  WHERE s.kind = $1 AND s.owner = $2 ORDER BY c.rev",
             )
@@ -344,6 +347,7 @@ impl Store for PgStore {
                 time: Timestamp(row.try_get(5)?),
                 home: home_of(row.try_get(6)?),
                 origin: Origin::from_parts(i64::from(row.try_get::<_, i16>(7)?), to_u64(row.try_get(8)?)),
+                batch_last: row.try_get::<_, Option<i64>>(9)?.map(rev_of),
             });
         }
         Ok(Some(changes))

@@ -315,6 +315,198 @@ BEGIN
     INSERT INTO event_log (kind, json, created_ms) VALUES (1, p_json, p_now);
 END $$;
 "#,
+    r#"
+-- Atomic batches (PROTOCOL.md §11). A change made by a batch of two or more ops carries the rev
+-- of the batch's last change, so that sessions that take batches get them whole.
+ALTER TABLE changes ADD COLUMN batch_last BIGINT;
+-- RFC 7396 JSON merge patch on exact JSON texts (the same as the embedded store's, in Rust): the
+-- target's members keep their place and their text, new ones are appended in the patch's order,
+-- members set to null are removed; an absent or non-object target counts as {}.
+CREATE FUNCTION ddp_merge_patch(p_target TEXT, p_patch TEXT)
+RETURNS TEXT LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    r RECORD;
+    v_keys TEXT[] := '{}';
+    v_vals TEXT[] := '{}';
+    v_pos INT;
+    v_out TEXT := '';
+    i INT;
+BEGIN
+    IF json_typeof(p_patch::JSON) <> 'object' THEN
+        RETURN p_patch;
+    END IF;
+    IF p_target IS NOT NULL AND json_typeof(p_target::JSON) = 'object' THEN
+        FOR r IN SELECT e.key, e.value::TEXT AS value FROM json_each(p_target::JSON) e LOOP
+            v_keys := v_keys || r.key;
+            v_vals := v_vals || r.value;
+        END LOOP;
+    END IF;
+    FOR r IN SELECT e.key, e.value::TEXT AS value, json_typeof(e.value) AS type FROM json_each(p_patch::JSON) e LOOP
+        v_pos := array_position(v_keys, r.key);
+        IF r.type = 'null' THEN
+            WHILE v_pos IS NOT NULL LOOP
+                v_keys := v_keys[:v_pos - 1] || v_keys[v_pos + 1:];
+                v_vals := v_vals[:v_pos - 1] || v_vals[v_pos + 1:];
+                v_pos := array_position(v_keys, r.key);
+            END LOOP;
+        ELSIF v_pos IS NULL THEN
+            v_keys := v_keys || r.key;
+            v_vals := v_vals || CASE WHEN r.type = 'object' THEN ddp_merge_patch(NULL, r.value) ELSE r.value END;
+        ELSE
+            v_vals[v_pos] := CASE WHEN r.type = 'object' THEN ddp_merge_patch(v_vals[v_pos], r.value) ELSE r.value END;
+        END IF;
+    END LOOP;
+    FOR i IN 1..COALESCE(array_length(v_keys, 1), 0) LOOP
+        IF i > 1 THEN
+            v_out := v_out || ',';
+        END IF;
+        v_out := v_out || to_json(v_keys[i])::TEXT || ':' || v_vals[i];
+    END LOOP;
+    RETURN '{' || v_out || '}';
+END $$;
+-- Every key-value write: units of ops (a unit is one batch on one store; its ops are contiguous
+-- and share p_units, p_kinds, p_owners, p_store_revs), each applied all or nothing, in one round
+-- trip and one commit. Callers order units by store, so concurrent calls lock stores in the same
+-- order and cannot deadlock. A unit is worked out in full under its store's row lock before
+-- anything is written (so a failing op leaves nothing and no savepoint is needed), then written
+-- with consecutive revs. p_ops[i]: 0 set p_values[i], 1 delete, 2 merge patch p_values[i] (a merged
+-- value is refused beyond p_max_bytes[i]); p_conds[i]: 0 none, 1 rev in p_revs[i] (comma
+-- separated), 2 exists, 3 absent; p_store_revs[i] >= 0: the store's rev the unit requires.
+-- Answers one row per op of a unit that applied ('ok', its rev, the home at commit, and for a
+-- merge its value) or one row for a unit that did not (out_idx the op at fault or -1, out_current
+-- the key's or store's rev, or the merged size): 'no_store', 'store_mismatch', 'mismatch',
+-- 'no_key', 'too_many' or 'too_large'.
+CREATE FUNCTION ddp_kv_apply(
+    p_units INT[], p_kinds SMALLINT[], p_owners BIGINT[], p_keys TEXT[], p_ops SMALLINT[], p_values TEXT[],
+    p_conds SMALLINT[], p_revs TEXT[], p_store_revs BIGINT[], p_max_keys INT[], p_max_bytes INT[],
+    p_origin_kinds SMALLINT[], p_origin_ids BIGINT[], p_now BIGINT)
+RETURNS TABLE (out_unit INT, out_idx INT, out_status TEXT, out_rev BIGINT, out_home BIGINT, out_current BIGINT,
+               out_value TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n INT := COALESCE(array_length(p_units, 1), 0);
+    lo INT := 1;
+    hi INT;
+    i INT;
+    v_rev BIGINT;
+    v_num INT;
+    v_cur BIGINT;
+    v_curval TEXT;
+    v_at INT;
+    v_home BIGINT;
+    v_last BIGINT;
+    v_batch_last BIGINT;
+    v_seen JSONB;
+    v_new TEXT[];
+    v_status TEXT;
+    v_fail INT;
+BEGIN
+    WHILE lo <= n LOOP
+        hi := lo;
+        WHILE hi < n AND p_units[hi + 1] = p_units[lo] LOOP
+            hi := hi + 1;
+        END LOOP;
+        v_status := NULL;
+        v_fail := -1;
+        v_cur := NULL;
+        v_new := '{}';
+        SELECT s.rev, s.num_keys INTO v_rev, v_num FROM stores s
+            WHERE s.kind = p_kinds[lo] AND s.owner = p_owners[lo] FOR UPDATE;
+        IF NOT FOUND THEN
+            v_status := 'no_store';
+        ELSIF p_store_revs[lo] >= 0 AND v_rev <> p_store_revs[lo] THEN
+            v_status := 'store_mismatch';
+            v_cur := v_rev;
+        ELSE
+            -- v_seen: each key an earlier op of the unit wrote -> that op's position (0: deleted).
+            v_seen := '{}'::JSONB;
+            FOR i IN lo..hi LOOP
+                IF v_seen ? p_keys[i] THEN
+                    v_at := (v_seen->>p_keys[i])::INT;
+                    v_cur := CASE WHEN v_at > 0 THEN v_rev + (v_at - lo) + 1 END;
+                    v_curval := CASE WHEN v_at > 0 THEN v_new[v_at - lo + 1] END;
+                ELSIF p_ops[i] = 2 THEN
+                    v_cur := NULL;
+                    v_curval := NULL;
+                    SELECT it.rev, it.value INTO v_cur, v_curval FROM items it
+                        WHERE it.kind = p_kinds[i] AND it.owner = p_owners[i] AND it.key = p_keys[i];
+                ELSE
+                    v_cur := NULL;
+                    SELECT it.rev INTO v_cur FROM items it
+                        WHERE it.kind = p_kinds[i] AND it.owner = p_owners[i] AND it.key = p_keys[i];
+                END IF;
+                IF (p_conds[i] = 1 AND (v_cur IS NULL OR NOT (v_cur = ANY(
+                        COALESCE(string_to_array(NULLIF(p_revs[i], ''), ',')::BIGINT[], '{}'::BIGINT[])))))
+                    OR (p_conds[i] = 2 AND v_cur IS NULL)
+                    OR (p_conds[i] = 3 AND v_cur IS NOT NULL) THEN
+                    v_status := 'mismatch';
+                    v_fail := i - lo;
+                    EXIT;
+                END IF;
+                IF p_ops[i] = 1 THEN
+                    IF v_cur IS NULL THEN
+                        v_status := 'no_key';
+                        v_fail := i - lo;
+                        EXIT;
+                    END IF;
+                    v_num := v_num - 1;
+                    v_new := v_new || NULL::TEXT;
+                    v_seen := v_seen || jsonb_build_object(p_keys[i], 0);
+                ELSE
+                    IF p_ops[i] = 2 THEN
+                        v_new := v_new || ddp_merge_patch(v_curval, p_values[i]);
+                        IF octet_length(v_new[i - lo + 1]) > p_max_bytes[i] THEN
+                            v_status := 'too_large';
+                            v_fail := i - lo;
+                            v_cur := octet_length(v_new[i - lo + 1]);
+                            EXIT;
+                        END IF;
+                    ELSE
+                        v_new := v_new || p_values[i];
+                    END IF;
+                    IF v_cur IS NULL THEN
+                        IF v_num >= p_max_keys[i] THEN
+                            v_status := 'too_many';
+                            v_fail := i - lo;
+                            EXIT;
+                        END IF;
+                        v_num := v_num + 1;
+                    END IF;
+                    v_seen := v_seen || jsonb_build_object(p_keys[i], i);
+                END IF;
+            END LOOP;
+        END IF;
+        IF v_status IS NOT NULL THEN
+            RETURN QUERY SELECT p_units[lo], v_fail, v_status, NULL::BIGINT, NULL::BIGINT, v_cur, NULL::TEXT;
+        ELSE
+            IF p_kinds[lo] = 0 THEN
+                SELECT d.home_id INTO v_home FROM devices d WHERE d.id = p_owners[lo];
+            ELSE
+                v_home := p_owners[lo];
+            END IF;
+            v_last := v_rev + (hi - lo) + 1;
+            v_batch_last := CASE WHEN hi > lo THEN v_last END;
+            FOR i IN lo..hi LOOP
+                IF p_ops[i] = 1 THEN
+                    DELETE FROM items it WHERE it.kind = p_kinds[i] AND it.owner = p_owners[i] AND it.key = p_keys[i];
+                ELSE
+                    INSERT INTO items AS it (kind, owner, key, value, rev, modified_ms)
+                        VALUES (p_kinds[i], p_owners[i], p_keys[i], v_new[i - lo + 1], v_rev + (i - lo) + 1, p_now)
+                        ON CONFLICT (kind, owner, key) DO UPDATE SET value = EXCLUDED.value, rev = EXCLUDED.rev,
+                            modified_ms = EXCLUDED.modified_ms;
+                END IF;
+                INSERT INTO changes (kind, owner, rev, key, value, modified_ms, home_id, origin_kind, origin_id, batch_last)
+                    VALUES (p_kinds[i], p_owners[i], v_rev + (i - lo) + 1, p_keys[i], v_new[i - lo + 1], p_now, v_home,
+                            p_origin_kinds[i], p_origin_ids[i], v_batch_last);
+                RETURN QUERY SELECT p_units[lo], i - lo, 'ok'::TEXT, v_rev + (i - lo) + 1, v_home, NULL::BIGINT,
+                    CASE WHEN p_ops[i] = 2 THEN v_new[i - lo + 1] END;
+            END LOOP;
+            UPDATE stores s SET rev = v_last, num_keys = v_num WHERE s.kind = p_kinds[lo] AND s.owner = p_owners[lo];
+        END IF;
+        lo := hi + 1;
+    END LOOP;
+END $$;
+"#,
 ];
 
 fn backend(e: tokio_postgres::Error) -> StoreError {

@@ -39,7 +39,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use self::checkpoint::Checkpointer;
-use self::ops::{apply_kv, trim};
+use self::ops::{apply_batch, trim};
 use self::readers::Readers;
 use self::rows::*;
 use self::schema::migrate;
@@ -207,8 +207,8 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn write(&self, write: KvWrite) -> Result<Change, StoreError> {
-        self.write_job(move |tx| apply_kv(tx, &write)).await
+    async fn write_batch(&self, batch: KvBatch) -> Result<Vec<Change>, StoreError> {
+        self.write_job(move |tx| apply_batch(tx, &batch)).await
     }
 
     async fn get(&self, store: StoreRef, key: Key) -> Result<ItemRecord, StoreError> {
@@ -278,7 +278,7 @@ impl Store for SqliteStore {
             }
             let changes = {
                 let mut stmt = tx.prepare_cached(
-                    "SELECT rev, key, value, modified_ms, home_id, origin_kind, origin_id FROM changes
+                    "SELECT rev, key, value, modified_ms, home_id, origin_kind, origin_id, batch_last FROM changes
                      WHERE kind = ?1 AND owner = ?2 AND rev > ?3 ORDER BY rev",
                 )?;
                 let rows = stmt.query_map(params![kind, owner, after], |r| change_row(store, r))?;

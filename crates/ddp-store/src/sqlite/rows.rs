@@ -63,6 +63,7 @@ pub(super) fn change_row(store: StoreRef, row: &Row<'_>) -> rusqlite::Result<Cha
         time: Timestamp(row.get(3)?),
         home: home_col(row, 4)?,
         origin: Origin::from_parts(row.get(5)?, to_u64(row.get(6)?)),
+        batch_last: row.get::<_, Option<i64>>(7)?.map(rev_of),
     })
 }
 

@@ -82,6 +82,11 @@ CREATE TABLE device_sync (
     applied_ms     INTEGER
 );
 "#,
+    r#"
+-- Atomic batches (PROTOCOL.md §11): a change made by a batch of two or more ops carries the rev
+-- of the batch's last change, so that sessions that take batches get them whole, live or resumed.
+ALTER TABLE changes ADD COLUMN batch_last INTEGER;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

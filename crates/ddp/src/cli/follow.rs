@@ -72,6 +72,16 @@ pub fn print_sync(text: &str) {
         Ok(ServerMessage::Resume { rev }) => println!("rev {rev:<6} resume   (only changes after it follow)"),
         Ok(ServerMessage::Set { rev, key, value }) => println!("rev {rev:<6} set      {key} = {value}"),
         Ok(ServerMessage::Delete { rev, key }) => println!("rev {rev:<6} delete   {key}"),
+        Ok(ServerMessage::Batch { rev, changes }) => {
+            println!("rev {rev:<6} batch    {} changes, applied at once", changes.len());
+            for change in changes {
+                match change {
+                    ServerMessage::Set { rev, key, value } => println!("  rev {rev:<4} set      {key} = {value}"),
+                    ServerMessage::Delete { rev, key } => println!("  rev {rev:<4} delete   {key}"),
+                    _ => {}
+                }
+            }
+        }
         Ok(ServerMessage::Error { reason, message, .. }) => println!("error      {reason}: {message}"),
         Ok(ServerMessage::Command { command }) => println!("command    {} {}", command.action, command.parameters),
         Err(_) => println!("{text}"),
