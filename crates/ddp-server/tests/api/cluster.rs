@@ -209,3 +209,35 @@ async fn an_ack_on_one_node_releases_a_writer_waiting_on_the_other() {
         assert_eq!((seen["deliveredRev"].clone(), seen["appliedRev"].clone()), (json!(1), json!(1)), "{seen}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_batches_on_two_nodes_reach_a_batches_session_whole_and_in_order() {
+    let (a, b) = two_nodes().await;
+    let (dev, key) = a.create_device(None).await;
+    let mut on_b = b.ws_open(dev, &key, "?batches=1").await;
+    assert_eq!(on_b.next_json().await["action"], "reload");
+    let patch = |node: &TestServer, i: u64| {
+        let body = json!({"ops": [
+            {"op": "set", "key": "ssid", "value": i},
+            {"op": "set", "key": "password", "value": i},
+            {"op": "merge", "key": "log", "value": {format!("w{i}"): true}}
+        ]});
+        node.admin(Method::PATCH, &format!("/devices/{dev}/kv")).json(&body).send()
+    };
+    let writes: Vec<_> = (0..20u64).map(|i| patch(if i % 2 == 0 { &a } else { &b }, i)).collect();
+    for answer in futures_util::future::join_all(writes).await {
+        expect_json(answer, StatusCode::OK).await;
+    }
+    let mut last = 0;
+    for _ in 0..20 {
+        let batch = on_b.next_json().await;
+        assert_eq!(batch["action"], "batch", "{batch}");
+        let revs: Vec<u64> =
+            batch["changes"].as_array().expect("changes").iter().filter_map(|c| c["rev"].as_u64()).collect();
+        assert_eq!(revs, [last + 1, last + 2, last + 3], "whole batches, in rev order, never interleaved");
+        assert_eq!(batch["changes"][0]["value"], batch["changes"][1]["value"], "ssid and password from the same batch");
+        last += 3;
+    }
+    let log = expect_json(b.admin(Method::GET, &format!("/devices/{dev}/kv/log")).send().await, StatusCode::OK).await;
+    assert_eq!(log["value"].as_object().map(serde_json::Map::len), Some(20), "no merge lost across nodes: {log}");
+}

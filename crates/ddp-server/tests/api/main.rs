@@ -3,6 +3,7 @@
 
 mod admin;
 mod auth;
+mod batches;
 #[cfg(feature = "postgres-tests")]
 mod cluster;
 mod commands;
