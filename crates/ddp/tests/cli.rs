@@ -165,6 +165,8 @@ async fn every_command_has_help_with_examples() {
         vec!["apikey", "create", "--help"],
         vec!["kv", "set", "--help"],
         vec!["kv", "list", "--help"],
+        vec!["kv", "patch", "--help"],
+        vec!["kv", "apply", "--help"],
         vec!["command", "send", "--help"],
         vec!["watch", "--help"],
         vec!["events", "--help"],
@@ -391,4 +393,78 @@ async fn writes_wait_for_the_device_and_device_sync_shows_where_it_stands() {
         ddp(&s, Some(ADMIN_KEY), &["kv", "set", "--device", &d, "x", "1", "--wait", "applied", "--wait-timeout", "90"])
             .await;
     assert!(run.code != 0 && run.err.contains("0–60"), "{}", run.err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_and_apply_write_several_keys_at_once() {
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    let d = dev.to_string();
+    ok(&s, &["kv", "set", "--device", &d, "net", r#"{"dhcp":false,"dns":["1.1.1.1"]}"#]).await;
+    ok(&s, &["kv", "set", "--device", &d, "old", "1"]).await;
+    let out = ok(
+        &s,
+        &[
+            "kv",
+            "patch",
+            "--device",
+            &d,
+            "--set",
+            "ssid=home",
+            "--set",
+            "level=1.10",
+            "--merge",
+            r#"net={"dhcp":true,"dns":null}"#,
+            "--delete",
+            "old",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out,
+        "rev 3      ssid\nrev 4      level\nrev 5      net\nrev 6      old\napplied 4 ops at once at rev 6\n"
+    );
+    let level = ok(&s, &["kv", "get", "--device", &d, "level"]).await;
+    assert_eq!(level.trim(), "1.10", "values travel exactly");
+    assert_eq!(ok(&s, &["kv", "get", "--device", &d, "net"]).await.trim(), r#"{"dhcp":true}"#);
+
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("wifi.json");
+    std::fs::write(&file, r#"{"ops":[{"op":"set","key":"ssid","value":"x","ifRev":3},{"op":"delete","key":"ssid"},{"op":"set","key":"n","value":12345678901234567890}]}"#).expect("write");
+    let answer = json(&s, &["kv", "apply", "--device", &d, file.to_str().expect("path")]).await;
+    assert_eq!(
+        answer,
+        serde_json::json!({"rev": 9, "results": [{"key": "ssid", "rev": 7}, {"key": "ssid", "rev": 8}, {"key": "n", "rev": 9}]})
+    );
+    assert_eq!(ok(&s, &["kv", "get", "--device", &d, "n"]).await.trim(), "12345678901234567890");
+
+    // Refusals: the op at fault is named, nothing changes, the exit code is 1.
+    std::fs::write(&file, r#"[{"op":"set","key":"a","value":1},{"op":"delete","key":"missing"}]"#).expect("write");
+    fails(&s, Some(ADMIN_KEY), &["kv", "apply", "--device", &d, file.to_str().expect("path")], "KEY_NOT_FOUND").await;
+    fails(
+        &s,
+        Some(ADMIN_KEY),
+        &["kv", "patch", "--device", &d, "--set", "a=1", "--if-store-rev", "3"],
+        "REVISION_MISMATCH",
+    )
+    .await;
+    fails(&s, Some(ADMIN_KEY), &["kv", "patch", "--device", &d, "--set", "a=1", "--delete", "a"], "use `ddp kv apply`")
+        .await;
+    fails(&s, Some(ADMIN_KEY), &["kv", "patch", "--device", &d, "--merge", "a=[1]"], "a merge patch is a JSON object")
+        .await;
+    fails(&s, Some(ADMIN_KEY), &["kv", "patch", "--device", &d], "nothing to do").await;
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 9);
+
+    // --wait applied: a device that takes batches acks the batch.
+    let mut ws = s.ws_open(dev, &key, "?batches=1").await;
+    assert_eq!(ws.next_json().await["action"], "reload");
+    let acker = tokio::spawn(async move {
+        let batch = ws.next_json().await;
+        ws.send_json(&serde_json::json!({"action": "ack", "rev": batch["rev"]})).await;
+        (batch, ws)
+    });
+    let out = ok(&s, &["kv", "patch", "--device", &d, "--set", "a=1", "--set", "b=2", "--wait", "applied"]).await;
+    assert!(out.contains(&format!("applied 2 ops at once at rev 11; device {dev} applied it within ")), "{out}");
+    let (batch, _ws) = acker.await.expect("acker");
+    assert_eq!(batch["action"], "batch");
 }

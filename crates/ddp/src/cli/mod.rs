@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use ddp_protocol::Value;
+use ddp_protocol::batch::{Op, OpKind};
 use ddp_protocol::sync::Item;
 use reqwest::{Method, RequestBuilder};
 use serde_json::json;
@@ -251,6 +252,41 @@ pub enum Kv {
         #[arg(long, default_value_t = 10.0, value_name = "SECONDS", requires = "wait")]
         wait_timeout: f64,
     },
+    /// Change several keys at once: every op or none, with consecutive revs (PROTOCOL.md §11).
+    /// VALUEs are JSON when they parse, else strings; --merge takes a JSON object (RFC 7396:
+    /// members set to null are removed). Ops go in the order --set, --merge, --delete; to order
+    /// them freely (or name a key twice), use `ddp kv apply`.
+    #[command(
+        after_help = "Examples:\n  ddp kv patch --device 7 --set ssid=home --set password=s3cret\n  ddp kv patch --device 7 --merge 'net={\"dhcp\":true,\"dns\":null}' --delete oldNet\n  ddp kv patch --device 7 --set mode=eco --if-store-rev 41 --wait applied"
+    )]
+    Patch {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Set KEY to VALUE; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Merge a JSON object into KEY's value; repeatable.
+        #[arg(long = "merge", value_name = "KEY=JSON")]
+        merges: Vec<String>,
+        /// Delete KEY (it must exist); repeatable.
+        #[arg(long = "delete", value_name = "KEY")]
+        deletes: Vec<String>,
+        #[command(flatten)]
+        batch: BatchArgs,
+    },
+    /// Apply a file of ops as one atomic batch: `{"ops":[…]}` or just the array, each op
+    /// `{"op":"set"|"delete"|"merge","key",…,"ifRev"?}`, in the order given (`-` reads stdin).
+    #[command(
+        after_help = "Examples:\n  ddp kv apply --device 7 wifi.json\n  echo '[{\"op\":\"set\",\"key\":\"mode\",\"value\":\"eco\"}]' | ddp kv apply --device 7 -"
+    )]
+    Apply {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The file (`-`: standard input).
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        batch: BatchArgs,
+    },
     /// List a store's keys.
     #[command(after_help = "Examples:\n  ddp kv list --device 7\n  ddp kv list --home 3 --prefix zone:")]
     List {
@@ -260,6 +296,95 @@ pub enum Kv {
         #[arg(long)]
         prefix: Option<String>,
     },
+}
+
+/// What a batch is conditional on and waits for.
+#[derive(Args)]
+pub struct BatchArgs {
+    /// Only if the store is still at this rev (else REVISION_MISMATCH and nothing changes).
+    #[arg(long, value_name = "REV")]
+    if_store_rev: Option<u64>,
+    /// Then wait until the device has `applied` (acknowledged) or been `delivered` the batch;
+    /// exits non-zero when it has not within --wait-timeout (the batch stands).
+    #[arg(long, value_enum, value_name = "WHAT")]
+    wait: Option<WaitFor>,
+    /// How long --wait waits, in seconds (0–60).
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS", requires = "wait")]
+    wait_timeout: f64,
+}
+
+/// The ops of `ddp kv patch`, in the order --set, --merge, --delete.
+fn patch_ops(sets: &[String], merges: &[String], deletes: &[String]) -> Result<Vec<Op>, Failure> {
+    let key = |flag: &str, text: &str| {
+        ddp_protocol::Key::new(text).map_err(|e| Failure::new(format!("--{flag}: {text:?} is not a key: {e}")))
+    };
+    let split = |flag: &str, text: &str| -> Result<(ddp_protocol::Key, String), Failure> {
+        let (k, v) = text.split_once('=').ok_or_else(|| Failure::new(format!("--{flag} {text:?} is not KEY=VALUE")))?;
+        Ok((key(flag, k)?, v.to_owned()))
+    };
+    let mut ops = Vec::new();
+    for text in sets {
+        let (key, value) = split("set", text)?;
+        ops.push((Op { key, kind: OpKind::Set(parse_value(&value)?), if_rev: None }, "set"));
+    }
+    for text in merges {
+        let (key, patch) = split("merge", text)?;
+        let patch = Value::parse(&patch).map_err(|e| Failure::new(format!("--merge {key}=…: not JSON: {e}")))?;
+        if !patch.is_object() {
+            return Err(Failure::new(format!(
+                "--merge {key}=…: a merge patch is a JSON object, like '{{\"on\":true}}'"
+            )));
+        }
+        ops.push((Op { key, kind: OpKind::Merge(patch), if_rev: None }, "merge"));
+    }
+    for text in deletes {
+        ops.push((Op { key: key("delete", text)?, kind: OpKind::Delete, if_rev: None }, "delete"));
+    }
+    for (i, (op, flag)) in ops.iter().enumerate() {
+        if let Some((_, other)) = ops[..i].iter().find(|(o, f)| o.key == op.key && f != flag) {
+            return Err(Failure::new(format!(
+                "{} is named by --{other} and --{flag}: their order would be a guess; use `ddp kv apply` with a file",
+                op.key
+            )));
+        }
+    }
+    if ops.is_empty() {
+        return Err(Failure::new("nothing to do: give --set, --merge or --delete"));
+    }
+    Ok(ops.into_iter().map(|(op, _)| op).collect())
+}
+
+/// Sends `ops` (a JSON array's text) as one batch and reports the outcome.
+async fn send_batch(conn: &Connection, api: &Api, store: StoreArg, ops: &str, batch: BatchArgs) -> Result<(), Failure> {
+    let waiting = Waiting::of(store, batch.wait, batch.wait_timeout)?;
+    let mut request = api
+        .request(Method::PATCH, &store.path())
+        .header("Content-Type", "application/json")
+        .body(format!("{{\"ops\":{ops}}}"));
+    if let Some(rev) = batch.if_store_rev {
+        request = request.header("If-Match", format!("\"{rev}\""));
+    }
+    if let Some(w) = &waiting {
+        request = request.query(&[("wait", w.what.as_str().to_owned()), ("waitTimeout", w.seconds.to_string())]);
+    }
+    let started = std::time::Instant::now();
+    let body = api.json(request).await?;
+    let rev = body["rev"].as_u64().unwrap_or_default();
+    let results = body["results"].as_array().cloned().unwrap_or_default();
+    if conn.json {
+        println!("{body}");
+        let confirmed = waiting.as_ref().is_none_or(|w| body[w.what.as_str()] == true);
+        if !confirmed {
+            return Err(Failure::new(format!("the device had not confirmed rev {rev} in time; the batch stands")));
+        }
+        return Ok(());
+    }
+    for r in &results {
+        println!("rev {:<6} {}", r["rev"].as_u64().unwrap_or_default(), output::cell(&r["key"]));
+    }
+    let done = format!("applied {} ops at once", results.len());
+    let written = Written { rev, waited: waiting.as_ref().map(|_| body.clone()) };
+    report(conn, api, "", &done, written, waiting.as_ref(), started).await
 }
 
 /// What a write waits for (PROTOCOL.md §10).
@@ -675,6 +800,35 @@ pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
             let started = std::time::Instant::now();
             let written = write(&api, request, if_rev, waiting.as_ref()).await?;
             report(conn, &api, &key, &format!("deleted {key}"), written, waiting.as_ref(), started).await?;
+        }
+        Kv::Patch { store, sets, merges, deletes, batch } => {
+            let ops = patch_ops(&sets, &merges, &deletes)?;
+            send_batch(conn, &api, store, &Op::list_json(&ops), batch).await?;
+        }
+        Kv::Apply { store, file, batch } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Failure::new(format!("cannot read stdin: {e}")))?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?
+            };
+            // Kept as text: values travel exactly as written in the file.
+            #[derive(serde::Deserialize)]
+            struct Doc<'a> {
+                #[serde(borrow)]
+                ops: &'a serde_json::value::RawValue,
+            }
+            let trimmed = text.trim_start();
+            let ops = if trimmed.starts_with('[') {
+                trimmed.trim_end().to_owned()
+            } else {
+                let doc: Doc<'_> = serde_json::from_str(&text).map_err(|e| {
+                    Failure::new(format!("{} is not {{\"ops\":[…]}} or an array of ops: {e}", file.display()))
+                })?;
+                doc.ops.get().to_owned()
+            };
+            send_batch(conn, &api, store, &ops, batch).await?;
         }
         Kv::List { store, prefix } => {
             let mut request = api.request(Method::GET, &store.path());
