@@ -16,6 +16,7 @@
 
 mod acks;
 mod baselines;
+mod batches;
 mod chart;
 mod commands;
 mod devices;
@@ -62,6 +63,9 @@ enum Command {
     /// Write → applied and write → delivered latency with SDK devices that acknowledge, and
     /// what acknowledgements cost durable writes.
     Acks(acks::AcksArgs),
+    /// Durable key writes per second through atomic batches of 1, 10 and 100 ops, on the
+    /// embedded store and (with --postgres) on PostgreSQL.
+    Batches(batches::BatchesArgs),
     /// A client process of the reconnect storm (started by `compare`).
     #[command(hide = true)]
     StormClient(storm::StormClientArgs),
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         Command::Latency(args) => runtime.block_on(sync::latency(args)),
         Command::Commands(args) => runtime.block_on(commands::run(args)),
         Command::Acks(args) => runtime.block_on(acks::run(args)),
+        Command::Batches(args) => runtime.block_on(batches::run(args)),
         Command::StormClient(args) => runtime.block_on(storm::client(args)),
         Command::Fsync(args) => {
             let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;
