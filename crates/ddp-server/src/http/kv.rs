@@ -193,19 +193,25 @@ struct PutBody<'a> {
     value: Option<&'a RawValue>,
 }
 
-/// Parses `{"value": <json>}`.
-fn parse_put_body(body: &[u8]) -> Result<Value> {
-    // serde would also take a JSON array for a struct; the contract wants an object.
+/// Parses a body that must be a JSON object of `shape` (named in errors, e.g.
+/// `{"value": <json>}`). serde would also take a JSON array for a struct; the contract wants an
+/// object. Nesting too deep is `INVALID_VALUE`, anything else unreadable `INVALID_JSON`.
+fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8], shape: &str) -> Result<T> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Error::invalid_json("the body must be a JSON object {\"value\": <json>}"));
+        return Err(Error::invalid_json(format!("the body must be a JSON object {shape}")));
     }
-    let parsed: PutBody<'_> = serde_json::from_slice(body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         if e.to_string().contains("recursion limit") {
             Error::new(Reason::InvalidValue, ValueError::TooDeep.to_string())
         } else {
-            Error::invalid_json(format!("the body must be a JSON object {{\"value\": <json>}}: {e}"))
+            Error::invalid_json(format!("the body must be a JSON object {shape}: {e}"))
         }
-    })?;
+    })
+}
+
+/// Parses `{"value": <json>}`.
+fn parse_put_body(body: &[u8]) -> Result<Value> {
+    let parsed: PutBody<'_> = parse_object(body, "{\"value\": <json>}")?;
     let raw =
         parsed.value.ok_or_else(|| Error::new(Reason::InvalidValue, "the body has no \"value\", or it is null"))?;
     Value::from_raw(raw).map_err(|e| Error::new(Reason::InvalidValue, e.to_string()))
@@ -288,16 +294,7 @@ pub(crate) async fn patch_store(
 ) -> Result<Response> {
     let store_rev = store_condition(&headers)?;
     let wait = wait_param(&query, path.store)?;
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Error::invalid_json("the body must be a JSON object {\"ops\": [op, …]}"));
-    }
-    let parsed: PatchBody<'_> = serde_json::from_slice(&body).map_err(|e| {
-        if e.to_string().contains("recursion limit") {
-            Error::new(Reason::InvalidValue, ValueError::TooDeep.to_string())
-        } else {
-            Error::invalid_json(format!("the body must be a JSON object {{\"ops\": [op, …]}}: {e}"))
-        }
-    })?;
+    let parsed: PatchBody<'_> = parse_object(&body, "{\"ops\": [op, …]}")?;
     let ops = parsed.ops.ok_or_else(|| Error::invalid_parameter("the body has no \"ops\""))?;
     let limit = app.kv.limits().max_batch_ops;
     let ops = Op::parse_list(ops, limit).map_err(|e| {
