@@ -373,7 +373,14 @@ impl Kv {
             if let KvAction::Set(value) = &op.action
                 && value.len() > max_value
             {
-                return Err((Some(i), StoreError::ValueTooLarge { size: value.len(), limit: max_value }.into()));
+                return Err((
+                    Some(i),
+                    Error::new(
+                        Reason::ValueTooLarge,
+                        format!("the value is {} bytes; the limit is {max_value} bytes", value.len()),
+                    )
+                    .with_data(serde_json::json!({ "size": value.len(), "limit": max_value })),
+                ));
             }
         }
         let labels: Vec<&'static str> = ops

@@ -120,6 +120,7 @@ async fn a_failing_op_applies_nothing_and_the_error_names_it() {
         c.limits.max_batch_ops = 4;
         c.limits.max_value_bytes = 64;
         c.limits.max_keys_per_store = 3;
+        c.limits.max_body_bytes = 4096;
     })
     .await;
     let (dev, key) = s.create_device(None).await;
@@ -186,6 +187,10 @@ async fn a_failing_op_applies_nothing_and_the_error_names_it() {
     )
     .await;
     assert_eq!(too_many["data"]["limit"], 4);
+    let big = json!({"ops": [set("b", json!("x".repeat(1500))), set("c", json!("x".repeat(1500))), set("d", json!("x".repeat(1500)))]});
+    let too_big =
+        expect_error(patch(&s, ADMIN_KEY, &store, big).await, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE").await;
+    assert_eq!(too_big["data"]["limit"], 4096, "the body limit holds for batches too");
     for (body, reason) in [
         (json!({"ops": []}), "INVALID_PARAMETER"),
         (json!({"ops": {"op": "set"}}), "INVALID_PARAMETER"),
