@@ -124,6 +124,9 @@ impl Op {
                         named(),
                     ));
                 }
+                // A patch that cannot merge even into nothing never will.
+                Value::merge_patch(None, &patch)
+                    .map_err(|e| OpError::at(index, Reason::InvalidValue, e.to_string(), named()))?;
                 OpKind::Merge(patch)
             }
             Some(other) => {

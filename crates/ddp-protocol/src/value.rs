@@ -120,15 +120,20 @@ impl Value {
     /// RFC 7396 JSON merge patch: `patch` applied to `target` (absent, or not an object, counts
     /// as `{}`). Members set to `null` are removed; other members are merged recursively; a
     /// patch that is not an object replaces the target. Member order is kept: the target's
-    /// members stay where they were, new ones are appended in the patch's order. Numbers and
-    /// strings keep their exact text.
-    pub fn merge_patch(target: Option<&Value>, patch: &Value) -> Value {
+    /// members stay where they were, new ones are appended in the patch's order; a name given
+    /// twice counts once, at its first place with its last value (as a JSON parser reads it).
+    /// Numbers and strings keep their exact text.
+    ///
+    /// Refused ([`ValueError::Invalid`]): an object on the merge's way (of the target or the
+    /// patch) with a member name that holds U+0000 or a lone surrogate escape (`"\ud800"`) —
+    /// names no JSON text reader agrees on.
+    pub fn merge_patch(target: Option<&Value>, patch: &Value) -> Result<Value, ValueError> {
         if !patch.is_object() {
-            return patch.clone();
+            return Ok(patch.clone());
         }
-        let merged = merge_text(target.map(Value::as_json), patch.as_json());
+        let merged = merge_text(target.map(Value::as_json), patch.as_json())?;
         // Both inputs are values and the result only nests as deep as they do.
-        Value::from_stored(merged).unwrap_or_else(|_| patch.clone())
+        Value::from_stored(merged)
     }
 }
 
@@ -155,23 +160,38 @@ impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
     }
 }
 
+/// The members of the object `text`, a name given twice once (first place, last value).
+fn object_members(text: &str) -> Result<Vec<(String, std::borrow::Cow<'_, str>)>, ValueError> {
+    let bad = |why: String| ValueError::Invalid(format!("cannot merge: {why}"));
+    let parsed =
+        serde_json::from_str::<Members<'_>>(text).map_err(|e| bad(format!("a member name is unreadable ({e})")))?;
+    let mut out: Vec<(String, std::borrow::Cow<'_, str>)> = Vec::with_capacity(parsed.0.len());
+    for (name, value) in parsed.0 {
+        if name.contains('\0') {
+            return Err(bad("a member name holds U+0000".into()));
+        }
+        match out.iter().position(|(k, _)| *k == name) {
+            Some(i) => out[i].1 = std::borrow::Cow::Borrowed(value.get()),
+            None => out.push((name, std::borrow::Cow::Borrowed(value.get()))),
+        }
+    }
+    Ok(out)
+}
+
 /// [`Value::merge_patch`] on JSON texts; `patch` is an object.
-fn merge_text(target: Option<&str>, patch: &str) -> String {
-    let mut members: Vec<(String, std::borrow::Cow<'_, str>)> = match target {
-        Some(t) if t.starts_with('{') => serde_json::from_str::<Members<'_>>(t)
-            .map(|m| m.0.into_iter().map(|(k, v)| (k, std::borrow::Cow::Borrowed(v.get()))).collect())
-            .unwrap_or_default(),
+fn merge_text(target: Option<&str>, patch: &str) -> Result<String, ValueError> {
+    let mut members = match target {
+        Some(t) if t.starts_with('{') => object_members(t)?,
         _ => Vec::new(),
     };
-    let patch = serde_json::from_str::<Members<'_>>(patch).map(|m| m.0).unwrap_or_default();
-    for (key, value) in patch {
-        let text = minify(value.get()).unwrap_or_else(|_| value.get().to_owned());
+    for (key, value) in object_members(patch)? {
+        let text = minify(&value)?;
         let at = members.iter().position(|(k, _)| *k == key);
         if text == "null" {
             members.retain(|(k, _)| *k != key);
             continue;
         }
-        let merged = if text.starts_with('{') { merge_text(at.map(|i| members[i].1.as_ref()), &text) } else { text };
+        let merged = if text.starts_with('{') { merge_text(at.map(|i| members[i].1.as_ref()), &text)? } else { text };
         match at {
             Some(i) => members[i].1 = std::borrow::Cow::Owned(merged),
             None => members.push((key, std::borrow::Cow::Owned(merged))),
@@ -183,12 +203,12 @@ fn merge_text(target: Option<&str>, patch: &str) -> String {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&serde_json::to_string(k).unwrap_or_else(|_| "\"\"".to_owned()));
+        out.push_str(&serde_json::to_string(k).map_err(|e| ValueError::Invalid(e.to_string()))?);
         out.push(':');
         out.push_str(v);
     }
     out.push('}');
-    out
+    Ok(out)
 }
 
 /// Removes white space outside strings and checks the nesting depth. `text` must be valid JSON.
@@ -327,6 +347,7 @@ mod tests {
     fn merge_patch_follows_rfc_7396() {
         let merge = |t: Option<&str>, p: &str| {
             Value::merge_patch(t.map(|t| Value::parse(t).expect("target")).as_ref(), &Value::parse(p).expect("patch"))
+                .expect("merges")
                 .as_json()
                 .to_owned()
         };
@@ -355,6 +376,19 @@ mod tests {
             r#"{"z":1.10,"a":{"n":12345678901234567890,"m":-0.0}}"#,
             "order and exact numbers are kept"
         );
+        assert_eq!(merge(Some(r#"{"a":1,"b":2,"a":3}"#), r#"{"c":1,"c":2}"#), r#"{"a":3,"b":2,"c":2}"#, "last wins");
+        for (target, patch) in [
+            (None, r#"{"\ud800":1}"#),
+            (Some(r#"{"\ud800":1,"x":2}"#), r#"{"y":3}"#),
+            (Some(r#"{"a":{"\u0000":1}}"#), r#"{"a":{"b":1}}"#),
+            (None, r#"{"a":{"b\u0000":1}}"#),
+        ] {
+            let merged = Value::merge_patch(
+                target.map(|t| Value::parse(t).expect("target")).as_ref(),
+                &Value::parse(patch).expect("patch"),
+            );
+            assert!(matches!(merged, Err(ValueError::Invalid(_))), "{target:?} + {patch}: {merged:?}");
+        }
     }
 
     proptest! {

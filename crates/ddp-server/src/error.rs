@@ -138,6 +138,7 @@ impl From<StoreError> for Error {
                 format!("the merged value would be {size} bytes; the limit is {limit} bytes"),
             )
             .with_data(serde_json::json!({ "size": size, "limit": limit })),
+            StoreError::InvalidValue(why) => Error::new(Reason::InvalidValue, why),
             StoreError::InOp { index, error } => Error::from(*error).at_op(index),
             StoreError::DeviceAlreadyInHome { device, home } => {
                 Error::new(Reason::DeviceAlreadyInHome, format!("device {device} is already in home {home}"))

@@ -24,7 +24,7 @@ pub(crate) struct Plan {
 
 /// The merge of `patch` into `target`, refused beyond `limit` bytes.
 fn merged(target: Option<&Value>, patch: &Value, limit: usize) -> Result<Value, StoreError> {
-    let value = Value::merge_patch(target, patch);
+    let value = Value::merge_patch(target, patch).map_err(|e| StoreError::InvalidValue(e.to_string()))?;
     if value.len() > limit {
         return Err(StoreError::ValueTooLarge { size: value.len(), limit });
     }

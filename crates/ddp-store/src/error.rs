@@ -35,6 +35,9 @@ pub enum StoreError {
         /// The store's rev.
         current: Rev,
     },
+    /// A merge cannot be worked out (a member name no JSON reader agrees on).
+    #[error("{0}")]
+    InvalidValue(String),
     /// A merge would leave a value larger than the limit.
     #[error("the merged value would be {size} bytes; the limit is {limit}")]
     ValueTooLarge {

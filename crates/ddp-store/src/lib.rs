@@ -63,7 +63,8 @@ pub trait Store: Send + Sync + 'static {
     /// `store_rev`, and then each op in order — its precondition, that a deleted key exists, the
     /// key limit, a merge's result size — as the ops before it left the store; then gives the
     /// ops the store's next revs, in order, all in one durable transaction. All or nothing: a
-    /// failing op is [`StoreError::InOp`] and nothing is applied. The changes, in rev order.
+    /// failing op is [`StoreError::InOp`] and nothing is applied. The changes, in rev order (none
+    /// for a batch of no ops, which commits nothing).
     ///
     /// This is the only write path: a single write is a batch of one ([`Store::write`]).
     async fn write_batch(&self, batch: KvBatch) -> Result<Vec<Change>, StoreError>;

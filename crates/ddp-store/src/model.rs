@@ -147,6 +147,8 @@ pub struct KvBatch {
     pub origin: Origin,
 }
 
+/// A write as a batch of one. A [`KvWrite`] carries no value size limit, so a merge made this way
+/// is not size-checked: callers that merge (the server's gate) build the [`KvBatch`] themselves.
 impl From<KvWrite> for KvBatch {
     fn from(w: KvWrite) -> KvBatch {
         KvBatch {

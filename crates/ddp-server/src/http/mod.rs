@@ -42,7 +42,10 @@ use crate::error::Error;
 pub(crate) fn router(app: Arc<App>) -> Router {
     let kv_routes = |prefix: &str| {
         Router::new()
-            .route(&format!("{prefix}/kv/"), get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key))
+            .route(
+                &format!("{prefix}/kv/"),
+                get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key).patch(kv::empty_key),
+            )
             .route(&format!("{prefix}/kv/{{*key}}"), get(kv::get).put(kv::put).delete(kv::delete).patch(kv::patch_key))
     };
     Router::new()

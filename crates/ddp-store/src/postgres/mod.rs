@@ -1,10 +1,10 @@
 //! The scale-out backend: several `ddp serve` nodes on one PostgreSQL database.
 //!
-//! - **Writes** (`writer`) are group-committed: a few batcher tasks each send every write waiting
-//!   (up to 128) in one `ddp_kv_write_batch` call — one round trip, one commit with
-//!   `synchronous_commit = on`. For each write, `ddp_kv_write` (`schema`) locks the store's row,
-//!   checks the precondition and the key limit, assigns the next rev, writes the item and appends
-//!   the change. Locking the store row serialises writers to one store whichever node they are
+//! - **Writes** (`writer`) are group-committed: a few batcher tasks each send every batch waiting
+//!   (up to 128 ops) in one `ddp_kv_apply` call — one round trip, one commit with
+//!   `synchronous_commit = on`. For each batch, `ddp_kv_apply` (`schema`) locks the store's row,
+//!   works every op out (preconditions, deletes, merges, limits) before writing anything, then
+//!   writes the items and appends the changes with consecutive revs. Locking the store row serialises writers to one store whichever node they are
 //!   on, so revs are contiguous and change rows of one store become visible in rev order.
 //! - **Fan-out** (`feed`): every node reads the `changes`, `admin_log` and `event_log` tables
 //!   after a cursor of sequence numbers, and hands what it has not seen to its [`CommitSink`].
@@ -258,6 +258,9 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn write_batch(&self, batch: KvBatch) -> Result<Vec<Change>, StoreError> {
+        if batch.ops.is_empty() {
+            return Ok(Vec::new()); // nothing to commit
+        }
         let queue = self.writes.lock().ok().and_then(|w| w.clone()).ok_or(StoreError::Closed)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         queue.send(writer::Pending { batch, reply }).await.map_err(|_| StoreError::Closed)?;

@@ -328,32 +328,50 @@ DECLARE
     r RECORD;
     v_keys TEXT[] := '{}';
     v_vals TEXT[] := '{}';
+    v_pkeys TEXT[] := '{}';
+    v_pvals TEXT[] := '{}';
     v_pos INT;
+    v_type TEXT;
     v_out TEXT := '';
     i INT;
 BEGIN
     IF json_typeof(p_patch::JSON) <> 'object' THEN
         RETURN p_patch;
     END IF;
+    -- A name given twice counts once: at its first place, with its last value.
     IF p_target IS NOT NULL AND json_typeof(p_target::JSON) = 'object' THEN
         FOR r IN SELECT e.key, e.value::TEXT AS value FROM json_each(p_target::JSON) e LOOP
-            v_keys := v_keys || r.key;
-            v_vals := v_vals || r.value;
+            v_pos := array_position(v_keys, r.key);
+            IF v_pos IS NULL THEN
+                v_keys := v_keys || r.key;
+                v_vals := v_vals || r.value;
+            ELSE
+                v_vals[v_pos] := r.value;
+            END IF;
         END LOOP;
     END IF;
-    FOR r IN SELECT e.key, e.value::TEXT AS value, json_typeof(e.value) AS type FROM json_each(p_patch::JSON) e LOOP
-        v_pos := array_position(v_keys, r.key);
-        IF r.type = 'null' THEN
-            WHILE v_pos IS NOT NULL LOOP
+    FOR r IN SELECT e.key, e.value::TEXT AS value FROM json_each(p_patch::JSON) e LOOP
+        v_pos := array_position(v_pkeys, r.key);
+        IF v_pos IS NULL THEN
+            v_pkeys := v_pkeys || r.key;
+            v_pvals := v_pvals || r.value;
+        ELSE
+            v_pvals[v_pos] := r.value;
+        END IF;
+    END LOOP;
+    FOR i IN 1..COALESCE(array_length(v_pkeys, 1), 0) LOOP
+        v_pos := array_position(v_keys, v_pkeys[i]);
+        v_type := json_typeof(v_pvals[i]::JSON);
+        IF v_type = 'null' THEN
+            IF v_pos IS NOT NULL THEN
                 v_keys := v_keys[:v_pos - 1] || v_keys[v_pos + 1:];
                 v_vals := v_vals[:v_pos - 1] || v_vals[v_pos + 1:];
-                v_pos := array_position(v_keys, r.key);
-            END LOOP;
+            END IF;
         ELSIF v_pos IS NULL THEN
-            v_keys := v_keys || r.key;
-            v_vals := v_vals || CASE WHEN r.type = 'object' THEN ddp_merge_patch(NULL, r.value) ELSE r.value END;
+            v_keys := v_keys || v_pkeys[i];
+            v_vals := v_vals || CASE WHEN v_type = 'object' THEN ddp_merge_patch(NULL, v_pvals[i]) ELSE v_pvals[i] END;
         ELSE
-            v_vals[v_pos] := CASE WHEN r.type = 'object' THEN ddp_merge_patch(v_vals[v_pos], r.value) ELSE r.value END;
+            v_vals[v_pos] := CASE WHEN v_type = 'object' THEN ddp_merge_patch(v_vals[v_pos], v_pvals[i]) ELSE v_pvals[i] END;
         END IF;
     END LOOP;
     FOR i IN 1..COALESCE(array_length(v_keys, 1), 0) LOOP
@@ -375,7 +393,7 @@ END $$;
 -- Answers one row per op of a unit that applied ('ok', its rev, the home at commit, and for a
 -- merge its value) or one row for a unit that did not (out_idx the op at fault or -1, out_current
 -- the key's or store's rev, or the merged size): 'no_store', 'store_mismatch', 'mismatch',
--- 'no_key', 'too_many' or 'too_large'.
+-- 'no_key', 'too_many', 'too_large' or 'bad_merge'.
 CREATE FUNCTION ddp_kv_apply(
     p_units INT[], p_kinds SMALLINT[], p_owners BIGINT[], p_keys TEXT[], p_ops SMALLINT[], p_values TEXT[],
     p_conds SMALLINT[], p_revs TEXT[], p_store_revs BIGINT[], p_max_keys INT[], p_max_bytes INT[],
@@ -454,7 +472,15 @@ BEGIN
                     v_seen := v_seen || jsonb_build_object(p_keys[i], 0);
                 ELSE
                     IF p_ops[i] = 2 THEN
-                        v_new := v_new || ddp_merge_patch(v_curval, p_values[i]);
+                        -- A name json_each cannot read (U+0000, a lone surrogate) refuses this
+                        -- unit only; the block writes nothing, so its savepoint costs no xid.
+                        BEGIN
+                            v_new := v_new || ddp_merge_patch(v_curval, p_values[i]);
+                        EXCEPTION WHEN OTHERS THEN
+                            v_status := 'bad_merge';
+                            v_fail := i - lo;
+                            EXIT;
+                        END;
                         IF octet_length(v_new[i - lo + 1]) > p_max_bytes[i] THEN
                             v_status := 'too_large';
                             v_fail := i - lo;

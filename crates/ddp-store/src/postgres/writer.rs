@@ -1,5 +1,5 @@
-//! Group commit on PostgreSQL: key-value writes are queued, and a few batcher tasks each take
-//! every write waiting (up to a limit) and apply them with one `ddp_kv_write_batch` call — one
+//! Group commit on PostgreSQL: key-value batches are queued, and a few batcher tasks each take
+//! every batch waiting (up to a number of ops) and apply them with one `ddp_kv_apply` call — one
 //! round trip and one commit for the lot. While one batch commits, the next is being collected by
 //! another batcher. A batch is ordered by store before it is sent, so batches (of this node and
 //! of others) lock stores in the same order and cannot deadlock; writes to one store keep their
@@ -240,6 +240,9 @@ fn decode(row: &tokio_postgres::Row, group: &[Pending], now: Timestamp) -> Optio
                 size: usize::try_from(current.unwrap_or(0)).unwrap_or(usize::MAX),
                 limit: b.max_value_bytes,
             })),
+            ("bad_merge", _) => Err(in_op(StoreError::InvalidValue(
+                "cannot merge: a member name is unreadable (it holds U+0000 or a lone surrogate)".into(),
+            ))),
             (other, _) => Err(StoreError::Backend(format!("ddp_kv_apply answered {other:?}"))),
         })
     })();

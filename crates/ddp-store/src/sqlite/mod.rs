@@ -208,6 +208,9 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn write_batch(&self, batch: KvBatch) -> Result<Vec<Change>, StoreError> {
+        if batch.ops.is_empty() {
+            return Ok(Vec::new()); // nothing to commit
+        }
         self.write_job(move |tx| apply_batch(tx, &batch)).await
     }
 
