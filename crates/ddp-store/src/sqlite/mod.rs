@@ -157,6 +157,8 @@ impl SqliteStore {
              PRAGMA cache_size=-8192; PRAGMA journal_size_limit=67108864;",
         )?;
         migrate(&mut conn)?;
+        // The writer's statements (batches use a few multi-row texts per kind) all stay prepared.
+        conn.set_prepared_statement_cache_capacity(128);
         let wal = open_wal(&options.path)?;
 
         let durability = Arc::new(Durability::new());
