@@ -32,6 +32,22 @@ impl Json {
         Json(Bytes::from_owner(ArcText(text)))
     }
 
+    /// `prefix`, then `parts` separated by commas, then `suffix`: a document around messages
+    /// that are JSON already (the `changes` of a `batch` message), copied without re-checking.
+    pub(crate) fn wrap(prefix: &str, parts: &[Json], suffix: &str) -> Json {
+        let len = prefix.len() + suffix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(prefix.as_bytes());
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&part.0);
+        }
+        out.extend_from_slice(suffix.as_bytes());
+        Json(Bytes::from(out))
+    }
+
     /// The bytes, shared.
     pub(crate) fn bytes(&self) -> Bytes {
         self.0.clone()

@@ -51,18 +51,7 @@ pub(crate) struct Watch {
 
 /// `{"action":"batch","rev":<last>,"changes":[…]}` around the messages of one batch.
 fn batch_message(rev: Rev, changes: &[Json]) -> Json {
-    let mut text = String::with_capacity(48 + changes.iter().map(|c| c.len() + 1).sum::<usize>());
-    text.push_str(r#"{"action":"batch","rev":"#);
-    text.push_str(&rev.0.to_string());
-    text.push_str(r#","changes":["#);
-    for (i, change) in changes.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        text.push_str(std::str::from_utf8(&change.bytes()).unwrap_or("{}"));
-    }
-    text.push_str("]}");
-    Json::from_serialized(text)
+    Json::wrap(&format!(r#"{{"action":"batch","rev":{rev},"changes":["#), changes, "]}")
 }
 
 impl Watch {
