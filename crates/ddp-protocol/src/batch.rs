@@ -71,9 +71,9 @@ struct RawOp<'a> {
 }
 
 impl Op {
-    /// Parses the JSON array of ops (`"ops"`); `max` is the most ops a batch may hold (more is
-    /// `PAYLOAD_TOO_LARGE`, with no index).
-    pub fn parse_list(ops: &RawValue, max: usize) -> Result<Vec<Op>, OpError> {
+    /// Parses the JSON array of ops (`"ops"`). How many ops a batch may hold is the server's
+    /// limit, checked where every write is.
+    pub fn parse_list(ops: &RawValue) -> Result<Vec<Op>, OpError> {
         let whole = |reason, message: String| OpError { index: None, reason, message, key: None };
         if !ops.get().starts_with('[') {
             return Err(whole(Reason::InvalidParameter, "\"ops\" must be an array of ops".into()));
@@ -82,12 +82,6 @@ impl Op {
             .map_err(|e| whole(Reason::InvalidJson, format!("\"ops\" is not a JSON array: {e}")))?;
         if raw.is_empty() {
             return Err(whole(Reason::InvalidParameter, "a batch holds at least one op".into()));
-        }
-        if raw.len() > max {
-            return Err(whole(
-                Reason::PayloadTooLarge,
-                format!("a batch holds at most {max} ops; this one has {}", raw.len()),
-            ));
         }
         raw.into_iter().enumerate().map(|(i, op)| Op::parse(i, op)).collect()
     }
@@ -116,16 +110,9 @@ impl Op {
             Some("delete") => OpKind::Delete,
             Some("merge") => {
                 let patch = value()?;
-                if !patch.is_object() {
-                    return Err(OpError::at(
-                        index,
-                        Reason::InvalidValue,
-                        "a merge patch must be a JSON object",
-                        named(),
-                    ));
-                }
                 // A patch that cannot merge even into nothing never will.
-                Value::merge_patch(None, &patch)
+                patch
+                    .check_merge_patch()
                     .map_err(|e| OpError::at(index, Reason::InvalidValue, e.to_string(), named()))?;
                 OpKind::Merge(patch)
             }
@@ -178,7 +165,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<Vec<Op>, OpError> {
         let raw: &RawValue = serde_json::from_str(text).expect("json");
-        Op::parse_list(raw, 3)
+        Op::parse_list(raw)
     }
 
     #[test]
@@ -196,7 +183,7 @@ mod tests {
         let fail = |t: &str| parse(t).err().map(|e| (e.index, e.reason));
         assert_eq!(fail("[]"), Some((None, Reason::InvalidParameter)));
         assert_eq!(fail(r#"{"op":"set"}"#), Some((None, Reason::InvalidParameter)));
-        assert_eq!(fail("[1,2,3,4]"), Some((None, Reason::PayloadTooLarge)));
+        assert_eq!(fail("[1,2,3,4]"), Some((Some(0), Reason::InvalidParameter)), "the op count is the server's limit");
         assert_eq!(
             fail(r#"[{"op":"set","key":"a","value":1},{"op":"set","key":"a b","value":1}]"#),
             Some((Some(1), Reason::InvalidKey))

@@ -257,7 +257,7 @@ impl DeviceRequest {
                 let ops = raw.ops.ok_or_else(|| {
                     FrameError::new(Reason::InvalidParameter, "a batch needs \"ops\": an array of ops", None)
                 })?;
-                let ops = Op::parse_list(ops, usize::MAX).map_err(|e| FrameError {
+                let ops = Op::parse_list(ops).map_err(|e| FrameError {
                     reason: e.reason,
                     message: e.message,
                     key: e.key,

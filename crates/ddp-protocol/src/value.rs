@@ -19,6 +19,9 @@ pub enum ValueError {
     /// Arrays and objects nest deeper than [`MAX_DEPTH`].
     #[error("value nests deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// A merge patch that is not a JSON object.
+    #[error("a merge patch must be a JSON object")]
+    NotAnObject,
     /// The text is not a single JSON value.
     #[error("value is not valid JSON: {0}")]
     Invalid(String),
@@ -115,6 +118,15 @@ impl Value {
     /// Whether the value is a JSON object.
     pub fn is_object(&self) -> bool {
         self.as_json().starts_with('{')
+    }
+
+    /// Checks that this value can be a merge patch: an object whose member names can be read
+    /// ([`Value::merge_patch`] into nothing succeeds).
+    pub fn check_merge_patch(&self) -> Result<(), ValueError> {
+        if !self.is_object() {
+            return Err(ValueError::NotAnObject);
+        }
+        Value::merge_patch(None, self).map(|_| ())
     }
 
     /// RFC 7396 JSON merge patch: `patch` applied to `target` (absent, or not an object, counts

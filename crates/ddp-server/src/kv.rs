@@ -321,10 +321,7 @@ impl Kv {
         condition: Condition,
     ) -> Result<Change> {
         self.admit(who)?;
-        if !patch.is_object() {
-            return Err(Error::new(Reason::InvalidValue, "a merge patch must be a JSON object"));
-        }
-        Value::merge_patch(None, &patch).map_err(|e| Error::new(Reason::InvalidValue, e.to_string()))?;
+        patch.check_merge_patch().map_err(|e| Error::new(Reason::InvalidValue, e.to_string()))?;
         self.write_one(who, transport, store, KvOp { key, action: KvAction::Merge(patch), condition }).await
     }
 

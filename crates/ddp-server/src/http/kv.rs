@@ -296,23 +296,13 @@ pub(crate) async fn patch_store(
     let wait = wait_param(&query, path.store)?;
     let parsed: PatchBody<'_> = parse_object(&body, "{\"ops\": [op, …]}")?;
     let ops = parsed.ops.ok_or_else(|| Error::invalid_parameter("the body has no \"ops\""))?;
-    let limit = app.kv.limits().max_batch_ops;
-    let ops = Op::parse_list(ops, limit).map_err(|e| {
-        let mut error = Error::new(e.reason, e.message);
-        if e.reason == Reason::PayloadTooLarge {
-            error = error.with_data(serde_json::json!({ "limit": limit }));
-        }
-        match e.index {
-            Some(i) => {
-                let mut data = serde_json::Map::new();
-                data.insert("index".into(), i.into());
-                if let Some(key) = e.key {
-                    data.insert("key".into(), key.into());
-                }
-                error.data = Some(serde_json::Value::Object(data));
-                error
-            }
-            None => error,
+    // The op count is checked by the gate, as for a device's batch frame.
+    let ops = Op::parse_list(ops).map_err(|e| {
+        let error = Error::new(e.reason, e.message);
+        match (e.index, e.key) {
+            (Some(i), Some(key)) => error.with_data(serde_json::json!({ "index": i, "key": key })),
+            (Some(i), None) => error.with_data(serde_json::json!({ "index": i })),
+            (None, _) => error,
         }
     })?;
     let changes = app.kv.batch(&who, Transport::Rest, path.store, ops, store_rev).await?;
