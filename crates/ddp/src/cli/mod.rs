@@ -357,16 +357,11 @@ fn patch_ops(sets: &[String], merges: &[String], deletes: &[String]) -> Result<V
 /// Sends `ops` (a JSON array's text) as one batch and reports the outcome.
 async fn send_batch(conn: &Connection, api: &Api, store: StoreArg, ops: &str, batch: BatchArgs) -> Result<(), Failure> {
     let waiting = Waiting::of(store, batch.wait, batch.wait_timeout)?;
-    let mut request = api
+    let request = api
         .request(Method::PATCH, &store.path())
         .header("Content-Type", "application/json")
         .body(format!("{{\"ops\":{ops}}}"));
-    if let Some(rev) = batch.if_store_rev {
-        request = request.header("If-Match", format!("\"{rev}\""));
-    }
-    if let Some(w) = &waiting {
-        request = request.query(&[("wait", w.what.as_str().to_owned()), ("waitTimeout", w.seconds.to_string())]);
-    }
+    let request = conditional(request, batch.if_store_rev, waiting.as_ref());
     let started = std::time::Instant::now();
     let body = api.json(request).await?;
     let rev = body["rev"].as_u64().unwrap_or_default();
@@ -692,21 +687,26 @@ struct Written {
     waited: Option<serde_json::Value>,
 }
 
-/// Sends a key-value write, with `If-Match` when `--if-rev` was given and `?wait=` with
-/// `--wait`.
-async fn write(
-    api: &Api,
-    mut request: RequestBuilder,
-    if_rev: Option<u64>,
-    waiting: Option<&Waiting>,
-) -> Result<Written, Failure> {
+/// `request` with `If-Match: "<rev>"` when `if_rev` is given and `?wait=` with `--wait`.
+fn conditional(mut request: RequestBuilder, if_rev: Option<u64>, waiting: Option<&Waiting>) -> RequestBuilder {
     if let Some(rev) = if_rev {
         request = request.header("If-Match", format!("\"{rev}\""));
     }
     if let Some(w) = waiting {
         request = request.query(&[("wait", w.what.as_str().to_owned()), ("waitTimeout", w.seconds.to_string())]);
     }
-    let response = api.send(request).await?;
+    request
+}
+
+/// Sends a key-value write, with `If-Match` when `--if-rev` was given and `?wait=` with
+/// `--wait`.
+async fn write(
+    api: &Api,
+    request: RequestBuilder,
+    if_rev: Option<u64>,
+    waiting: Option<&Waiting>,
+) -> Result<Written, Failure> {
+    let response = api.send(conditional(request, if_rev, waiting)).await?;
     let rev = etag_rev(&response).unwrap_or_default();
     let waited = match waiting {
         None => None,
