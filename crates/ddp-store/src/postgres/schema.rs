@@ -322,14 +322,33 @@ ALTER TABLE changes ADD COLUMN batch_last BIGINT;
 -- RFC 7396 JSON merge patch on exact JSON texts (the same as the embedded store's, in Rust): the
 -- target's members keep their place and their text, new ones are appended in the patch's order,
 -- members set to null are removed; an absent or non-object target counts as {}.
+-- The members of a JSON object's text, names and values (exact text) in order; a name given
+-- twice counts once, at its first place with its last value (as JSON parsers read it).
+CREATE FUNCTION ddp_json_members(p_object TEXT, OUT o_keys TEXT[], OUT o_vals TEXT[])
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    r RECORD;
+    v_pos INT;
+BEGIN
+    o_keys := '{}';
+    o_vals := '{}';
+    FOR r IN SELECT e.key, e.value::TEXT AS value FROM json_each(p_object::JSON) e LOOP
+        v_pos := array_position(o_keys, r.key);
+        IF v_pos IS NULL THEN
+            o_keys := o_keys || r.key;
+            o_vals := o_vals || r.value;
+        ELSE
+            o_vals[v_pos] := r.value;
+        END IF;
+    END LOOP;
+END $$;
 CREATE FUNCTION ddp_merge_patch(p_target TEXT, p_patch TEXT)
 RETURNS TEXT LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    r RECORD;
     v_keys TEXT[] := '{}';
     v_vals TEXT[] := '{}';
-    v_pkeys TEXT[] := '{}';
-    v_pvals TEXT[] := '{}';
+    v_pkeys TEXT[];
+    v_pvals TEXT[];
     v_pos INT;
     v_type TEXT;
     v_out TEXT := '';
@@ -338,27 +357,10 @@ BEGIN
     IF json_typeof(p_patch::JSON) <> 'object' THEN
         RETURN p_patch;
     END IF;
-    -- A name given twice counts once: at its first place, with its last value.
     IF p_target IS NOT NULL AND json_typeof(p_target::JSON) = 'object' THEN
-        FOR r IN SELECT e.key, e.value::TEXT AS value FROM json_each(p_target::JSON) e LOOP
-            v_pos := array_position(v_keys, r.key);
-            IF v_pos IS NULL THEN
-                v_keys := v_keys || r.key;
-                v_vals := v_vals || r.value;
-            ELSE
-                v_vals[v_pos] := r.value;
-            END IF;
-        END LOOP;
+        SELECT m.o_keys, m.o_vals INTO v_keys, v_vals FROM ddp_json_members(p_target) m;
     END IF;
-    FOR r IN SELECT e.key, e.value::TEXT AS value FROM json_each(p_patch::JSON) e LOOP
-        v_pos := array_position(v_pkeys, r.key);
-        IF v_pos IS NULL THEN
-            v_pkeys := v_pkeys || r.key;
-            v_pvals := v_pvals || r.value;
-        ELSE
-            v_pvals[v_pos] := r.value;
-        END IF;
-    END LOOP;
+    SELECT m.o_keys, m.o_vals INTO v_pkeys, v_pvals FROM ddp_json_members(p_patch) m;
     FOR i IN 1..COALESCE(array_length(v_pkeys, 1), 0) LOOP
         v_pos := array_position(v_keys, v_pkeys[i]);
         v_type := json_typeof(v_pvals[i]::JSON);
