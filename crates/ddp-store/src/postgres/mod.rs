@@ -4,8 +4,9 @@
 //!   (up to 128 ops) in one `ddp_kv_apply` call — one round trip, one commit with
 //!   `synchronous_commit = on`. For each batch, `ddp_kv_apply` (`schema`) locks the store's row,
 //!   works every op out (preconditions, deletes, merges, limits) before writing anything, then
-//!   writes the items and appends the changes with consecutive revs. Locking the store row serialises writers to one store whichever node they are
-//!   on, so revs are contiguous and change rows of one store become visible in rev order.
+//!   writes the items and appends the changes with consecutive revs. Locking the store row
+//!   serialises writers to one store whichever node they are on, so revs are contiguous and change
+//!   rows of one store become visible in rev order.
 //! - **Fan-out** (`feed`): every node reads the `changes`, `admin_log` and `event_log` tables
 //!   after a cursor of sequence numbers, and hands what it has not seen to its [`CommitSink`].
 //!   A write's node announces it with `NOTIFY ddp` after commit (outside the write transaction, so
