@@ -73,6 +73,10 @@ id_type!(
     /// A project API key's id (not its secret).
     ApiKeyId
 );
+id_type!(
+    /// A fleet job's id (PROTOCOL.md §12).
+    JobId
+);
 
 #[cfg(test)]
 mod tests {

@@ -12,9 +12,11 @@
 //! - [`timestamp`]: [`Timestamp`], milliseconds since the epoch, written as RFC 3339 UTC with milliseconds.
 //! - [`reason`]: [`Reason`], the `UPPER_SNAKE_CASE` error reasons of §2.
 //! - [`batch`]: the ops of an atomic batch (§11) and RFC 7396 merge patch's home, [`Value::merge_patch`].
+//! - [`fleet`]: the `where` conditions of device queries and jobs (§12), [`fleet::Where`].
 //! - [`sync`]: the sync messages exchanged with devices over WebSocket and MQTT (§4).
 
 pub mod batch;
+pub mod fleet;
 pub mod ids;
 pub mod key;
 pub mod reason;
@@ -23,7 +25,7 @@ pub mod sync;
 pub mod timestamp;
 pub mod value;
 
-pub use ids::{ApiKeyId, DeviceId, HomeId, IdError};
+pub use ids::{ApiKeyId, DeviceId, HomeId, IdError, JobId};
 pub use key::{Key, KeyError};
 pub use reason::Reason;
 pub use rev::Rev;

@@ -116,6 +116,10 @@ impl From<StoreError> for Error {
             StoreError::ApiKeyNotFound(id) => {
                 Error::new(Reason::ApiKeyNotFound, format!("API key {id} does not exist"))
             }
+            StoreError::JobNotFound(id) => Error::new(Reason::NotFound, format!("job {id} does not exist")),
+            StoreError::JobNotPending(id) => {
+                Error::new(Reason::NotFound, format!("job {id} no longer waits to write this device"))
+            }
             StoreError::KeyNotFound => Error::new(Reason::KeyNotFound, "the key does not exist in this store"),
             StoreError::RevisionMismatch { current } => Error::new(
                 Reason::RevisionMismatch,

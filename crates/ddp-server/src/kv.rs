@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use ddp_protocol::batch::{Op, OpKind};
 use ddp_protocol::sync::DeviceRequest;
-use ddp_protocol::{DeviceId, HomeId, Key, Reason, Rev, Value};
+use ddp_protocol::{DeviceId, HomeId, JobId, Key, Reason, Rev, Value};
 use ddp_store::{
     Change, Condition, DeviceSync, ItemRecord, KvAction, KvBatch, KvOp, Snapshot, Store, StoreError, StoreRef,
 };
@@ -50,6 +50,8 @@ pub(crate) enum Transport {
     WebSocket,
     /// An MQTT session.
     Mqtt,
+    /// A fleet job (PROTOCOL.md §12).
+    Job,
 }
 
 impl Transport {
@@ -59,6 +61,7 @@ impl Transport {
             Transport::Rest => "rest",
             Transport::WebSocket => "websocket",
             Transport::Mqtt => "mqtt",
+            Transport::Job => "job",
         }
     }
 }
@@ -336,12 +339,19 @@ impl Kv {
         store_rev: Option<Rev>,
     ) -> Result<Vec<Change>> {
         self.admit(who)?;
-        self.write(who, transport, store, ops.into_iter().map(kv_op).collect(), store_rev).await.map_err(indexed)
+        self.write(who, transport, store, ops.into_iter().map(kv_op).collect(), store_rev, None).await.map_err(indexed)
+    }
+
+    /// A job's batch to one device: written with the job's creator's rights, once at most (the
+    /// store records it as the job's in the same transaction).
+    pub(crate) async fn job_batch(&self, who: &Principal, job: JobId, device: DeviceId, ops: Vec<Op>) -> Result<Vec<Change>> {
+        let ops = ops.into_iter().map(kv_op).collect();
+        self.write(who, Transport::Job, StoreRef::Device(device), ops, None, Some(job)).await.map_err(indexed)
     }
 
     /// A write of one op: a batch of one, its errors without an index.
     async fn write_one(&self, who: &Principal, transport: Transport, store: StoreRef, op: KvOp) -> Result<Change> {
-        let mut changes = self.write(who, transport, store, vec![op], None).await.map_err(|(_, e)| e)?;
+        let mut changes = self.write(who, transport, store, vec![op], None, None).await.map_err(|(_, e)| e)?;
         changes.pop().ok_or_else(|| Error::internal("a write of one op committed no change"))
     }
 
@@ -353,6 +363,7 @@ impl Kv {
         store: StoreRef,
         ops: Vec<KvOp>,
         store_rev: Option<Rev>,
+        job: Option<JobId>,
     ) -> std::result::Result<Vec<Change>, Failed> {
         self.authorize(who, store, true).await.map_err(|e| (None, e))?;
         let max_ops = self.limits.max_batch_ops;
@@ -396,6 +407,7 @@ impl Kv {
             max_keys: self.limits.max_keys_per_store,
             max_value_bytes: max_value,
             origin: who.origin(),
+            job,
         };
         let result = self.store.write_batch(batch).await;
         let outcome = if result.is_ok() { "ok" } else { "refused" };

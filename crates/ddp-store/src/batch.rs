@@ -110,6 +110,7 @@ mod tests {
             max_keys: 3,
             max_value_bytes: 32,
             origin: Origin::Admin,
+            job: None,
         }
     }
 

@@ -11,6 +11,9 @@ use std::sync::Mutex;
 
 use ddp_protocol::{DeviceId, HomeId, Key, Rev, Value};
 
+use ddp_protocol::fleet::Where;
+
+use crate::fleet::{ClaimOutcome, DeviceQuery, JobClaim, JobState, NewJob};
 use crate::model::*;
 use crate::{CommitSink, Store, StoreError};
 
@@ -90,6 +93,273 @@ pub async fn run_all(store: &dyn Store, recorder: &Recorder) {
     a_failing_op_leaves_nothing(store, recorder).await;
     merges_follow_rfc_7396(store).await;
     concurrent_batches_get_contiguous_revs(store, recorder).await;
+    device_queries_agree_with_the_reference(store).await;
+    device_queries_page_scope_and_filter(store).await;
+    jobs_write_each_device_once(store).await;
+    cancelled_jobs_write_nothing_more(store).await;
+    rated_jobs_claim_a_second_at_a_time(store).await;
+}
+
+/// A device of class `class` whose store holds `items`.
+async fn fleet_device(store: &dyn Store, class: &str, home: Option<HomeId>, items: &[(&str, &str)]) -> DeviceId {
+    let id = store
+        .create_device(NewDevice {
+            name: "fleet".into(),
+            home,
+            device_class: class.into(),
+            tag: String::new(),
+            key_hash: fresh_hash(),
+        })
+        .await
+        .expect("create device")
+        .id;
+    if !items.is_empty() {
+        let ops = items.iter().map(|(k, v)| op(k, KvAction::Set(val(v)), Condition::None)).collect();
+        store.write_batch(batch(StoreRef::Device(id), ops)).await.expect("fill store");
+    }
+    id
+}
+
+fn query_of(class: &str, wheres: &[&str]) -> DeviceQuery {
+    DeviceQuery {
+        device_class: Some(class.into()),
+        wheres: wheres.iter().map(|w| Where::parse(w).expect("where")).collect(),
+        limit: 1000,
+        ..DeviceQuery::default()
+    }
+}
+
+async fn found(store: &dyn Store, q: DeviceQuery) -> Vec<DeviceId> {
+    store.find_devices(q).await.expect("find devices").into_iter().map(|d| d.id).collect()
+}
+
+/// Every condition form, on values of every type, gives what [`Where::matches`] says — with
+/// few matches (the condition drives the query) and with many (devices are walked).
+async fn device_queries_agree_with_the_reference(store: &dyn Store) {
+    let values = [
+        "1", "2", "2.05", "2.1", "-3", "1e3", "12345678901234567", "\"2.0\"", "\"a\"", "\"b\"", "\"\\u00e9\"",
+        "\"é\"", "true", "false", "[1,2]", "{\"a\":1}", "{\"b\":1,\"a\":1}",
+    ];
+    let mut devices = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        let id = fleet_device(store, "conf-ref", None, &[("fw", v), ("n", &i.to_string())]).await;
+        devices.push((id, Some(val(v))));
+    }
+    let none = fleet_device(store, "conf-ref", None, &[("n", "99")]).await;
+    devices.push((none, None));
+    // Enough other devices with fw numbers that `fw>0`-like conditions walk rather than drive.
+    let conditions = [
+        "fw=2", "fw!=2", "fw<2.1", "fw<=2.1", "fw>2.05", "fw>=1000", "fw>-4", "fw<12345678901234568",
+        "fw=\"a\"", "fw!=\"a\"", "fw<\"b\"", "fw>=\"b\"", "fw=\"é\"", "fw>\"2\"", "fw=true", "fw!=true",
+        "fw=false", "fw=[1,2]", "fw!=[1,2]", "fw={\"a\":1}", "fw!={\"a\":1}", "fw", "!fw", "fw>9",
+    ];
+    for c in conditions {
+        let w = Where::parse(c).expect("where");
+        let want: Vec<DeviceId> = devices.iter().filter(|(_, v)| w.matches(v.as_ref())).map(|(d, _)| *d).collect();
+        assert_eq!(found(store, query_of("conf-ref", &[c])).await, want, "where={c}");
+        // Combined with a condition on another key: both must hold.
+        let both = found(store, query_of("conf-ref", &[c, "n<5"])).await;
+        let n_lt_5: Vec<DeviceId> = devices.iter().take(5).map(|(d, _)| *d).collect();
+        let want_both: Vec<DeviceId> = want.iter().copied().filter(|d| n_lt_5.contains(d)).collect();
+        assert_eq!(both, want_both, "where={c}&where=n<5");
+    }
+    // Many matches (more than the driving threshold): devices are walked in id order, and the
+    // answer is the same.
+    let ids: Vec<DeviceId> = futures_util::future::join_all(
+        (0..crate::fleet::DRIVE_BELOW + 50).map(|i| async move {
+            let v = (i % 7).to_string();
+            fleet_device(store, "conf-many", None, &[("m", v.as_str())]).await
+        }),
+    )
+    .await;
+    let mut ids_sorted = ids.clone();
+    ids_sorted.sort_unstable();
+    let mut values: Vec<(DeviceId, usize)> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        values.push((*id, i % 7));
+    }
+    values.sort_unstable();
+    for c in ["m>=0", "m<6", "m!=3", "m", "m=3", "m>5"] {
+        let w = Where::parse(c).expect("where");
+        let want: Vec<DeviceId> =
+            values.iter().filter(|(_, v)| w.matches(Some(&val(&v.to_string())))).map(|(d, _)| *d).collect();
+        let q = DeviceQuery { limit: 1000, ..query_of("conf-many", &[c]) };
+        assert_eq!(found(store, q.clone()).await, want[..want.len().min(1000)].to_vec(), "where={c}");
+        let page2 = found(store, DeviceQuery { after: want.get(999).copied(), ..q }).await;
+        if want.len() > 1000 {
+            assert_eq!(page2, want[1000..want.len().min(2000)].to_vec(), "where={c}, second page");
+        }
+    }
+    assert_eq!(found(store, query_of("conf-many", &["!m"])).await, vec![]);
+}
+
+/// Paging with `after` and `limit`, home scopes, class, tag, ids and `behind`.
+async fn device_queries_page_scope_and_filter(store: &dyn Store) {
+    let h1 = store.create_home("q1".into()).await.expect("home").id;
+    let h2 = store.create_home("q2".into()).await.expect("home").id;
+    let mut all = Vec::new();
+    for i in 0..7 {
+        let home = if i % 2 == 0 { Some(h1) } else { Some(h2) };
+        all.push(fleet_device(store, "conf-page", home, &[("i", &i.to_string())]).await);
+    }
+    let homeless = fleet_device(store, "conf-page", None, &[("i", "7")]).await;
+    all.push(homeless);
+    // Pages of three, in id order, each after the last.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = found(store, DeviceQuery { after, limit: 3, ..query_of("conf-page", &[]) }).await;
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().copied());
+        match page.last() {
+            Some(last) if page.len() == 3 => after = Some(*last),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, all);
+    // A scope of one home: its devices only (never a homeless one); a scope of none: nothing.
+    let in_h1: Vec<DeviceId> = all.iter().copied().step_by(2).take(4).collect();
+    assert_eq!(found(store, DeviceQuery { scope: Some(vec![h1]), ..query_of("conf-page", &[]) }).await, in_h1);
+    assert_eq!(found(store, DeviceQuery { scope: Some(vec![]), ..query_of("conf-page", &[]) }).await, vec![]);
+    assert_eq!(found(store, DeviceQuery { home: Some(h2), ..query_of("conf-page", &["i>=3"]) }).await, vec![all[3], all[5]]);
+    // Tag and class filters.
+    assert_eq!(found(store, DeviceQuery { tag: Some("nope".into()), ..query_of("conf-page", &[]) }).await, vec![]);
+    assert_eq!(found(store, query_of("conf-nobody", &[])).await, vec![]);
+    // ids: only those, still in id order and paged.
+    let ids = DeviceQuery { ids: Some(vec![all[5], all[1], all[5], all[6]]), limit: 2, ..query_of("conf-page", &[]) };
+    assert_eq!(found(store, ids.clone()).await, vec![all[1], all[5]]);
+    assert_eq!(found(store, DeviceQuery { after: Some(all[5]), ..ids }).await, vec![all[6]]);
+    // behind: written devices are behind until their applied rev reaches the store's rev.
+    let behind = DeviceQuery { behind: Some(true), ..query_of("conf-page", &[]) };
+    assert_eq!(found(store, behind.clone()).await, all);
+    let synced = SyncProgress { delivered: Rev(1), applied: Rev(1), applied_at: Some(ddp_protocol::Timestamp(1)) };
+    store.record_sync(vec![(all[0], synced), (all[2], synced)]).await.expect("record sync");
+    let rest: Vec<DeviceId> = all.iter().copied().filter(|d| *d != all[0] && *d != all[2]).collect();
+    assert_eq!(found(store, behind).await, rest);
+    assert_eq!(
+        found(store, DeviceQuery { behind: Some(false), ..query_of("conf-page", &[]) }).await,
+        vec![all[0], all[2]]
+    );
+}
+
+fn job_batch(device: DeviceId, job: ddp_protocol::JobId, v: &str) -> KvBatch {
+    KvBatch { job: Some(job), ..batch(StoreRef::Device(device), vec![op("ota", KvAction::Set(val(v)), Condition::None)]) }
+}
+
+async fn claim_all(store: &dyn Store, max: usize) -> Vec<JobClaim> {
+    let mut claims = Vec::new();
+    loop {
+        match store.claim_job_work(max, 60_000, ddp_protocol::Timestamp::now()).await.expect("claim") {
+            ClaimOutcome::Claimed(c) => claims.push(c),
+            ClaimOutcome::Wait(_) | ClaimOutcome::Idle => return claims,
+        }
+    }
+}
+
+/// A job's devices are claimed once each (a lease keeps others off), each is written once
+/// (a second write of the same device by the job is refused and changes nothing), failures are
+/// recorded, and the job ends `done` with its counts.
+async fn jobs_write_each_device_once(store: &dyn Store) {
+    let devices = [
+        fleet_device(store, "conf-job", None, &[]).await,
+        fleet_device(store, "conf-job", None, &[]).await,
+        fleet_device(store, "conf-job", None, &[]).await,
+    ];
+    let new = NewJob {
+        select: r#"{"ids":[]}"#.into(),
+        ops: r#"[{"op":"set","key":"ota","value":1}]"#.into(),
+        rate: None,
+        api_key: None,
+        devices: devices.to_vec(),
+    };
+    let job = store.create_job(new).await.expect("create job");
+    assert_eq!((job.state, job.selected, job.written, job.failed), (JobState::Running, 3, 0, 0));
+    let claims = claim_all(store, 2).await;
+    let claimed: Vec<DeviceId> = claims.iter().filter(|c| c.job == job.id).flat_map(|c| c.devices.clone()).collect();
+    assert_eq!(claimed, devices.to_vec(), "every device claimed once, in id order");
+    assert_eq!(claims[0].ops, r#"[{"op":"set","key":"ota","value":1}]"#);
+    // Two devices written, the third fails.
+    for d in &devices[..2] {
+        let changes = store.write_batch(job_batch(*d, job.id, "1")).await.expect("job write");
+        assert_eq!(changes.len(), 1);
+        // Written already: refused, and nothing changes.
+        let again = store.write_batch(job_batch(*d, job.id, "2")).await;
+        assert_eq!(again, Err(StoreError::JobNotPending(job.id)));
+        assert_eq!(store.get(StoreRef::Device(*d), key("ota")).await.expect("get").value, val("1"));
+    }
+    let state = store.job_results(job.id, vec![(devices[2], "the batch failed".into())]).await.expect("results");
+    assert_eq!(state, JobState::Done);
+    let after = store.job(job.id).await.expect("job");
+    assert_eq!((after.state, after.selected, after.written, after.failed), (JobState::Done, 3, 2, 1));
+    assert_eq!(after.errors, vec![(devices[2], "the batch failed".to_owned())]);
+    assert!(after.ended.is_some());
+    // delivered/applied count written devices whose recorded progress reached the job's write.
+    assert_eq!((after.delivered, after.applied), (0, 0));
+    let rev = store.device_sync(vec![devices[0]]).await.expect("sync")[0].rev;
+    let progress = SyncProgress { delivered: rev, applied: rev, applied_at: Some(ddp_protocol::Timestamp(5)) };
+    store.record_sync(vec![(devices[0], progress)]).await.expect("record");
+    store.record_sync(vec![(devices[1], SyncProgress { delivered: rev, ..SyncProgress::default() })]).await.expect("record");
+    let after = store.job(job.id).await.expect("job");
+    assert_eq!((after.delivered, after.applied), (2, 1));
+    // Nothing left to claim; a job nobody knows is not found.
+    assert!(claim_all(store, 10).await.iter().all(|c| c.job != job.id));
+    assert!(store.jobs(None).await.expect("jobs").iter().any(|j| j.id == job.id));
+    let missing = ddp_protocol::JobId::new(9_999_999).expect("id");
+    assert_eq!(store.job(missing).await, Err(StoreError::JobNotFound(missing)));
+    assert_eq!(store.cancel_job(missing).await, Err(StoreError::JobNotFound(missing)));
+}
+
+/// After a cancel nothing more is claimed or written; what was written stays counted.
+async fn cancelled_jobs_write_nothing_more(store: &dyn Store) {
+    let devices = [fleet_device(store, "conf-cancel", None, &[]).await, fleet_device(store, "conf-cancel", None, &[]).await];
+    let key_id = store
+        .create_api_key(NewApiKey { name: "jobs".into(), homes: None, permission: Permission::ReadWrite, key_hash: fresh_hash() })
+        .await
+        .expect("key")
+        .id;
+    let new = NewJob {
+        select: "{}".into(),
+        ops: "[]".into(),
+        rate: None,
+        api_key: Some(key_id),
+        devices: devices.to_vec(),
+    };
+    let job = store.create_job(new).await.expect("create job");
+    store.write_batch(job_batch(devices[0], job.id, "1")).await.expect("job write");
+    let cancelled = store.cancel_job(job.id).await.expect("cancel");
+    assert_eq!((cancelled.state, cancelled.written), (JobState::Cancelled, 1));
+    assert!(cancelled.ended.is_some());
+    assert_eq!(store.write_batch(job_batch(devices[1], job.id, "1")).await, Err(StoreError::JobNotPending(job.id)));
+    assert!(claim_all(store, 10).await.iter().all(|c| c.job != job.id));
+    // Cancelling again changes nothing; the key's own jobs list holds it.
+    assert_eq!(store.cancel_job(job.id).await.expect("cancel").state, JobState::Cancelled);
+    let mine = store.jobs(Some(key_id)).await.expect("jobs");
+    assert_eq!(mine.iter().map(|j| j.id).collect::<Vec<_>>(), vec![job.id]);
+    assert_eq!(mine[0].api_key, Some(key_id));
+}
+
+/// A rated job gives a second's worth of devices per claim, then makes claimers wait.
+async fn rated_jobs_claim_a_second_at_a_time(store: &dyn Store) {
+    let mut devices = Vec::new();
+    for _ in 0..5 {
+        devices.push(fleet_device(store, "conf-rate", None, &[]).await);
+    }
+    let new = NewJob { select: "{}".into(), ops: "[]".into(), rate: Some(2.0), api_key: None, devices: devices.clone() };
+    let job = store.create_job(new).await.expect("create job");
+    let now = ddp_protocol::Timestamp::now();
+    let first = store.claim_job_work(100, 60_000, now).await.expect("claim");
+    let ClaimOutcome::Claimed(first) = first else { panic!("a rated job gives work at once: {first:?}") };
+    assert_eq!((first.job, first.devices.clone()), (job.id, devices[..2].to_vec()));
+    match store.claim_job_work(100, 60_000, now).await.expect("claim") {
+        ClaimOutcome::Wait(at) => assert!(at.millis() >= now.millis() + 900, "waits about a second"),
+        other => panic!("a rated job's budget is spent: {other:?}"),
+    }
+    let later = ddp_protocol::Timestamp(now.millis() + 1_000);
+    let ClaimOutcome::Claimed(second) = store.claim_job_work(100, 60_000, later).await.expect("claim") else {
+        panic!("a second later, more work")
+    };
+    assert_eq!(second.devices, devices[2..4].to_vec());
+    store.cancel_job(job.id).await.expect("cancel");
 }
 
 fn op(k: &str, action: KvAction, condition: Condition) -> KvOp {
@@ -97,7 +367,7 @@ fn op(k: &str, action: KvAction, condition: Condition) -> KvOp {
 }
 
 fn batch(store: StoreRef, ops: Vec<KvOp>) -> KvBatch {
-    KvBatch { store, ops, store_rev: None, max_keys: 1000, max_value_bytes: 65_536, origin: Origin::Admin }
+    KvBatch { store, ops, store_rev: None, max_keys: 1000, max_value_bytes: 65_536, origin: Origin::Admin, job: None }
 }
 
 async fn batches_apply_in_order_with_consecutive_revs(store: &dyn Store, recorder: &Recorder) {

@@ -1,6 +1,6 @@
 //! Storage errors.
 
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Rev};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Rev};
 
 /// Something a [`Store`](crate::Store) call could not do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -14,6 +14,13 @@ pub enum StoreError {
     /// No such project API key.
     #[error("API key {0} not found")]
     ApiKeyNotFound(ApiKeyId),
+    /// No such job.
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    /// A job's write to a device that the job no longer waits to write (it was cancelled, or
+    /// the device was written already); nothing was applied.
+    #[error("job {0} no longer waits to write this device")]
+    JobNotPending(JobId),
     /// No such key in the store.
     #[error("key not found")]
     KeyNotFound,

@@ -13,6 +13,7 @@
 //! # Layout
 //! - [`model`]: the records and operations ([`KvWrite`], [`Change`], [`DeviceRecord`], …).
 //! - [`error`]: the error type, [`StoreError`].
+//! - [`fleet`]: device queries and jobs (PROTOCOL.md §12) and the SQL both backends run them with.
 //! - [`sqlite`]: the embedded default, [`SqliteStore`] — WAL, one writer thread with pipelined
 //!   group commit (an `fdatasync` of the log before anything is acknowledged or shown), a small
 //!   pool of read connections. One node.
@@ -22,6 +23,7 @@
 
 mod batch;
 pub mod error;
+pub mod fleet;
 pub mod model;
 pub mod postgres;
 mod sql;
@@ -31,9 +33,10 @@ pub mod sqlite;
 pub mod conformance;
 
 use async_trait::async_trait;
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Key, Rev, Timestamp};
 
 pub use error::StoreError;
+pub use fleet::{ClaimOutcome, DeviceQuery, JobClaim, JobRecord, JobState, NewJob};
 pub use model::*;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -148,6 +151,28 @@ pub trait Store: Send + Sync + 'static {
     /// Hands progress seen on this node to the commit sink of every node ([`Committed::Sync`]),
     /// so that their waiters hear of it at once. Not stored (that is [`Store::record_sync`]).
     async fn broadcast_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError>;
+
+    // ---- fleet (PROTOCOL.md §12) ----
+
+    /// The devices `query` selects, in id order, at most `query.limit` of them. Reads indexes,
+    /// never every store (see [`fleet`]).
+    async fn find_devices(&self, query: DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError>;
+
+    /// Creates a running job over `new.devices` (each written at most once, ever).
+    async fn create_job(&self, new: NewJob) -> Result<JobRecord, StoreError>;
+    /// Every job (those `api_key` created, when given), by id, with their progress.
+    async fn jobs(&self, api_key: Option<ApiKeyId>) -> Result<Vec<JobRecord>, StoreError>;
+    /// One job, with its progress.
+    async fn job(&self, id: JobId) -> Result<JobRecord, StoreError>;
+    /// Cancels a running job: devices not yet written never will be. A job that has ended
+    /// stays as it was.
+    async fn cancel_job(&self, id: JobId) -> Result<JobRecord, StoreError>;
+    /// Claims up to `max` unwritten devices of a running job for `lease_ms` (other nodes skip
+    /// them meanwhile; when the lease runs out they may take them), as the job's rate allows.
+    async fn claim_job_work(&self, max: usize, lease_ms: i64, now: Timestamp) -> Result<ClaimOutcome, StoreError>;
+    /// Records the devices of `job` whose write failed, with why, and ends the job (`done`)
+    /// when no device is left to write. Its state afterwards.
+    async fn job_results(&self, job: JobId, failed: Vec<(DeviceId, String)>) -> Result<JobState, StoreError>;
 
     // ---- project API keys ----
 

@@ -145,6 +145,10 @@ pub struct KvBatch {
     pub max_value_bytes: usize,
     /// Who asked.
     pub origin: Origin,
+    /// The job writing this device's store, if one is: the batch commits only while the job
+    /// runs and has not yet written the device, and records the write as the job's, in the same
+    /// transaction ([`StoreError::JobNotPending`] otherwise).
+    pub job: Option<ddp_protocol::JobId>,
 }
 
 /// A write as a batch of one. A [`KvWrite`] carries no value size limit, so a merge made this way
@@ -158,6 +162,7 @@ impl From<KvWrite> for KvBatch {
             max_keys: w.max_keys,
             max_value_bytes: usize::MAX,
             origin: w.origin,
+            job: None,
         }
     }
 }

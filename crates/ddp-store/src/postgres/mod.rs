@@ -27,11 +27,13 @@
 //! - `schema`: the tables, the SQL functions and migrations.
 //! - `writer`: the group-commit batchers.
 //! - `feed`: the change feed (cursors, gaps, LISTEN/NOTIFY) and the announcer.
+//! - `fleet`: device queries and jobs (PROTOCOL.md §12), work claimed in the database.
 //! - `presence`: sessions counted per device and node, heartbeats, reaping.
 //! - `progress`: delivery and acknowledgement per device, recorded and shared.
 //! - `rows`: rows into records, and the statements several operations share.
 
 mod feed;
+mod fleet;
 mod presence;
 mod progress;
 mod rows;
@@ -45,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Key, Rev, Timestamp};
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -56,6 +58,7 @@ use self::presence::heartbeat_loop;
 use self::rows::*;
 use crate::model::*;
 use crate::sql::{not_found, rev_of, sql_id, to_u64};
+use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
 use crate::{CommitSink, Store, StoreError};
 
 /// How long admin changes and events stay in their logs for nodes that are catching up.
@@ -554,6 +557,34 @@ impl Store for PgStore {
 
     async fn broadcast_sync(&self, progress: Vec<(DeviceId, SyncProgress)>) -> Result<(), StoreError> {
         self.announce_progress(progress).await
+    }
+
+    async fn find_devices(&self, query: DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.find_devices_pg(query).await
+    }
+
+    async fn create_job(&self, new: NewJob) -> Result<JobRecord, StoreError> {
+        self.create_job_pg(new).await
+    }
+
+    async fn jobs(&self, api_key: Option<ApiKeyId>) -> Result<Vec<JobRecord>, StoreError> {
+        self.jobs_pg(api_key).await
+    }
+
+    async fn job(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        self.job_pg(id).await
+    }
+
+    async fn cancel_job(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        self.cancel_job_pg(id).await
+    }
+
+    async fn claim_job_work(&self, max: usize, lease_ms: i64, now: Timestamp) -> Result<ClaimOutcome, StoreError> {
+        self.claim_pg(max, lease_ms, now).await
+    }
+
+    async fn job_results(&self, job: JobId, failed: Vec<(DeviceId, String)>) -> Result<JobState, StoreError> {
+        self.job_results_pg(job, failed).await
     }
 
     async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {

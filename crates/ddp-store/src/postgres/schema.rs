@@ -535,6 +535,195 @@ BEGIN
     END LOOP;
 END $$;
 "#,
+    r#"
+-- Fleet queries (PROTOCOL.md §12): items by key and by the number or the string their value holds
+-- (numbers up to 100 bytes with exponents below 1000, strings up to 1024 bytes of JSON text, as
+-- SQLite indexes them), so that a `where` condition is an index range.
+CREATE FUNCTION ddp_num(v TEXT) RETURNS NUMERIC LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN left(v, 1) IN ('-','0','1','2','3','4','5','6','7','8','9') AND length(v) <= 100
+                     AND v !~ '[eE][-+]?0*[0-9]{4}' THEN v::NUMERIC END
+$$;
+CREATE FUNCTION ddp_str(v TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN left(v, 1) = '"' AND octet_length(v) <= 1024 AND strpos(v, '\u0000') = 0
+                THEN v::JSONB #>> '{}' END
+$$;
+CREATE INDEX items_by_value ON items (kind, key, ddp_num(value), (ddp_str(value) COLLATE "C"));
+-- Jobs: state 0 running, 1 done, 2 cancelled; next_ms: when a rated job may claim again.
+CREATE TABLE jobs (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    state        SMALLINT NOT NULL,
+    select_json  TEXT NOT NULL,
+    ops_json     TEXT NOT NULL,
+    rate         DOUBLE PRECISION,
+    api_key_id   BIGINT,
+    next_ms      BIGINT NOT NULL,
+    created_ms   BIGINT NOT NULL,
+    ended_ms     BIGINT
+);
+-- The devices a job selected: state 0 to write, 1 written (rev: the write's last rev, set by
+-- ddp_kv_apply in the write's own transaction), 2 failed (reason). claim_until_ms: a claim's lease.
+CREATE TABLE job_devices (
+    job_id          BIGINT NOT NULL,
+    device_id       BIGINT NOT NULL,
+    state           SMALLINT NOT NULL,
+    rev             BIGINT,
+    claim_until_ms  BIGINT NOT NULL,
+    reason          TEXT,
+    PRIMARY KEY (job_id, device_id)
+);
+CREATE INDEX job_devices_to_write ON job_devices (job_id, device_id) WHERE state = 0;
+-- ddp_kv_apply as before, with p_jobs[i] > 0: the unit is that job's write to the device, which
+-- fails with 'job_gone' when the job is not running or wrote (or failed) the device already. The
+-- old signature stays for nodes of the previous version during a rolling upgrade.
+CREATE FUNCTION ddp_kv_apply(
+    p_units INT[], p_kinds SMALLINT[], p_owners BIGINT[], p_keys TEXT[], p_ops SMALLINT[], p_values TEXT[],
+    p_conds SMALLINT[], p_revs TEXT[], p_store_revs BIGINT[], p_max_keys INT[], p_max_bytes INT[],
+    p_origin_kinds SMALLINT[], p_origin_ids BIGINT[], p_jobs BIGINT[], p_now BIGINT)
+RETURNS TABLE (out_unit INT, out_idx INT, out_status TEXT, out_rev BIGINT, out_home BIGINT, out_current BIGINT,
+               out_value TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n INT := COALESCE(array_length(p_units, 1), 0);
+    lo INT := 1;
+    hi INT;
+    i INT;
+    v_rev BIGINT;
+    v_num INT;
+    v_cur BIGINT;
+    v_curval TEXT;
+    v_at INT;
+    v_home BIGINT;
+    v_last BIGINT;
+    v_batch_last BIGINT;
+    v_seen JSONB;
+    v_new TEXT[];
+    v_status TEXT;
+    v_fail INT;
+BEGIN
+    WHILE lo <= n LOOP
+        hi := lo;
+        WHILE hi < n AND p_units[hi + 1] = p_units[lo] LOOP
+            hi := hi + 1;
+        END LOOP;
+        v_status := NULL;
+        v_fail := -1;
+        v_cur := NULL;
+        v_new := '{}';
+        SELECT s.rev, s.num_keys INTO v_rev, v_num FROM stores s
+            WHERE s.kind = p_kinds[lo] AND s.owner = p_owners[lo] FOR UPDATE;
+        IF NOT FOUND THEN
+            v_status := 'no_store';
+        ELSIF p_store_revs[lo] >= 0 AND v_rev <> p_store_revs[lo] THEN
+            v_status := 'store_mismatch';
+            v_cur := v_rev;
+        ELSE
+            -- v_seen: each key an earlier op of the unit wrote -> that op's position (0: deleted).
+            v_seen := '{}'::JSONB;
+            FOR i IN lo..hi LOOP
+                IF v_seen ? p_keys[i] THEN
+                    v_at := (v_seen->>p_keys[i])::INT;
+                    v_cur := CASE WHEN v_at > 0 THEN v_rev + (v_at - lo) + 1 END;
+                    v_curval := CASE WHEN v_at > 0 THEN v_new[v_at - lo + 1] END;
+                ELSIF p_ops[i] = 2 THEN
+                    v_cur := NULL;
+                    v_curval := NULL;
+                    SELECT it.rev, it.value INTO v_cur, v_curval FROM items it
+                        WHERE it.kind = p_kinds[i] AND it.owner = p_owners[i] AND it.key = p_keys[i];
+                ELSE
+                    v_cur := NULL;
+                    SELECT it.rev INTO v_cur FROM items it
+                        WHERE it.kind = p_kinds[i] AND it.owner = p_owners[i] AND it.key = p_keys[i];
+                END IF;
+                IF (p_conds[i] = 1 AND (v_cur IS NULL OR NOT (v_cur = ANY(
+                        COALESCE(string_to_array(NULLIF(p_revs[i], ''), ',')::BIGINT[], '{}'::BIGINT[])))))
+                    OR (p_conds[i] = 2 AND v_cur IS NULL)
+                    OR (p_conds[i] = 3 AND v_cur IS NOT NULL) THEN
+                    v_status := 'mismatch';
+                    v_fail := i - lo;
+                    EXIT;
+                END IF;
+                IF p_ops[i] = 1 THEN
+                    IF v_cur IS NULL THEN
+                        v_status := 'no_key';
+                        v_fail := i - lo;
+                        EXIT;
+                    END IF;
+                    v_num := v_num - 1;
+                    v_new := v_new || NULL::TEXT;
+                    v_seen := v_seen || jsonb_build_object(p_keys[i], 0);
+                ELSE
+                    IF p_ops[i] = 2 THEN
+                        -- A name json_each cannot read (U+0000, a lone surrogate) refuses this
+                        -- unit only; the block writes nothing, so its savepoint costs no xid.
+                        BEGIN
+                            v_new := v_new || ddp_merge_patch(v_curval, p_values[i]);
+                        EXCEPTION WHEN OTHERS THEN
+                            v_status := 'bad_merge';
+                            v_fail := i - lo;
+                            EXIT;
+                        END;
+                        IF octet_length(v_new[i - lo + 1]) > p_max_bytes[i] THEN
+                            v_status := 'too_large';
+                            v_fail := i - lo;
+                            v_cur := octet_length(v_new[i - lo + 1]);
+                            EXIT;
+                        END IF;
+                    ELSE
+                        v_new := v_new || p_values[i];
+                    END IF;
+                    IF v_cur IS NULL THEN
+                        IF v_num >= p_max_keys[i] THEN
+                            v_status := 'too_many';
+                            v_fail := i - lo;
+                            EXIT;
+                        END IF;
+                        v_num := v_num + 1;
+                    END IF;
+                    v_seen := v_seen || jsonb_build_object(p_keys[i], i);
+                END IF;
+            END LOOP;
+        END IF;
+        IF v_status IS NULL AND p_jobs[lo] > 0 THEN
+            -- A job's write (PROTOCOL.md §12): only while the job runs and has not yet written
+            -- this device; recorded as the job's in this same transaction.
+            UPDATE job_devices jd SET state = 1, rev = v_rev + (hi - lo) + 1
+                WHERE jd.job_id = p_jobs[lo] AND jd.device_id = p_owners[lo] AND jd.state = 0
+                  AND (SELECT j.state FROM jobs j WHERE j.id = p_jobs[lo]) = 0;
+            IF NOT FOUND THEN
+                v_status := 'job_gone';
+            END IF;
+        END IF;
+        IF v_status IS NOT NULL THEN
+            RETURN QUERY SELECT p_units[lo], v_fail, v_status, NULL::BIGINT, NULL::BIGINT, v_cur, NULL::TEXT;
+        ELSE
+            IF p_kinds[lo] = 0 THEN
+                SELECT d.home_id INTO v_home FROM devices d WHERE d.id = p_owners[lo];
+            ELSE
+                v_home := p_owners[lo];
+            END IF;
+            v_last := v_rev + (hi - lo) + 1;
+            v_batch_last := CASE WHEN hi > lo THEN v_last END;
+            FOR i IN lo..hi LOOP
+                IF p_ops[i] = 1 THEN
+                    DELETE FROM items it WHERE it.kind = p_kinds[i] AND it.owner = p_owners[i] AND it.key = p_keys[i];
+                ELSE
+                    INSERT INTO items AS it (kind, owner, key, value, rev, modified_ms)
+                        VALUES (p_kinds[i], p_owners[i], p_keys[i], v_new[i - lo + 1], v_rev + (i - lo) + 1, p_now)
+                        ON CONFLICT (kind, owner, key) DO UPDATE SET value = EXCLUDED.value, rev = EXCLUDED.rev,
+                            modified_ms = EXCLUDED.modified_ms;
+                END IF;
+                INSERT INTO changes (kind, owner, rev, key, value, modified_ms, home_id, origin_kind, origin_id, batch_last)
+                    VALUES (p_kinds[i], p_owners[i], v_rev + (i - lo) + 1, p_keys[i], v_new[i - lo + 1], p_now, v_home,
+                            p_origin_kinds[i], p_origin_ids[i], v_batch_last);
+                RETURN QUERY SELECT p_units[lo], i - lo, 'ok'::TEXT, v_rev + (i - lo) + 1, v_home, NULL::BIGINT,
+                    CASE WHEN p_ops[i] = 2 THEN v_new[i - lo + 1] END;
+            END LOOP;
+            UPDATE stores s SET rev = v_last, num_keys = v_num WHERE s.kind = p_kinds[lo] AND s.owner = p_owners[lo];
+        END IF;
+        lo := hi + 1;
+    END LOOP;
+END $$;
+"#,
 ];
 
 fn backend(e: tokio_postgres::Error) -> StoreError {

@@ -69,7 +69,7 @@ pub(super) fn start(
 }
 
 const APPLY_SQL: &str = "SELECT out_unit, out_idx, out_status, out_rev, out_home, out_current, out_value
-    FROM ddp_kv_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+    FROM ddp_kv_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 
 /// The parameters of one `ddp_kv_apply` call: one entry per op.
 #[derive(Default)]
@@ -87,6 +87,7 @@ struct Params<'a> {
     max_bytes: Vec<i32>,
     origin_kinds: Vec<i16>,
     origin_ids: Vec<i64>,
+    jobs: Vec<i64>,
 }
 
 impl<'a> Params<'a> {
@@ -120,6 +121,7 @@ impl<'a> Params<'a> {
             self.max_bytes.push(i32::try_from(b.max_value_bytes).unwrap_or(i32::MAX));
             self.origin_kinds.push(origin_kind as i16);
             self.origin_ids.push(sql_id(origin_id));
+            self.jobs.push(b.job.map_or(0, |j| sql_id(j.get())));
         }
     }
 }
@@ -136,7 +138,7 @@ async fn apply(pool: &Pool, group: Vec<Pending>, feed: &Feed, announcer: &Announ
     }
     let ops = params.units.len();
     let now_ms = now.millis();
-    let args: [&(dyn ToSql + Sync); 14] = [
+    let args: [&(dyn ToSql + Sync); 15] = [
         &params.units,
         &params.kinds,
         &params.owners,
@@ -150,6 +152,7 @@ async fn apply(pool: &Pool, group: Vec<Pending>, feed: &Feed, announcer: &Announ
         &params.max_bytes,
         &params.origin_kinds,
         &params.origin_ids,
+        &params.jobs,
         &now_ms,
     ];
     let started = Instant::now();
@@ -232,6 +235,10 @@ fn decode(row: &tokio_postgres::Row, group: &[Pending], now: Timestamp) -> Optio
                 batch_last: None, // set once every change of the batch is in (mark_batch)
             }),
             ("no_store", _) => Err(not_found(b.store)),
+            ("job_gone", _) => match b.job {
+                Some(job) => Err(StoreError::JobNotPending(job)),
+                None => Err(StoreError::Backend("ddp_kv_apply answered job_gone for a write of no job".into())),
+            },
             ("store_mismatch", _) => Err(StoreError::StoreRevMismatch { current: rev_of(current.unwrap_or(0)) }),
             ("mismatch", _) => Err(in_op(StoreError::RevisionMismatch { current: current.map(rev_of) })),
             ("no_key", _) => Err(in_op(StoreError::KeyNotFound)),

@@ -16,11 +16,13 @@
 //! - `schema`: tables and migrations.
 //! - `writer`: the write pipeline and the durability watermarks.
 //! - `ops`: what the key-value writes and the history trimming do in SQL.
+//! - `fleet`: device queries and jobs (PROTOCOL.md §12).
 //! - `rows`: row ↔ record conversions and small shared queries.
 //! - `readers`: the read-only connection pool.
 //! - `checkpoint`: WAL checkpoints.
 
 mod checkpoint;
+mod fleet;
 mod ops;
 mod readers;
 mod rows;
@@ -34,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, Key, Rev, Timestamp};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Key, Rev, Timestamp};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -45,6 +47,7 @@ use self::rows::*;
 use self::schema::migrate;
 use self::writer::{Durability, FnJob, Msg, Tx};
 use crate::model::*;
+use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
 use crate::{CommitSink, Store, StoreError};
 
 /// Settings of the SQLite backend.
@@ -574,6 +577,38 @@ impl Store for SqliteStore {
             self.sink.committed(&[Committed::Sync(Arc::from(progress))]);
         }
         Ok(())
+    }
+
+    async fn find_devices(&self, query: DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.read(move |conn| fleet::find_devices(conn, &query)).await
+    }
+
+    async fn create_job(&self, new: NewJob) -> Result<JobRecord, StoreError> {
+        let id = self.write_job(move |tx| fleet::create_job(tx, &new)).await?;
+        self.job(id).await
+    }
+
+    async fn jobs(&self, api_key: Option<ApiKeyId>) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(move |conn| fleet::jobs(conn, api_key)).await
+    }
+
+    async fn job(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        self.read(move |conn| fleet::job(conn, id)).await
+    }
+
+    async fn cancel_job(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        if !self.write_job(move |tx| fleet::cancel_job(tx, id).map(Ok)).await? {
+            return Err(StoreError::JobNotFound(id));
+        }
+        self.job(id).await
+    }
+
+    async fn claim_job_work(&self, max: usize, lease_ms: i64, now: Timestamp) -> Result<ClaimOutcome, StoreError> {
+        self.write_job(move |tx| fleet::claim(tx, max, lease_ms, now).map(Ok)).await
+    }
+
+    async fn job_results(&self, job: JobId, failed: Vec<(DeviceId, String)>) -> Result<JobState, StoreError> {
+        self.write_job(move |tx| fleet::results(tx, job, &failed)).await
     }
 
     async fn create_api_key(&self, new: NewApiKey) -> Result<ApiKeyRecord, StoreError> {

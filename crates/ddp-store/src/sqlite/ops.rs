@@ -98,6 +98,11 @@ pub(super) fn apply_batch(tx: &mut Tx<'_>, batch: &KvBatch) -> rusqlite::Result<
     let now = tx.now.millis();
     let last = plan.writes.last().map(|w| w.2);
     let batch_last = if plan.writes.len() > 1 { last.map(|r| sql_id(r.0)) } else { None };
+    if let Some(job) = batch.job
+        && let Err(e) = super::fleet::mark_written(conn, job, owner, last.map_or(0, |r| sql_id(r.0)))?
+    {
+        return Ok(Err(e));
+    }
 
     // Each key's final state: the last op on it decides.
     struct Row<'a> {

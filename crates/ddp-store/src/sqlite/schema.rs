@@ -87,6 +87,40 @@ CREATE TABLE device_sync (
 -- of the batch's last change, so that sessions that take batches get them whole, live or resumed.
 ALTER TABLE changes ADD COLUMN batch_last INTEGER;
 "#,
+    concat!(
+        "-- Fleet queries (PROTOCOL.md §12): items by key and by the number or the string their value
+-- holds, so that a `where` condition is an index range (crate::fleet builds the queries).
+CREATE INDEX items_by_value ON items(kind, key, ",
+        crate::fleet::sqlite_num!(),
+        ", ",
+        crate::fleet::sqlite_str!(),
+        r#");
+-- Jobs: state 0 running, 1 done, 2 cancelled; next_ms: when a rated job may claim again.
+CREATE TABLE jobs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    state        INTEGER NOT NULL,
+    select_json  TEXT NOT NULL,
+    ops_json     TEXT NOT NULL,
+    rate         REAL,
+    api_key_id   INTEGER,
+    next_ms      INTEGER NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    ended_ms     INTEGER
+);
+-- The devices a job selected: state 0 to write, 1 written (rev: the write's last rev, set in the
+-- write's own transaction), 2 failed (reason). claim_until_ms: a claim's lease.
+CREATE TABLE job_devices (
+    job_id          INTEGER NOT NULL,
+    device_id       INTEGER NOT NULL,
+    state           INTEGER NOT NULL,
+    rev             INTEGER,
+    claim_until_ms  INTEGER NOT NULL,
+    reason          TEXT,
+    PRIMARY KEY (job_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX job_devices_to_write ON job_devices(job_id, device_id) WHERE state = 0;
+"#
+    ),
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,0 +1,381 @@
+//! Fleet queries and jobs (PROTOCOL.md §12): what the server asks of storage, and the one SQL
+//! builder both SQL backends run device queries through.
+//!
+//! # How a device query reads
+//! A query never reads every item of every store. Each backend indexes `items` by
+//! `(kind, key, number value, string value)` (SQLite: an expression index; PostgreSQL: the
+//! immutable functions `ddp_num`/`ddp_str`), so a condition is an index range. Devices come back
+//! in id order, a page at a time. How the conditions are joined depends on how many devices they
+//! match, which the backend first counts (up to [`DRIVE_BELOW`] index entries per condition):
+//! - a condition that matches few stores *drives* the query: its owners are read from the index
+//!   and only those devices are looked at (`d.id IN (SELECT owner …)`);
+//! - otherwise devices are walked in id order from `after` and each condition is a primary-key
+//!   probe of the device's store (`EXISTS (…)`), which stops as soon as a page is full.
+
+use ddp_protocol::fleet::{Cmp, Number, Test, Where};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Timestamp};
+
+/// A condition that matches fewer index entries than this drives its query (see the module
+/// docs).
+pub const DRIVE_BELOW: usize = 2_000;
+
+/// Which devices a query asks for, all its filters combined with AND.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceQuery {
+    /// Only devices in these homes (the homes a scoped project key sees); `None`: any device.
+    pub scope: Option<Vec<HomeId>>,
+    /// `homeId`: only devices in this home.
+    pub home: Option<HomeId>,
+    /// `deviceClass`: only devices of this class.
+    pub device_class: Option<String>,
+    /// `tag`: only devices with this tag.
+    pub tag: Option<String>,
+    /// `where`: conditions on the device's store.
+    pub wheres: Vec<Where>,
+    /// `behind`: only devices whose recorded `appliedRev` is below (true) or at (false) their
+    /// store's rev.
+    pub behind: Option<bool>,
+    /// `ids`: only these devices.
+    pub ids: Option<Vec<DeviceId>>,
+    /// Only devices with a greater id (paging).
+    pub after: Option<DeviceId>,
+    /// At most this many devices.
+    pub limit: usize,
+}
+
+/// A value bound to a query's placeholder.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Param {
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+/// The SQL spelling that differs between the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The number a minified value's text holds, when it is a number: the expression the SQLite
+/// index `items_by_value` holds (its migration and the queries use this one text).
+macro_rules! sqlite_num {
+    () => {
+        "(CASE WHEN substr(value, 1, 1) IN ('-','0','1','2','3','4','5','6','7','8','9') AND length(value) <= 100
+         THEN value ->> '$' END)"
+    };
+}
+/// The string a minified value's text holds, when it is a string (index `items_by_value`).
+macro_rules! sqlite_str {
+    () => {
+        "(CASE WHEN substr(value, 1, 1) = '\"' AND length(CAST(value AS BLOB)) <= 1024 THEN value ->> '$' END)"
+    };
+}
+pub(crate) use {sqlite_num, sqlite_str};
+pub(crate) const SQLITE_NUM: &str = sqlite_num!();
+pub(crate) const SQLITE_STR: &str = sqlite_str!();
+/// PostgreSQL's spelling of the same (functions defined by the schema, in its index).
+pub(crate) const PG_NUM: &str = "ddp_num(value)";
+/// PostgreSQL's string expression, compared by code point as SQLite does.
+pub(crate) const PG_STR: &str = "(ddp_str(value) COLLATE \"C\")";
+
+/// A statement being built: its text and its parameters, in order.
+pub(crate) struct Sql {
+    dialect: Dialect,
+    pub(crate) text: String,
+    pub(crate) params: Vec<Param>,
+}
+
+impl Sql {
+    pub(crate) fn new(dialect: Dialect) -> Sql {
+        Sql { dialect, text: String::new(), params: Vec::new() }
+    }
+
+    /// Appends a placeholder bound to `p`.
+    fn bind(&mut self, p: Param) -> String {
+        self.params.push(p);
+        match self.dialect {
+            Dialect::Sqlite => "?".to_owned(),
+            Dialect::Postgres => format!("${}", self.params.len()),
+        }
+    }
+
+    fn num(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_NUM,
+            Dialect::Postgres => PG_NUM,
+        }
+    }
+
+    fn str(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_STR,
+            Dialect::Postgres => PG_STR,
+        }
+    }
+
+    /// `key = ? AND <test>` on `items` (without its store; for [`Test::Absent`], the key alone).
+    pub(crate) fn condition(&mut self, w: &Where) -> String {
+        let key = self.bind(Param::Text(w.key.as_str().to_owned()));
+        let test = match &w.test {
+            Test::Exists | Test::Absent => String::new(),
+            Test::Number(cmp, n) => {
+                let lit = match (self.dialect, n) {
+                    (Dialect::Postgres, Number::Int(i)) => {
+                        format!("CAST({}::TEXT AS NUMERIC)", self.bind(Param::Text(i.to_string())))
+                    }
+                    (Dialect::Postgres, Number::Float(f)) => {
+                        format!("CAST({}::TEXT AS NUMERIC)", self.bind(Param::Text(format!("{f:e}"))))
+                    }
+                    (Dialect::Sqlite, Number::Int(i)) => self.bind(Param::Int(*i)),
+                    (Dialect::Sqlite, Number::Float(f)) => self.bind(Param::Float(*f)),
+                };
+                format!(" AND {} {} {lit}", self.num(), sql_cmp(*cmp))
+            }
+            Test::String(cmp, s) => {
+                let lit = self.bind(Param::Text(s.clone()));
+                format!(" AND {} IS NULL AND {} {} {lit}", self.num(), self.str(), sql_cmp(*cmp))
+            }
+            Test::Json { equal, text } => {
+                // Of the literal's type (booleans: `t` and `f` alike), then by text.
+                let same_type = if text.starts_with(['t', 'f']) {
+                    "substr(value, 1, 1) IN ('t', 'f')".to_owned()
+                } else {
+                    format!("substr(value, 1, 1) = {}", self.bind(Param::Text(text.chars().take(1).collect())))
+                };
+                let lit = self.bind(Param::Text(text.clone()));
+                format!(" AND {same_type} AND value {} {lit}", if *equal { "=" } else { "<>" })
+            }
+        };
+        format!("key = {key}{test}")
+    }
+
+    /// The device query of `q`; `drive`: the condition (index into `q.wheres`) that drives it.
+    pub(crate) fn devices(mut self, q: &DeviceQuery, columns: &str, drive: Option<usize>) -> Sql {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(after) = q.after {
+            parts.push(format!("d.id > {}", self.bind(Param::Int(sql_id(after.get())))));
+        }
+        if let Some(scope) = &q.scope {
+            let homes: Vec<String> = scope.iter().map(|h| self.bind(Param::Int(sql_id(h.get())))).collect();
+            parts.push(if homes.is_empty() { "FALSE".to_owned() } else { format!("d.home_id IN ({})", homes.join(",")) });
+        }
+        if let Some(home) = q.home {
+            parts.push(format!("d.home_id = {}", self.bind(Param::Int(sql_id(home.get())))));
+        }
+        if let Some(class) = &q.device_class {
+            parts.push(format!("d.device_class = {}", self.bind(Param::Text(class.clone()))));
+        }
+        if let Some(tag) = &q.tag {
+            parts.push(format!("d.tag = {}", self.bind(Param::Text(tag.clone()))));
+        }
+        if let Some(ids) = &q.ids {
+            // The page can only hold the first `limit` ids past `after`.
+            let mut ids: Vec<DeviceId> = ids.iter().copied().filter(|id| q.after.is_none_or(|a| *id > a)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.truncate(q.limit);
+            let ids: Vec<String> = ids.iter().map(|d| self.bind(Param::Int(sql_id(d.get())))).collect();
+            parts.push(if ids.is_empty() { "FALSE".to_owned() } else { format!("d.id IN ({})", ids.join(",")) });
+        }
+        for (i, w) in q.wheres.iter().enumerate() {
+            let cond = self.condition(w);
+            parts.push(match (&w.test, Some(i) == drive) {
+                (Test::Absent, _) => {
+                    format!("NOT EXISTS (SELECT 1 FROM items WHERE kind = 0 AND owner = d.id AND {cond})")
+                }
+                (_, true) => format!("d.id IN (SELECT owner FROM items WHERE kind = 0 AND {cond})"),
+                (_, false) => format!("EXISTS (SELECT 1 FROM items WHERE kind = 0 AND owner = d.id AND {cond})"),
+            });
+        }
+        if let Some(behind) = q.behind {
+            let rev = match self.dialect {
+                Dialect::Sqlite => {
+                    "MAX(s.rev, COALESCE((SELECT MAX(c.rev) FROM changes c WHERE c.kind = 0 AND c.owner = s.owner), 0))"
+                }
+                Dialect::Postgres => "s.rev",
+            };
+            parts.push(format!(
+                "{}EXISTS (SELECT 1 FROM stores s LEFT JOIN device_sync ds ON ds.device_id = s.owner
+                  WHERE s.kind = 0 AND s.owner = d.id AND COALESCE(ds.applied_rev, 0) < {rev})",
+                if behind { "" } else { "NOT " }
+            ));
+        }
+        let limit = self.bind(Param::Int(i64::try_from(q.limit).unwrap_or(i64::MAX)));
+        let filter = if parts.is_empty() { String::new() } else { format!(" WHERE {}", parts.join(" AND ")) };
+        self.text = format!("SELECT {columns} FROM devices d{filter} ORDER BY d.id LIMIT {limit}");
+        self
+    }
+
+    /// Counts up to `cap` index entries matching `w` (to choose the condition that drives).
+    pub(crate) fn count_matches(mut self, w: &Where, cap: usize) -> Sql {
+        let cond = self.condition(w);
+        let cap = self.bind(Param::Int(i64::try_from(cap).unwrap_or(i64::MAX)));
+        self.text = format!("SELECT COUNT(*) FROM (SELECT 1 FROM items WHERE kind = 0 AND {cond} LIMIT {cap}) m");
+        self
+    }
+}
+
+fn sql_cmp(cmp: Cmp) -> &'static str {
+    match cmp {
+        Cmp::Ne => "<>",
+        other => other.as_str(),
+    }
+}
+
+fn sql_id(n: u64) -> i64 {
+    crate::sql::sql_id(n)
+}
+
+/// Which condition should drive a query, from each condition's capped match count (`None`
+/// for conditions that cannot drive: absent keys).
+pub(crate) fn choose_driver(counts: &[Option<usize>]) -> Option<usize> {
+    counts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.map(|c| (c, i)))
+        .filter(|(c, _)| *c < DRIVE_BELOW)
+        .min()
+        .map(|(_, i)| i)
+}
+
+// ---- jobs ----
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Devices remain to be written.
+    Running,
+    /// Every selected device was written or failed.
+    Done,
+    /// Cancelled: what was not yet written never will be.
+    Cancelled,
+}
+
+impl JobState {
+    /// Wire spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub(crate) fn from_code(code: i64) -> JobState {
+        match code {
+            0 => JobState::Running,
+            1 => JobState::Done,
+            _ => JobState::Cancelled,
+        }
+    }
+}
+
+/// A job to create: the devices it writes were selected when it was asked for.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The selection as asked (JSON), shown back.
+    pub select: String,
+    /// The ops (JSON, PROTOCOL.md §11), applied as one batch to each device.
+    pub ops: String,
+    /// Devices per second, when limited.
+    pub rate: Option<f64>,
+    /// The project key that created it (`None`: the admin).
+    pub api_key: Option<ApiKeyId>,
+    /// The selected devices.
+    pub devices: Vec<DeviceId>,
+}
+
+/// A job and its progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: JobId,
+    /// Where it stands.
+    pub state: JobState,
+    /// The selection as asked (JSON).
+    pub select: String,
+    /// The ops (JSON).
+    pub ops: String,
+    /// Devices per second, when limited.
+    pub rate: Option<f64>,
+    /// The project key that created it (`None`: the admin).
+    pub api_key: Option<ApiKeyId>,
+    /// Devices selected.
+    pub selected: u64,
+    /// Devices written.
+    pub written: u64,
+    /// Devices whose write failed.
+    pub failed: u64,
+    /// Written devices whose recorded `deliveredRev` reached the job's write.
+    pub delivered: u64,
+    /// Written devices whose recorded `appliedRev` reached the job's write.
+    pub applied: u64,
+    /// The first failures (at most [`MAX_JOB_ERRORS`]), by device id.
+    pub errors: Vec<(DeviceId, String)>,
+    /// When it was created.
+    pub created: Timestamp,
+    /// When it ended (done or cancelled).
+    pub ended: Option<Timestamp>,
+}
+
+/// A job's columns, in the order [`JobRecord`]s are read (both backends; `$n` placeholders
+/// work in SQLite too).
+pub(crate) const JOB_COLUMNS: &str = "id, state, select_json, ops_json, rate, api_key_id, created_ms, ended_ms";
+/// A job's progress: selected, written, failed, delivered, applied.
+pub(crate) const JOB_COUNTS_SQL: &str = "SELECT COUNT(*),
+        COALESCE(SUM(CASE WHEN jd.state = 1 THEN 1 ELSE 0 END), 0),
+        COALESCE(SUM(CASE WHEN jd.state = 2 THEN 1 ELSE 0 END), 0),
+        COALESCE(SUM(CASE WHEN jd.state = 1 AND COALESCE(ds.delivered_rev, 0) >= jd.rev THEN 1 ELSE 0 END), 0),
+        COALESCE(SUM(CASE WHEN jd.state = 1 AND COALESCE(ds.applied_rev, 0) >= jd.rev THEN 1 ELSE 0 END), 0)
+    FROM job_devices jd LEFT JOIN device_sync ds ON ds.device_id = jd.device_id WHERE jd.job_id = $1";
+/// A job's first failures.
+pub(crate) const JOB_ERRORS_SQL: &str =
+    "SELECT device_id, reason FROM job_devices WHERE job_id = $1 AND state = 2 ORDER BY device_id LIMIT 100";
+/// Records a device's failure (unless it was written or failed already).
+pub(crate) const JOB_FAIL_SQL: &str =
+    "UPDATE job_devices SET state = 2, reason = $3 WHERE job_id = $1 AND device_id = $2 AND state = 0";
+/// Ends a running job with nothing left to write.
+pub(crate) const JOB_FINISH_SQL: &str = "UPDATE jobs SET state = 1, ended_ms = $2
+    WHERE id = $1 AND state = 0 AND NOT EXISTS (SELECT 1 FROM job_devices WHERE job_id = $1 AND state = 0)";
+/// Cancels a running job.
+pub(crate) const JOB_CANCEL_SQL: &str = "UPDATE jobs SET state = 2, ended_ms = $2 WHERE id = $1 AND state = 0";
+/// Marks a device as written by its job, inside the write's transaction: no row changes when
+/// the job is not running or has written (or failed) the device already.
+pub(crate) const JOB_MARK_SQL: &str = "UPDATE job_devices SET state = 1, rev = $3
+    WHERE job_id = $1 AND device_id = $2 AND state = 0 AND (SELECT state FROM jobs WHERE id = $1) = 0";
+
+/// How many devices a claim of a job at `rate` devices per second takes (at most `max`), and
+/// how long until the job's next claim, in milliseconds.
+pub(crate) fn rated_claim(rate: f64, max: usize) -> (usize, i64) {
+    let n = (rate.ceil() as usize).clamp(1, max.max(1));
+    (n, ((n as f64) * 1000.0 / rate).ceil() as i64)
+}
+
+/// Failures a job record lists.
+pub const MAX_JOB_ERRORS: usize = 100;
+
+/// Devices of a running job claimed by one node for a while (its lease).
+#[derive(Debug, Clone)]
+pub struct JobClaim {
+    /// The job.
+    pub job: JobId,
+    /// Its ops (JSON).
+    pub ops: String,
+    /// The project key that created it (`None`: the admin).
+    pub api_key: Option<ApiKeyId>,
+    /// The devices to write, in id order.
+    pub devices: Vec<DeviceId>,
+}
+
+/// What [`Store::claim_job_work`](crate::Store::claim_job_work) found.
+#[derive(Debug, Clone)]
+pub enum ClaimOutcome {
+    /// Devices to write now.
+    Claimed(JobClaim),
+    /// Work remains, but its rate (or others' leases) lets none be taken before this time.
+    Wait(Timestamp),
+    /// No running job has work left to claim.
+    Idle,
+}
