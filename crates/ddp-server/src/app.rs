@@ -21,4 +21,6 @@ pub(crate) struct App {
     pub(crate) metrics: PrometheusHandle,
     /// Cancelled when the server starts shutting down.
     pub(crate) shutdown: CancellationToken,
+    /// Wakes this node's job runner when a job is created here (others poll).
+    pub(crate) jobs_wake: tokio::sync::Notify,
 }

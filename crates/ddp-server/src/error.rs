@@ -94,6 +94,12 @@ impl Error {
         self
     }
 
+    /// Whether this is a job's write to a device the job no longer waits to write (cancelled,
+    /// or written already by a claim whose lease had run out).
+    pub fn is_job_gone(&self) -> bool {
+        self.data.as_ref().is_some_and(|d| d.get("jobGone").is_some())
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> u16 {
         self.reason.http_status()
@@ -119,6 +125,7 @@ impl From<StoreError> for Error {
             StoreError::JobNotFound(id) => Error::new(Reason::NotFound, format!("job {id} does not exist")),
             StoreError::JobNotPending(id) => {
                 Error::new(Reason::NotFound, format!("job {id} no longer waits to write this device"))
+                    .with_data(serde_json::json!({ "jobGone": id }))
             }
             StoreError::KeyNotFound => Error::new(Reason::KeyNotFound, "the key does not exist in this store"),
             StoreError::RevisionMismatch { current } => Error::new(
@@ -153,6 +160,18 @@ impl From<StoreError> for Error {
                 Error::unavailable("storage is unreachable; retry shortly")
             }
             StoreError::Backend(cause) => Error::internal(format_args!("storage: {cause}")),
+        }
+    }
+}
+
+/// A bad op of a batch: its reason, with the op's `index` (and `key`) in `data`.
+impl From<ddp_protocol::batch::OpError> for Error {
+    fn from(e: ddp_protocol::batch::OpError) -> Error {
+        let error = Error::new(e.reason, e.message);
+        match (e.index, e.key) {
+            (Some(i), Some(key)) => error.with_data(serde_json::json!({ "index": i, "key": key })),
+            (Some(i), None) => error.with_data(serde_json::json!({ "index": i })),
+            (None, _) => error,
         }
     }
 }

@@ -603,7 +603,7 @@ impl Kv {
         };
         let keys: Vec<String> =
             if batch { ops.iter().map(|o| o.key.as_str().to_owned()).collect() } else { Vec::new() };
-        match self.write(who, transport, store, ops, None).await {
+        match self.write(who, transport, store, ops, None, None).await {
             Ok(_) => Ok(()),
             Err((index, error)) if batch => {
                 Err(Refused { key: index.and_then(|i| keys.get(i).cloned()), error: indexed((index, error)), index })

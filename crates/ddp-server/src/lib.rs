@@ -30,6 +30,8 @@
 //! - [`events`]: home events: system events from the commit feed, device events, app streams.
 //! - [`progress`]: delivery and acknowledgement — how far each device got, recorded coalesced,
 //!   shared by the nodes, waited for by writers.
+//! - [`fleet`]: fleet queries (`GET /devices` filters) and the job runner that writes a job's
+//!   devices through the gate, exactly once each (PROTOCOL.md §12).
 //! - [`fanout`]: the store's commit sink: hub, events, auth cache, closing sessions, progress.
 //! - [`tls`]: the TLS listeners' certificate, reloaded when its files change or on SIGHUP.
 //! - [`json`]: the server's own type for a serialized message.
@@ -48,6 +50,7 @@ mod config;
 mod error;
 mod events;
 mod fanout;
+mod fleet;
 mod http;
 mod hub;
 mod json;

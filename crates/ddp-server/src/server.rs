@@ -203,7 +203,14 @@ impl Server {
         };
         let limit = crate::listener::open_file_limit().unwrap_or(1024);
         let caps = Caps::new(connection_budget(limit, storage_files));
-        let app = Arc::new(App { kv, metrics, shutdown: CancellationToken::new(), store, config });
+        let app = Arc::new(App {
+            kv,
+            metrics,
+            shutdown: CancellationToken::new(),
+            jobs_wake: tokio::sync::Notify::new(),
+            store,
+            config,
+        });
         Ok(Server { app, http, http_addr, https, mqtt, mqtt_tls, mqtt_ws, tls, caps, admin, _lock: lock })
     }
 
@@ -289,6 +296,7 @@ impl Server {
         tracing::info!(listeners = listeners.len(), "serving");
         let trimmer = tokio::spawn(trim_history(app.clone()));
         let progress = tokio::spawn(app.kv.progress().clone().run(app.shutdown.clone()));
+        let jobs = tokio::spawn(crate::fleet::runner(app.clone()));
         let cancel = app.shutdown.clone();
         tokio::select! {
             () = shutdown => {}
@@ -308,6 +316,9 @@ impl Server {
             );
         }
         trimmer.abort();
+        // The job runner finishes the claim it is writing (what it leaves unwritten is claimed
+        // again, here after a restart or by another node, once its lease runs out).
+        let _ = jobs.await;
         // What sessions delivered and devices acknowledged until the end is recorded too.
         let _ = progress.await;
         app.kv.progress().flush().await;

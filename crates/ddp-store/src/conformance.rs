@@ -251,7 +251,7 @@ async fn claim_all(store: &dyn Store, max: usize) -> Vec<JobClaim> {
     loop {
         match store.claim_job_work(max, 60_000, ddp_protocol::Timestamp::now()).await.expect("claim") {
             ClaimOutcome::Claimed(c) => claims.push(c),
-            ClaimOutcome::Wait(_) | ClaimOutcome::Idle => return claims,
+            ClaimOutcome::Wait { .. } | ClaimOutcome::Idle => return claims,
         }
     }
 }
@@ -351,7 +351,10 @@ async fn rated_jobs_claim_a_second_at_a_time(store: &dyn Store) {
     let ClaimOutcome::Claimed(first) = first else { panic!("a rated job gives work at once: {first:?}") };
     assert_eq!((first.job, first.devices.clone()), (job.id, devices[..2].to_vec()));
     match store.claim_job_work(100, 60_000, now).await.expect("claim") {
-        ClaimOutcome::Wait(at) => assert!(at.millis() >= now.millis() + 900, "waits about a second"),
+        ClaimOutcome::Wait { until, running } => {
+            assert!(until.millis() >= now.millis() + 900, "waits about a second");
+            assert!(running >= 1);
+        }
         other => panic!("a rated job's budget is spent: {other:?}"),
     }
     let later = ddp_protocol::Timestamp(now.millis() + 1_000);

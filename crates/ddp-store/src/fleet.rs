@@ -367,6 +367,8 @@ pub struct JobClaim {
     pub api_key: Option<ApiKeyId>,
     /// The devices to write, in id order.
     pub devices: Vec<DeviceId>,
+    /// Jobs running when it was claimed (for metrics).
+    pub running: usize,
 }
 
 /// What [`Store::claim_job_work`](crate::Store::claim_job_work) found.
@@ -374,8 +376,13 @@ pub struct JobClaim {
 pub enum ClaimOutcome {
     /// Devices to write now.
     Claimed(JobClaim),
-    /// Work remains, but its rate (or others' leases) lets none be taken before this time.
-    Wait(Timestamp),
+    /// Work remains, but its rate (or others' leases) lets none be taken before `until`.
+    Wait {
+        /// When to ask again.
+        until: Timestamp,
+        /// Jobs running.
+        running: usize,
+    },
     /// No running job has work left to claim.
     Idle,
 }

@@ -1,12 +1,13 @@
 //! The admin API (PROTOCOL.md §5): homes, devices and their keys, project API keys.
-//! Admin key only, except `GET /devices/{own id}` for a device.
+//! Admin key only, except `GET /devices/{own id}` for a device and `GET /homes` for project keys
+//! (the homes they see). `GET /devices` with its filters is the fleet's (`fleet`).
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::http::header::LOCATION;
 use axum::response::{IntoResponse, Response};
@@ -114,7 +115,7 @@ impl<'a> From<&'a HomeRecord> for HomeJson<'a> {
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct DeviceJson<'a> {
+pub(super) struct DeviceJson<'a> {
     id: DeviceId,
     name: &'a str,
     home_id: Option<HomeId>,
@@ -132,20 +133,20 @@ struct DeviceJson<'a> {
 
 /// What device objects show of their devices' sessions: which hold a live session on some
 /// node, and where each device's sync stands.
-struct Live {
+pub(super) struct Live {
     connected: std::collections::HashSet<DeviceId>,
     sync: HashMap<DeviceId, DeviceSync>,
 }
 
 impl Live {
-    async fn of(app: &App, devices: &[DeviceRecord]) -> Result<Live> {
+    pub(super) async fn of(app: &App, devices: &[DeviceRecord]) -> Result<Live> {
         let ids: Vec<DeviceId> = devices.iter().map(|d| d.id).collect();
         let connected = app.store.connected(ids.clone()).await?.into_iter().collect();
         let sync = app.kv.progress_of(ids).await?.into_iter().map(|s| (s.device, s)).collect();
         Ok(Live { connected, sync })
     }
 
-    fn json<'a>(&self, d: &'a DeviceRecord) -> DeviceJson<'a> {
+    pub(super) fn json<'a>(&self, d: &'a DeviceRecord) -> DeviceJson<'a> {
         let is_connected = self.connected.contains(&d.id);
         let sync = self.sync.get(&d.id).map_or_else(SyncJson::blank, |s| SyncJson::new(s, is_connected));
         device_json(d, is_connected, sync, None)
@@ -211,10 +212,13 @@ pub(crate) async fn create_home(State(app): State<Arc<App>>, _: AdminCaller, Bod
     Ok(created(format!("/homes/{}", home.id), HomeJson::from(&home)))
 }
 
-/// `GET /homes`
-pub(crate) async fn list_homes(State(app): State<Arc<App>>, _: AdminCaller) -> Result<Response> {
+/// `GET /homes`: every home for the admin; the homes it sees for a project key.
+pub(crate) async fn list_homes(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Response> {
+    if let Principal::Device(_) = who {
+        return Err(Error::denied("this needs the admin key or a project key"));
+    }
     let homes = app.store.homes().await?;
-    Ok(Json(homes.iter().map(HomeJson::from).collect::<Vec<_>>()).into_response())
+    Ok(Json(homes.iter().filter(|h| who.sees_home(h.id)).map(HomeJson::from).collect::<Vec<_>>()).into_response())
 }
 
 /// `GET /homes/{id}`
@@ -250,18 +254,6 @@ pub(crate) async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, B
     let device = app.store.create_device(new).await?;
     tracing::info!(device = %device.id, home = ?device.home.map(HomeId::get), "device created");
     Ok(created(format!("/devices/{}", device.id), device_json(&device, false, SyncJson::blank(), Some(&api_key))))
-}
-
-/// `GET /devices[?homeId=]`
-pub(crate) async fn list_devices(
-    State(app): State<Arc<App>>,
-    _: AdminCaller,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Response> {
-    let home = query.get("homeId").map(|h| parse_id::<HomeId>("homeId", h)).transpose()?;
-    let devices = app.store.devices(home).await?;
-    let live = Live::of(&app, &devices).await?;
-    Ok(Json(devices.iter().map(|d| live.json(d)).collect::<Vec<_>>()).into_response())
 }
 
 /// `GET /devices/{id}`: the admin, or the device itself.

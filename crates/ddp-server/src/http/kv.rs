@@ -196,7 +196,7 @@ struct PutBody<'a> {
 /// Parses a body that must be a JSON object of `shape` (named in errors, e.g.
 /// `{"value": <json>}`). serde would also take a JSON array for a struct; the contract wants an
 /// object. Nesting too deep is `INVALID_VALUE`, anything else unreadable `INVALID_JSON`.
-fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8], shape: &str) -> Result<T> {
+pub(super) fn parse_object<'a, T: Deserialize<'a>>(body: &'a [u8], shape: &str) -> Result<T> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(Error::invalid_json(format!("the body must be a JSON object {shape}")));
     }
@@ -297,14 +297,7 @@ pub(crate) async fn patch_store(
     let parsed: PatchBody<'_> = parse_object(&body, "{\"ops\": [op, …]}")?;
     let ops = parsed.ops.ok_or_else(|| Error::invalid_parameter("the body has no \"ops\""))?;
     // The op count is checked by the gate, as for a device's batch frame.
-    let ops = Op::parse_list(ops).map_err(|e| {
-        let error = Error::new(e.reason, e.message);
-        match (e.index, e.key) {
-            (Some(i), Some(key)) => error.with_data(serde_json::json!({ "index": i, "key": key })),
-            (Some(i), None) => error.with_data(serde_json::json!({ "index": i })),
-            (None, _) => error,
-        }
-    })?;
+    let ops = Op::parse_list(ops)?;
     let changes = app.kv.batch(&who, Transport::Rest, path.store, ops, store_rev).await?;
     let rev = changes.last().map_or(Rev::ZERO, |c| c.rev);
     let results: Vec<ResultJson<'_>> = changes.iter().map(|c| ResultJson { key: c.key.as_str(), rev: c.rev }).collect();

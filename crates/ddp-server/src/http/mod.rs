@@ -9,6 +9,7 @@
 mod admin;
 mod commands;
 mod events;
+mod fleet;
 mod kv;
 mod mqtt;
 mod ops;
@@ -54,10 +55,12 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/homes", post(admin::create_home).get(admin::list_homes))
         .route("/homes/{id}", get(admin::get_home).delete(admin::delete_home))
-        .route("/devices", post(admin::create_device).get(admin::list_devices))
+        .route("/devices", post(admin::create_device).get(fleet::list_devices))
         .route("/devices/{id}", get(admin::get_device).patch(admin::update_device).delete(admin::delete_device))
         .route("/devices/{id}/apiKey", post(admin::rotate_device_key))
         .route("/devices/{id}/sync", get(progress::get))
+        .route("/jobs", post(fleet::create_job).get(fleet::list_jobs))
+        .route("/jobs/{id}", get(fleet::get_job).delete(fleet::cancel_job))
         .route("/apiKeys", post(admin::create_api_key).get(admin::list_api_keys))
         .route("/apiKeys/{id}", axum::routing::delete(admin::delete_api_key))
         .route("/devices/{id}/event", axum::routing::put(events::raise))

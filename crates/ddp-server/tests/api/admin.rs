@@ -214,13 +214,20 @@ async fn the_admin_api_is_admin_only() {
     let (dev, dev_key) = s.create_device(Some(home)).await;
     let (_, project) = s.create_api_key(None, "readWrite").await;
     for token in [dev_key.as_str(), project.as_str()] {
+        // Listing homes and devices is open to project keys too (PROTOCOL.md §12); not to devices.
+        for path in ["/homes", "/devices"] {
+            let resp = s.req(Method::GET, path, Some(token)).send().await;
+            if token == dev_key {
+                expect_error(resp, StatusCode::FORBIDDEN, "PERMISSION_DENIED").await;
+            } else {
+                expect_json(resp, StatusCode::OK).await;
+            }
+        }
         for (method, path) in [
             (Method::POST, "/homes".to_owned()),
-            (Method::GET, "/homes".to_owned()),
             (Method::GET, format!("/homes/{home}")),
             (Method::DELETE, format!("/homes/{home}")),
             (Method::POST, "/devices".to_owned()),
-            (Method::GET, "/devices".to_owned()),
             (Method::PATCH, format!("/devices/{dev}")),
             (Method::DELETE, format!("/devices/{dev}")),
             (Method::POST, format!("/devices/{dev}/apiKey")),

@@ -10,6 +10,7 @@ mod commands;
 mod delivery;
 mod errors;
 mod events;
+mod fleet;
 mod fuzz;
 mod kv;
 mod mqtt;

@@ -163,6 +163,7 @@ impl PgStore {
             .query("SELECT id, ops_json, api_key_id, rate, next_ms FROM jobs WHERE state = 0 ORDER BY id FOR UPDATE", &[])
             .await?;
         let mut wait: Option<i64> = None;
+        let count = running.len();
         for job in &running {
             let id: i64 = job.try_get(0)?;
             let rate: Option<f64> = job.try_get(3)?;
@@ -210,10 +211,11 @@ impl PgStore {
                 ops: job.try_get(1)?,
                 api_key: job.try_get::<_, Option<i64>>(2)?.and_then(|k| ApiKeyId::new(to_u64(k))),
                 devices: devices.into_iter().filter_map(|d| DeviceId::new(to_u64(d))).collect(),
+                running: count,
             }));
         }
         tx.commit().await?;
-        Ok(wait.map_or(ClaimOutcome::Idle, |w| ClaimOutcome::Wait(Timestamp(w))))
+        Ok(wait.map_or(ClaimOutcome::Idle, |w| ClaimOutcome::Wait { until: Timestamp(w), running: count }))
     }
 
     pub(super) async fn job_results_pg(

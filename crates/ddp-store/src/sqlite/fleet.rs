@@ -148,6 +148,7 @@ pub(super) fn claim(tx: &mut Tx<'_>, max: usize, lease_ms: i64, now: Timestamp) 
         rows.collect::<rusqlite::Result<_>>()?
     };
     let mut wait: Option<i64> = None;
+    let count = running.len();
     for (id, ops, api_key, rate, next_ms) in running {
         if rate.is_some() && next_ms > now {
             wait = Some(wait.map_or(next_ms, |w| w.min(next_ms)));
@@ -194,9 +195,10 @@ pub(super) fn claim(tx: &mut Tx<'_>, max: usize, lease_ms: i64, now: Timestamp) 
             ops,
             api_key: api_key.and_then(|k| ApiKeyId::new(to_u64(k))),
             devices: devices.into_iter().filter_map(|d| DeviceId::new(to_u64(d))).collect(),
+            running: count,
         }));
     }
-    Ok(wait.map_or(ClaimOutcome::Idle, |w| ClaimOutcome::Wait(Timestamp(w))))
+    Ok(wait.map_or(ClaimOutcome::Idle, |w| ClaimOutcome::Wait { until: Timestamp(w), running: count }))
 }
 
 /// Records failures and ends the job when nothing is left to write; its state after.
