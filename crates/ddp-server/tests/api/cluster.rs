@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ddp_testkit::{ADMIN_KEY, TestServer, WsEnd, WsOpen, expect_json, fresh_database};
 use reqwest::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 async fn two_nodes() -> (TestServer, TestServer) {
     let url = fresh_database().await;
@@ -240,4 +240,41 @@ async fn concurrent_batches_on_two_nodes_reach_a_batches_session_whole_and_in_or
     }
     let log = expect_json(b.admin(Method::GET, &format!("/devices/{dev}/kv/log")).send().await, StatusCode::OK).await;
     assert_eq!(log["value"].as_object().map(serde_json::Map::len), Some(20), "no merge lost across nodes: {log}");
+}
+
+#[tokio::test]
+async fn two_nodes_share_a_job_and_write_each_device_exactly_once() {
+    let (a, b) = two_nodes().await;
+    let mut devices = Vec::new();
+    for _ in 0..60 {
+        let body = expect_json(
+            a.admin(Method::POST, "/devices").json(&json!({"name": "d", "deviceClass": "fleet"})).send().await,
+            StatusCode::CREATED,
+        )
+        .await;
+        devices.push(body["id"].as_u64().expect("id"));
+    }
+    // A rate spreads the claims over a few seconds, so both nodes' runners take turns claiming.
+    let job = expect_json(
+        a.admin(Method::POST, "/jobs")
+            .json(&json!({"select": {"deviceClass": "fleet"}, "ops": [{"op": "set", "key": "ota", "value": 1}], "rate": 30}))
+            .send()
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let id = job["id"].as_u64().expect("id");
+    let mut done = Value::Null;
+    for _ in 0..500 {
+        done = expect_json(b.admin(Method::GET, &format!("/jobs/{id}")).send().await, StatusCode::OK).await;
+        if done["state"] == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!((done["written"].clone(), done["failed"].clone()), (json!(60), json!(0)));
+    for d in devices {
+        assert_eq!(b.store_rev(&format!("/devices/{d}")).await, 1, "device {d} written exactly once");
+    }
 }
