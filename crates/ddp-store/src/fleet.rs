@@ -49,6 +49,9 @@ pub(crate) enum Param {
     Int(i64),
     Float(f64),
     Text(String),
+    /// A list (PostgreSQL's `= ANY($n)`, so that a statement's text does not depend on its
+    /// length; SQLite spells lists out).
+    Ints(Vec<i64>),
 }
 
 /// The SQL spelling that differs between the backends.
@@ -115,6 +118,20 @@ impl Sql {
         }
     }
 
+    /// `<column> IN (<ids>)`: one array parameter on PostgreSQL, one placeholder each on SQLite.
+    fn in_list(&mut self, column: &str, ids: Vec<i64>) -> String {
+        if ids.is_empty() {
+            return "FALSE".to_owned();
+        }
+        match self.dialect {
+            Dialect::Postgres => format!("{column} = ANY({}::BIGINT[])", self.bind(Param::Ints(ids))),
+            Dialect::Sqlite => {
+                let each: Vec<String> = ids.into_iter().map(|i| self.bind(Param::Int(i))).collect();
+                format!("{column} IN ({})", each.join(","))
+            }
+        }
+    }
+
     /// `key = ? AND <test>` on `items` (without its store; for [`Test::Absent`], the key alone).
     pub(crate) fn condition(&mut self, w: &Where) -> String {
         let key = self.bind(Param::Text(w.key.as_str().to_owned()));
@@ -158,8 +175,9 @@ impl Sql {
             parts.push(format!("d.id > {}", self.bind(Param::Int(sql_id(after.get())))));
         }
         if let Some(scope) = &q.scope {
-            let homes: Vec<String> = scope.iter().map(|h| self.bind(Param::Int(sql_id(h.get())))).collect();
-            parts.push(if homes.is_empty() { "FALSE".to_owned() } else { format!("d.home_id IN ({})", homes.join(",")) });
+            let homes = scope.iter().map(|h| sql_id(h.get())).collect();
+            let cond = self.in_list("d.home_id", homes);
+            parts.push(cond);
         }
         if let Some(home) = q.home {
             parts.push(format!("d.home_id = {}", self.bind(Param::Int(sql_id(home.get())))));
@@ -176,8 +194,8 @@ impl Sql {
             ids.sort_unstable();
             ids.dedup();
             ids.truncate(q.limit);
-            let ids: Vec<String> = ids.iter().map(|d| self.bind(Param::Int(sql_id(d.get())))).collect();
-            parts.push(if ids.is_empty() { "FALSE".to_owned() } else { format!("d.id IN ({})", ids.join(",")) });
+            let cond = self.in_list("d.id", ids.iter().map(|d| sql_id(d.get())).collect());
+            parts.push(cond);
         }
         for (i, w) in q.wheres.iter().enumerate() {
             let cond = self.condition(w);

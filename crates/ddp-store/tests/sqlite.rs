@@ -231,3 +231,52 @@ async fn a_batch_that_fails_to_commit_is_rolled_back_whole_and_revs_stay_contigu
     assert_eq!(seen, (1..=n + 1).map(Rev).collect::<Vec<_>>(), "the sink never saw a rolled-back change");
     store.close().await;
 }
+
+/// One node: devices a job claimed before a restart (a crash, say) need not wait for their
+/// lease; the reopened store gives them out again at once, and the job still writes each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_claims_are_released_by_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, Arc::new(Recorder::default()));
+    let dev = store
+        .create_device(NewDevice {
+            name: "d".into(),
+            home: None,
+            device_class: String::new(),
+            tag: String::new(),
+            key_hash: [9; 32],
+        })
+        .await
+        .expect("device");
+    let new = NewJob { select: "{}".into(), ops: "[]".into(), rate: None, api_key: None, devices: vec![dev.id] };
+    let job = store.create_job(new).await.expect("job");
+    let now = ddp_protocol::Timestamp::now();
+    assert!(matches!(store.claim_job_work(10, 3_600_000, now).await.expect("claim"), ClaimOutcome::Claimed(_)));
+    assert!(matches!(store.claim_job_work(10, 3_600_000, now).await.expect("claim"), ClaimOutcome::Wait { .. }));
+    store.close().await;
+    drop(store);
+
+    let store = open(&dir, Arc::new(Recorder::default()));
+    let ClaimOutcome::Claimed(again) = store.claim_job_work(10, 3_600_000, now).await.expect("claim") else {
+        panic!("the claim of the stopped store is released");
+    };
+    assert_eq!((again.job, again.devices), (job.id, vec![dev.id]));
+    let set = KvOp {
+        key: Key::new("k").expect("key"),
+        action: KvAction::Set(Value::parse("1").expect("value")),
+        condition: Condition::None,
+    };
+    let batch = KvBatch {
+        store: StoreRef::Device(dev.id),
+        ops: vec![set],
+        store_rev: None,
+        max_keys: 10,
+        max_value_bytes: 100,
+        origin: Origin::Admin,
+        job: Some(job.id),
+    };
+    assert_eq!(store.write_batch(batch.clone()).await.expect("job write")[0].rev, Rev(1));
+    assert_eq!(store.write_batch(batch).await, Err(StoreError::JobNotPending(job.id)));
+    assert_eq!(store.job_results(job.id, vec![]).await.expect("results"), JobState::Done);
+    store.close().await;
+}

@@ -25,6 +25,7 @@ fn bound(params: &[Param]) -> Vec<Box<dyn ToSql + Sync + Send>> {
                 Param::Int(i) => Box::new(*i),
                 Param::Float(f) => Box::new(*f),
                 Param::Text(s) => Box::new(s.clone()),
+                Param::Ints(v) => Box::new(v.clone()),
             }
         })
         .collect()

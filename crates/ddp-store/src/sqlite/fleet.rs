@@ -18,6 +18,8 @@ impl ToSql for Param {
             Param::Int(i) => i.to_sql(),
             Param::Float(f) => f.to_sql(),
             Param::Text(s) => s.to_sql(),
+            // The builder spells lists out for SQLite.
+            Param::Ints(_) => Err(rusqlite::Error::ToSqlConversionFailure("a list parameter in SQLite".into())),
         }
     }
 }
@@ -105,6 +107,12 @@ pub(super) fn jobs(conn: &mut Connection, api_key: Option<ApiKeyId>) -> Result<V
         rows.collect::<rusqlite::Result<_>>()?
     };
     Ok(list.into_iter().map(|j| with_progress(&tx, j)).collect::<rusqlite::Result<_>>()?)
+}
+
+/// At start-up: one node, so no claim made before it can still be at work; its devices may be
+/// claimed again at once instead of when their leases run out.
+pub(super) fn release_claims(conn: &Connection) -> rusqlite::Result<usize> {
+    conn.execute("UPDATE job_devices SET claim_until_ms = 0 WHERE state = 0 AND claim_until_ms > 0", [])
 }
 
 /// Inserts a running job and its devices.

@@ -160,6 +160,10 @@ impl SqliteStore {
              PRAGMA cache_size=-8192; PRAGMA journal_size_limit=67108864;",
         )?;
         migrate(&mut conn)?;
+        let released = fleet::release_claims(&conn)?;
+        if released > 0 {
+            tracing::info!(devices = released, "job devices claimed before the restart may be claimed again");
+        }
         // The writer's statements (batches use a few multi-row texts per kind) all stay prepared.
         conn.set_prepared_statement_cache_capacity(128);
         let wal = open_wal(&options.path)?;
