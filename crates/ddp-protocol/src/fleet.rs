@@ -162,9 +162,7 @@ impl Where {
             return Err(format!("where={text}: expected one of = != < <= > >= after the key {key}"));
         };
         if literal.trim() == "null" {
-            return Err(format!(
-                "where={text}: no value is null; `where=!{key}` finds devices without the key"
-            ));
+            return Err(format!("where={text}: no value is null; `where=!{key}` finds devices without the key"));
         }
         let value = Value::parse(literal).map_err(|e| {
             format!(
@@ -260,22 +258,28 @@ mod tests {
     use super::*;
 
     fn v(json: &str) -> Value {
-        Value::parse(json).unwrap()
+        Value::parse(json).expect("parses")
     }
 
     #[test]
     fn parses_every_form() {
-        let w = Where::parse("fw<2.1").unwrap();
+        let w = Where::parse("fw<2.1").expect("parses");
         assert_eq!(w.key.as_str(), "fw");
         assert_eq!(w.test, Test::Number(Cmp::Lt, Number::Float(2.1)));
-        assert_eq!(Where::parse("n>=3").unwrap().test, Test::Number(Cmp::Ge, Number::Int(3)));
-        assert_eq!(Where::parse("mode!=\"eco\"").unwrap().test, Test::String(Cmp::Ne, "eco".into()));
-        assert_eq!(Where::parse("on=true").unwrap().test, Test::Json { equal: true, text: "true".into() });
-        assert_eq!(Where::parse("cfg={ \"a\" : 1 }").unwrap().test, Test::Json { equal: true, text: "{\"a\":1}".into() });
-        assert_eq!(Where::parse("fw").unwrap().test, Test::Exists);
-        assert_eq!(Where::parse("!fw").unwrap().test, Test::Absent);
+        assert_eq!(Where::parse("n>=3").expect("parses").test, Test::Number(Cmp::Ge, Number::Int(3)));
+        assert_eq!(Where::parse("mode!=\"eco\"").expect("parses").test, Test::String(Cmp::Ne, "eco".into()));
+        assert_eq!(Where::parse("on=true").expect("parses").test, Test::Json { equal: true, text: "true".into() });
+        assert_eq!(
+            Where::parse("cfg={ \"a\" : 1 }").expect("parses").test,
+            Test::Json { equal: true, text: "{\"a\":1}".into() }
+        );
+        assert_eq!(Where::parse("fw").expect("parses").test, Test::Exists);
+        assert_eq!(Where::parse("!fw").expect("parses").test, Test::Absent);
         for text in ["fw<2.1", "n>=3", "mode!=\"eco\"", "on=true", "fw", "!fw", "x<=-1", "s>\"a\\\"b\""] {
-            assert_eq!(Where::parse(&Where::parse(text).unwrap().to_string()).unwrap(), Where::parse(text).unwrap());
+            assert_eq!(
+                Where::parse(&Where::parse(text).expect("parses").to_string()).expect("parses"),
+                Where::parse(text).expect("parses")
+            );
         }
     }
 
@@ -292,7 +296,7 @@ mod tests {
             ("fw=1e999", "out of range"),
             ("", "key must not be empty"),
         ] {
-            let e = Where::parse(text).unwrap_err();
+            let e = Where::parse(text).expect_err("refused");
             assert!(e.contains(says), "{text}: {e}");
             assert!(e.contains(&format!("where={text}")), "{text}: {e}");
         }
@@ -300,19 +304,19 @@ mod tests {
 
     #[test]
     fn types_never_match_each_other() {
-        let gt9 = Where::parse("fw>9").unwrap();
+        let gt9 = Where::parse("fw>9").expect("parses");
         assert!(!gt9.matches(Some(&v("\"zzz\""))));
         assert!(gt9.matches(Some(&v("10"))));
         assert!(gt9.matches(Some(&v("9.5"))));
         assert!(!gt9.matches(None));
-        let ne = Where::parse("fw!=2").unwrap();
+        let ne = Where::parse("fw!=2").expect("parses");
         assert!(ne.matches(Some(&v("3"))));
         assert!(!ne.matches(Some(&v("2.0"))));
         assert!(!ne.matches(Some(&v("\"2\""))));
         assert!(!ne.matches(None));
-        assert!(Where::parse("on!=true").unwrap().matches(Some(&v("false"))));
-        assert!(!Where::parse("on!=true").unwrap().matches(Some(&v("[true]"))));
-        assert!(Where::parse("!fw").unwrap().matches(None));
-        assert!(Where::parse("s<\"b\"").unwrap().matches(Some(&v("\"a\\u00e9\""))));
+        assert!(Where::parse("on!=true").expect("parses").matches(Some(&v("false"))));
+        assert!(!Where::parse("on!=true").expect("parses").matches(Some(&v("[true]"))));
+        assert!(Where::parse("!fw").expect("parses").matches(None));
+        assert!(Where::parse("s<\"b\"").expect("parses").matches(Some(&v("\"a\\u00e9\""))));
     }
 }

@@ -101,10 +101,10 @@ impl Selection {
         if let Some(v) = field("homeId") {
             s.query.home = Some(json_id("select.homeId", v)?);
         }
-        s.query.device_class = json_string(&map, "deviceClass")?;
-        s.query.tag = json_string(&map, "tag")?;
-        s.is_connected = json_bool(&map, "isConnected")?;
-        s.query.behind = json_bool(&map, "behind")?;
+        s.query.device_class = json_string(map, "deviceClass")?;
+        s.query.tag = json_string(map, "tag")?;
+        s.is_connected = json_bool(map, "isConnected")?;
+        s.query.behind = json_bool(map, "behind")?;
         if let Some(v) = field("where") {
             let Json::Array(conditions) = v else {
                 return Err(Error::invalid_parameter("select.where must be an array of conditions like \"fw<2.1\""));
@@ -128,7 +128,7 @@ impl Selection {
             }
             s.query.ids = Some(ids.iter().map(|v| json_id("select.ids", v)).collect::<Result<_>>()?);
         }
-        match json_bool(&map, "all")? {
+        match json_bool(map, "all")? {
             Some(true) => s.all = true,
             Some(false) => return Err(Error::invalid_parameter("select.all may only be true (every device)")),
             None => {}

@@ -344,7 +344,13 @@ impl Kv {
 
     /// A job's batch to one device: written with the job's creator's rights, once at most (the
     /// store records it as the job's in the same transaction).
-    pub(crate) async fn job_batch(&self, who: &Principal, job: JobId, device: DeviceId, ops: Vec<Op>) -> Result<Vec<Change>> {
+    pub(crate) async fn job_batch(
+        &self,
+        who: &Principal,
+        job: JobId,
+        device: DeviceId,
+        ops: Vec<Op>,
+    ) -> Result<Vec<Change>> {
         let ops = ops.into_iter().map(kv_op).collect();
         self.write(who, Transport::Job, StoreRef::Device(device), ops, None, Some(job)).await.map_err(indexed)
     }

@@ -137,8 +137,23 @@ async fn found(store: &dyn Store, q: DeviceQuery) -> Vec<DeviceId> {
 /// few matches (the condition drives the query) and with many (devices are walked).
 async fn device_queries_agree_with_the_reference(store: &dyn Store) {
     let values = [
-        "1", "2", "2.05", "2.1", "-3", "1e3", "12345678901234567", "\"2.0\"", "\"a\"", "\"b\"", "\"\\u00e9\"",
-        "\"é\"", "true", "false", "[1,2]", "{\"a\":1}", "{\"b\":1,\"a\":1}",
+        "1",
+        "2",
+        "2.05",
+        "2.1",
+        "-3",
+        "1e3",
+        "12345678901234567",
+        "\"2.0\"",
+        "\"a\"",
+        "\"b\"",
+        "\"\\u00e9\"",
+        "\"é\"",
+        "true",
+        "false",
+        "[1,2]",
+        "{\"a\":1}",
+        "{\"b\":1,\"a\":1}",
     ];
     let mut devices = Vec::new();
     for (i, v) in values.iter().enumerate() {
@@ -149,9 +164,30 @@ async fn device_queries_agree_with_the_reference(store: &dyn Store) {
     devices.push((none, None));
     // Enough other devices with fw numbers that `fw>0`-like conditions walk rather than drive.
     let conditions = [
-        "fw=2", "fw!=2", "fw<2.1", "fw<=2.1", "fw>2.05", "fw>=1000", "fw>-4", "fw<12345678901234568",
-        "fw=\"a\"", "fw!=\"a\"", "fw<\"b\"", "fw>=\"b\"", "fw=\"é\"", "fw>\"2\"", "fw=true", "fw!=true",
-        "fw=false", "fw=[1,2]", "fw!=[1,2]", "fw={\"a\":1}", "fw!={\"a\":1}", "fw", "!fw", "fw>9",
+        "fw=2",
+        "fw!=2",
+        "fw<2.1",
+        "fw<=2.1",
+        "fw>2.05",
+        "fw>=1000",
+        "fw>-4",
+        "fw<12345678901234568",
+        "fw=\"a\"",
+        "fw!=\"a\"",
+        "fw<\"b\"",
+        "fw>=\"b\"",
+        "fw=\"é\"",
+        "fw>\"2\"",
+        "fw=true",
+        "fw!=true",
+        "fw=false",
+        "fw=[1,2]",
+        "fw!=[1,2]",
+        "fw={\"a\":1}",
+        "fw!={\"a\":1}",
+        "fw",
+        "!fw",
+        "fw>9",
     ];
     for c in conditions {
         let w = Where::parse(c).expect("where");
@@ -165,12 +201,10 @@ async fn device_queries_agree_with_the_reference(store: &dyn Store) {
     }
     // Many matches (more than the driving threshold): devices are walked in id order, and the
     // answer is the same.
-    let ids: Vec<DeviceId> = futures_util::future::join_all(
-        (0..crate::fleet::DRIVE_BELOW + 50).map(|i| async move {
-            let v = (i % 7).to_string();
-            fleet_device(store, "conf-many", None, &[("m", v.as_str())]).await
-        }),
-    )
+    let ids: Vec<DeviceId> = futures_util::future::join_all((0..crate::fleet::DRIVE_BELOW + 50).map(|i| async move {
+        let v = (i % 7).to_string();
+        fleet_device(store, "conf-many", None, &[("m", v.as_str())]).await
+    }))
     .await;
     let mut ids_sorted = ids.clone();
     ids_sorted.sort_unstable();
@@ -221,7 +255,10 @@ async fn device_queries_page_scope_and_filter(store: &dyn Store) {
     let in_h1: Vec<DeviceId> = all.iter().copied().step_by(2).take(4).collect();
     assert_eq!(found(store, DeviceQuery { scope: Some(vec![h1]), ..query_of("conf-page", &[]) }).await, in_h1);
     assert_eq!(found(store, DeviceQuery { scope: Some(vec![]), ..query_of("conf-page", &[]) }).await, vec![]);
-    assert_eq!(found(store, DeviceQuery { home: Some(h2), ..query_of("conf-page", &["i>=3"]) }).await, vec![all[3], all[5]]);
+    assert_eq!(
+        found(store, DeviceQuery { home: Some(h2), ..query_of("conf-page", &["i>=3"]) }).await,
+        vec![all[3], all[5]]
+    );
     // Tag and class filters.
     assert_eq!(found(store, DeviceQuery { tag: Some("nope".into()), ..query_of("conf-page", &[]) }).await, vec![]);
     assert_eq!(found(store, query_of("conf-nobody", &[])).await, vec![]);
@@ -243,7 +280,10 @@ async fn device_queries_page_scope_and_filter(store: &dyn Store) {
 }
 
 fn job_batch(device: DeviceId, job: ddp_protocol::JobId, v: &str) -> KvBatch {
-    KvBatch { job: Some(job), ..batch(StoreRef::Device(device), vec![op("ota", KvAction::Set(val(v)), Condition::None)]) }
+    KvBatch {
+        job: Some(job),
+        ..batch(StoreRef::Device(device), vec![op("ota", KvAction::Set(val(v)), Condition::None)])
+    }
 }
 
 async fn claim_all(store: &dyn Store, max: usize) -> Vec<JobClaim> {
@@ -298,7 +338,10 @@ async fn jobs_write_each_device_once(store: &dyn Store) {
     let rev = store.device_sync(vec![devices[0]]).await.expect("sync")[0].rev;
     let progress = SyncProgress { delivered: rev, applied: rev, applied_at: Some(ddp_protocol::Timestamp(5)) };
     store.record_sync(vec![(devices[0], progress)]).await.expect("record");
-    store.record_sync(vec![(devices[1], SyncProgress { delivered: rev, ..SyncProgress::default() })]).await.expect("record");
+    store
+        .record_sync(vec![(devices[1], SyncProgress { delivered: rev, ..SyncProgress::default() })])
+        .await
+        .expect("record");
     let after = store.job(job.id).await.expect("job");
     assert_eq!((after.delivered, after.applied), (2, 1));
     // Nothing left to claim; a job nobody knows is not found.
@@ -311,19 +354,20 @@ async fn jobs_write_each_device_once(store: &dyn Store) {
 
 /// After a cancel nothing more is claimed or written; what was written stays counted.
 async fn cancelled_jobs_write_nothing_more(store: &dyn Store) {
-    let devices = [fleet_device(store, "conf-cancel", None, &[]).await, fleet_device(store, "conf-cancel", None, &[]).await];
+    let devices =
+        [fleet_device(store, "conf-cancel", None, &[]).await, fleet_device(store, "conf-cancel", None, &[]).await];
     let key_id = store
-        .create_api_key(NewApiKey { name: "jobs".into(), homes: None, permission: Permission::ReadWrite, key_hash: fresh_hash() })
+        .create_api_key(NewApiKey {
+            name: "jobs".into(),
+            homes: None,
+            permission: Permission::ReadWrite,
+            key_hash: fresh_hash(),
+        })
         .await
         .expect("key")
         .id;
-    let new = NewJob {
-        select: "{}".into(),
-        ops: "[]".into(),
-        rate: None,
-        api_key: Some(key_id),
-        devices: devices.to_vec(),
-    };
+    let new =
+        NewJob { select: "{}".into(), ops: "[]".into(), rate: None, api_key: Some(key_id), devices: devices.to_vec() };
     let job = store.create_job(new).await.expect("create job");
     store.write_batch(job_batch(devices[0], job.id, "1")).await.expect("job write");
     let cancelled = store.cancel_job(job.id).await.expect("cancel");
@@ -344,7 +388,8 @@ async fn rated_jobs_claim_a_second_at_a_time(store: &dyn Store) {
     for _ in 0..5 {
         devices.push(fleet_device(store, "conf-rate", None, &[]).await);
     }
-    let new = NewJob { select: "{}".into(), ops: "[]".into(), rate: Some(2.0), api_key: None, devices: devices.clone() };
+    let new =
+        NewJob { select: "{}".into(), ops: "[]".into(), rate: Some(2.0), api_key: None, devices: devices.clone() };
     let job = store.create_job(new).await.expect("create job");
     let now = ddp_protocol::Timestamp::now();
     let first = store.claim_job_work(100, 60_000, now).await.expect("claim");

@@ -41,7 +41,9 @@ pub(crate) async fn list_devices(
         match name.as_str() {
             "limit" => {
                 let n = value.parse::<usize>().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| {
-                    Error::invalid_parameter(format!("limit must be a whole number from 1 to {MAX_LIMIT}, got {value:?}"))
+                    Error::invalid_parameter(format!(
+                        "limit must be a whole number from 1 to {MAX_LIMIT}, got {value:?}"
+                    ))
                 })?;
                 if limit.replace(n).is_some() {
                     return Err(Error::invalid_parameter("limit is given twice"));
@@ -228,7 +230,11 @@ pub(crate) async fn list_jobs(State(app): State<Arc<App>>, Caller(who): Caller) 
 }
 
 /// `GET /jobs/{id}`: a job and its progress.
-pub(crate) async fn get_job(State(app): State<Arc<App>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Response> {
+pub(crate) async fn get_job(
+    State(app): State<Arc<App>>,
+    Caller(who): Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let job = visible_job(&app, &who, &id).await?;
     Ok(Json(job_json(&job)).into_response())
 }

@@ -24,8 +24,11 @@ async fn device(s: &TestServer, home: Option<u64>, class: &str, tag: &str, items
         .map(|m| m.iter().map(|(k, v)| json!({"op": "set", "key": k, "value": v})).collect())
         .unwrap_or_default();
     if !ops.is_empty() {
-        expect_json(s.admin(Method::PATCH, &format!("/devices/{id}/kv")).json(&json!({ "ops": ops })).send().await, StatusCode::OK)
-            .await;
+        expect_json(
+            s.admin(Method::PATCH, &format!("/devices/{id}/kv")).json(&json!({ "ops": ops })).send().await,
+            StatusCode::OK,
+        )
+        .await;
     }
     (id, body["apiKey"].as_str().expect("key").to_owned())
 }
@@ -65,7 +68,11 @@ async fn devices_are_found_by_their_state_and_paged_with_link() {
     let (other, _) = device(&s, None, "lamp", "eu", json!({"fw": "1.0", "on": true})).await;
     let (bare, _) = device(&s, None, "lamp", "", json!({})).await;
 
-    assert_eq!(list(&s, ADMIN_KEY, "where=fw<2.1").await, vec![old1, old2], "numbers only: the string fw never matches");
+    assert_eq!(
+        list(&s, ADMIN_KEY, "where=fw<2.1").await,
+        vec![old1, old2],
+        "numbers only: the string fw never matches"
+    );
     assert_eq!(list(&s, ADMIN_KEY, "where=fw<2.1&where=mode=%22eco%22").await, vec![old1]);
     assert_eq!(list(&s, ADMIN_KEY, "where=fw=%221.0%22").await, vec![other]);
     assert_eq!(list(&s, ADMIN_KEY, "where=on=true").await, vec![other]);
@@ -106,7 +113,7 @@ async fn devices_are_found_by_their_state_and_paged_with_link() {
     assert_eq!(ids(&second.json::<Value>().await.expect("json")), vec![new1, other]);
     assert_eq!(list(&s, ADMIN_KEY, &format!("after={new1}")).await, vec![other, bare]);
     // Device objects are the usual ones, with their sync.
-    let one = expect_json(s.admin(Method::GET, &format!("/devices?where=mode=%22boost%22")).send().await, StatusCode::OK).await;
+    let one = expect_json(s.admin(Method::GET, "/devices?where=mode=%22boost%22").send().await, StatusCode::OK).await;
     assert_eq!(one[0]["isConnected"], true);
     assert_eq!(one[0]["deviceClass"], "thermo");
     assert!(one[0]["sync"].is_object());
@@ -132,12 +139,17 @@ async fn bad_queries_are_refused_naming_the_part() {
         ("homeId=1&homeId=2", "homeId is given twice"),
         ("homeId=-1", "homeId"),
     ] {
-        let e = expect_error(s.admin(Method::GET, &format!("/devices?{query}")).send().await, StatusCode::BAD_REQUEST, "INVALID_PARAMETER")
-            .await;
+        let e = expect_error(
+            s.admin(Method::GET, &format!("/devices?{query}")).send().await,
+            StatusCode::BAD_REQUEST,
+            "INVALID_PARAMETER",
+        )
+        .await;
         let message = e["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{query}: {message}");
     }
-    expect_error(s.admin(Method::GET, "/devices?homeId=999999").send().await, StatusCode::NOT_FOUND, "HOME_NOT_FOUND").await;
+    expect_error(s.admin(Method::GET, "/devices?homeId=999999").send().await, StatusCode::NOT_FOUND, "HOME_NOT_FOUND")
+        .await;
     assert_eq!(list(&s, ADMIN_KEY, "limit=1000").await, Vec::<u64>::new());
 }
 
@@ -153,8 +165,12 @@ async fn project_keys_list_the_devices_and_homes_they_see() {
     let (_, every) = s.create_api_key(None, "read").await;
     assert_eq!(list(&s, &scoped, "where=fw=1").await, vec![in_a]);
     assert_eq!(list(&s, &every, "where=fw=1").await, vec![in_a, in_b, homeless]);
-    expect_error(s.req(Method::GET, &format!("/devices?homeId={b}"), Some(&scoped)).send().await, StatusCode::FORBIDDEN, "PERMISSION_DENIED")
-        .await;
+    expect_error(
+        s.req(Method::GET, &format!("/devices?homeId={b}"), Some(&scoped)).send().await,
+        StatusCode::FORBIDDEN,
+        "PERMISSION_DENIED",
+    )
+    .await;
     let homes = expect_json(s.req(Method::GET, "/homes", Some(&scoped)).send().await, StatusCode::OK).await;
     assert_eq!(ids(&homes), vec![a]);
     let homes = expect_json(s.req(Method::GET, "/homes", Some(&every)).send().await, StatusCode::OK).await;
@@ -186,11 +202,17 @@ async fn a_job_writes_every_selected_device_once_and_counts_what_they_apply() {
     let (late, _) = device(&s, Some(home), "t", "", json!({"fw": 1.0})).await;
 
     let done = job_until(&s, ADMIN_KEY, id, "the job is done", |j| j["state"] == "done").await;
-    assert_eq!((done["selected"].clone(), done["written"].clone(), done["failed"].clone()), (json!(2), json!(2), json!(0)));
+    assert_eq!(
+        (done["selected"].clone(), done["written"].clone(), done["failed"].clone()),
+        (json!(2), json!(2), json!(0))
+    );
     assert!(done["endTime"].is_string());
     // The connected device got the job's batch; every written device's store moved once.
     let first = ws.next_json().await;
-    assert_eq!((first["action"].clone(), first["key"].clone(), first["rev"].clone()), (json!("set"), json!("otaUrl"), json!(2)));
+    assert_eq!(
+        (first["action"].clone(), first["key"].clone(), first["rev"].clone()),
+        (json!("set"), json!("otaUrl"), json!(2))
+    );
     assert_eq!(ws.next_json().await["rev"], 3);
     for (dev, rev) in [(old1, 3), (old2, 3), (current, 1), (late, 1)] {
         assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, rev, "device {dev}");
@@ -216,7 +238,8 @@ async fn a_job_lists_the_devices_its_ops_failed_on_and_still_ends_done() {
     let s = TestServer::start().await;
     let (with_x, _) = device(&s, None, "f", "", json!({"x": 1})).await;
     let (without, _) = device(&s, None, "f", "", json!({"y": 1})).await;
-    let created = create_job(&s, ADMIN_KEY, json!({"select": {"deviceClass": "f"}, "ops": [{"op": "delete", "key": "x"}]})).await;
+    let created =
+        create_job(&s, ADMIN_KEY, json!({"select": {"deviceClass": "f"}, "ops": [{"op": "delete", "key": "x"}]})).await;
     let id = created["id"].as_u64().expect("id");
     let done = job_until(&s, ADMIN_KEY, id, "done", |j| j["state"] == "done").await;
     assert_eq!((done["written"].clone(), done["failed"].clone()), (json!(1), json!(1)));
@@ -253,10 +276,15 @@ async fn jobs_refuse_bad_input_and_never_select_everything_by_accident() {
     }
     let body = json!({"select": {"all": true}, "ops": op});
     for token in [read.as_str(), dev_key.as_str()] {
-        expect_error(s.req(Method::POST, "/jobs", Some(token)).json(&body).send().await, StatusCode::FORBIDDEN, "PERMISSION_DENIED")
-            .await;
+        expect_error(
+            s.req(Method::POST, "/jobs", Some(token)).json(&body).send().await,
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+        )
+        .await;
     }
-    expect_error(s.req(Method::GET, "/jobs", Some(&dev_key)).send().await, StatusCode::FORBIDDEN, "PERMISSION_DENIED").await;
+    expect_error(s.req(Method::GET, "/jobs", Some(&dev_key)).send().await, StatusCode::FORBIDDEN, "PERMISSION_DENIED")
+        .await;
     expect_error(s.admin(Method::GET, "/jobs/999").send().await, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     expect_error(s.admin(Method::GET, "/jobs/x").send().await, StatusCode::BAD_REQUEST, "INVALID_PARAMETER").await;
     // Every device, when asked for in so many words.
@@ -276,7 +304,8 @@ async fn a_scoped_key_s_job_touches_only_its_homes_and_only_it_sees_the_job() {
     let (homeless, _) = device(&s, None, "c", "", json!({})).await;
     let (_, scoped) = s.create_api_key(Some(vec![a]), "readWrite").await;
     let (_, other) = s.create_api_key(None, "readWrite").await;
-    let job = create_job(&s, &scoped, json!({"select": {"all": true}, "ops": [{"op": "set", "key": "k", "value": 1}]})).await;
+    let job =
+        create_job(&s, &scoped, json!({"select": {"all": true}, "ops": [{"op": "set", "key": "k", "value": 1}]})).await;
     assert_eq!(job["selected"], 1);
     let id = job["id"].as_u64().expect("id");
     job_until(&s, &scoped, id, "done", |j| j["state"] == "done").await;
@@ -284,11 +313,26 @@ async fn a_scoped_key_s_job_touches_only_its_homes_and_only_it_sees_the_job() {
     assert_eq!(s.store_rev(&format!("/devices/{in_b}")).await, 0);
     assert_eq!(s.store_rev(&format!("/devices/{homeless}")).await, 0);
     // Asking for a device outside its homes by id selects nothing of it.
-    let by_id = create_job(&s, &scoped, json!({"select": {"ids": [in_b, in_a]}, "ops": [{"op": "set", "key": "k", "value": 2}]})).await;
+    let by_id = create_job(
+        &s,
+        &scoped,
+        json!({"select": {"ids": [in_b, in_a]}, "ops": [{"op": "set", "key": "k", "value": 2}]}),
+    )
+    .await;
     assert_eq!(by_id["selected"], 1);
     // Another key neither sees nor cancels it; the admin sees both.
-    expect_error(s.req(Method::GET, &format!("/jobs/{id}"), Some(&other)).send().await, StatusCode::NOT_FOUND, "NOT_FOUND").await;
-    expect_error(s.req(Method::DELETE, &format!("/jobs/{id}"), Some(&other)).send().await, StatusCode::NOT_FOUND, "NOT_FOUND").await;
+    expect_error(
+        s.req(Method::GET, &format!("/jobs/{id}"), Some(&other)).send().await,
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    )
+    .await;
+    expect_error(
+        s.req(Method::DELETE, &format!("/jobs/{id}"), Some(&other)).send().await,
+        StatusCode::NOT_FOUND,
+        "NOT_FOUND",
+    )
+    .await;
     assert_eq!(expect_json(s.req(Method::GET, "/jobs", Some(&other)).send().await, StatusCode::OK).await, json!([]));
     assert_eq!(ids(&expect_json(s.admin(Method::GET, "/jobs").send().await, StatusCode::OK).await).len(), 2);
 }
@@ -300,7 +344,12 @@ async fn a_rated_job_keeps_its_rate_survives_a_restart_and_can_be_cancelled() {
     for _ in 0..12 {
         devices.push(device(&s, None, "r", "", json!({})).await.0);
     }
-    let job = create_job(&s, ADMIN_KEY, json!({"select": {"deviceClass": "r"}, "ops": [{"op": "set", "key": "k", "value": 1}], "rate": 4})).await;
+    let job = create_job(
+        &s,
+        ADMIN_KEY,
+        json!({"select": {"deviceClass": "r"}, "ops": [{"op": "set", "key": "k", "value": 1}], "rate": 4}),
+    )
+    .await;
     let id = job["id"].as_u64().expect("id");
     assert_eq!(job["rate"], 4.0);
     let started = std::time::Instant::now();
@@ -318,7 +367,12 @@ async fn a_rated_job_keeps_its_rate_survives_a_restart_and_can_be_cancelled() {
     }
 
     // Cancel: nothing more is written; the job says how far it got.
-    let slow = create_job(&s, ADMIN_KEY, json!({"select": {"deviceClass": "r"}, "ops": [{"op": "set", "key": "k", "value": 2}], "rate": 1})).await;
+    let slow = create_job(
+        &s,
+        ADMIN_KEY,
+        json!({"select": {"deviceClass": "r"}, "ops": [{"op": "set", "key": "k", "value": 2}], "rate": 1}),
+    )
+    .await;
     let slow_id = slow["id"].as_u64().expect("id");
     job_until(&s, ADMIN_KEY, slow_id, "one written", |j| j["written"].as_u64() >= Some(1)).await;
     let cancelled =

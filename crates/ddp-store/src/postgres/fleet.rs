@@ -161,7 +161,10 @@ impl PgStore {
         let tx = client.transaction().await?;
         let now = now.millis();
         let running = tx
-            .query("SELECT id, ops_json, api_key_id, rate, next_ms FROM jobs WHERE state = 0 ORDER BY id FOR UPDATE", &[])
+            .query(
+                "SELECT id, ops_json, api_key_id, rate, next_ms FROM jobs WHERE state = 0 ORDER BY id FOR UPDATE",
+                &[],
+            )
             .await?;
         let mut wait: Option<i64> = None;
         let count = running.len();

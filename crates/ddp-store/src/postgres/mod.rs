@@ -56,9 +56,9 @@ use tokio_postgres::NoTls;
 use self::feed::{Announcer, Feed};
 use self::presence::heartbeat_loop;
 use self::rows::*;
+use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
 use crate::model::*;
 use crate::sql::{not_found, rev_of, sql_id, to_u64};
-use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
 use crate::{CommitSink, Store, StoreError};
 
 /// How long admin changes and events stay in their logs for nodes that are catching up.

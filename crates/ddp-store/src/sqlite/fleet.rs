@@ -73,7 +73,7 @@ fn with_progress(conn: &Connection, mut job: JobRecord) -> rusqlite::Result<JobR
     let counts: [i64; 5] = conn
         .prepare_cached(&numbered(JOB_COUNTS_SQL))?
         .query_row([id], |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?]))?;
-    [job.selected, job.written, job.failed, job.delivered, job.applied] = counts.map(|n| to_u64(n));
+    [job.selected, job.written, job.failed, job.delivered, job.applied] = counts.map(to_u64);
     let mut stmt = conn.prepare_cached(&numbered(JOB_ERRORS_SQL))?;
     let errors = stmt.query_map([id], |r| {
         Ok((DeviceId::new(to_u64(r.get(0)?)).ok_or_else(|| corrupt("device id"))?, r.get::<_, Option<String>>(1)?))
@@ -149,7 +149,9 @@ pub(super) fn cancel_job(tx: &mut Tx<'_>, id: JobId) -> rusqlite::Result<bool> {
 pub(super) fn claim(tx: &mut Tx<'_>, max: usize, lease_ms: i64, now: Timestamp) -> rusqlite::Result<ClaimOutcome> {
     let conn = tx.conn;
     let now = now.millis();
-    let running: Vec<(i64, String, Option<i64>, Option<f64>, i64)> = {
+    /// A running job: id, ops, API key, rate, next claim.
+    type Running = (i64, String, Option<i64>, Option<f64>, i64);
+    let running: Vec<Running> = {
         let mut stmt = conn
             .prepare_cached("SELECT id, ops_json, api_key_id, rate, next_ms FROM jobs WHERE state = 0 ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?;

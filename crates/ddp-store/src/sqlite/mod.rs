@@ -46,8 +46,8 @@ use self::readers::Readers;
 use self::rows::*;
 use self::schema::migrate;
 use self::writer::{Durability, FnJob, Msg, Tx};
-use crate::model::*;
 use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
+use crate::model::*;
 use crate::{CommitSink, Store, StoreError};
 
 /// Settings of the SQLite backend.
