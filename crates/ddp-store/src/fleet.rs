@@ -371,6 +371,38 @@ pub(crate) fn rated_claim(rate: f64, max: usize) -> (usize, i64) {
     (n, ((n as f64) * 1000.0 / rate).ceil() as i64)
 }
 
+impl JobRecord {
+    /// A job as its row holds it, before its progress is counted.
+    #[allow(clippy::too_many_arguments)] // the columns of a job row, in order
+    pub(crate) fn from_row(
+        id: JobId,
+        state: JobState,
+        select: String,
+        ops: String,
+        rate: Option<f64>,
+        api_key: Option<ApiKeyId>,
+        created: Timestamp,
+        ended: Option<Timestamp>,
+    ) -> JobRecord {
+        JobRecord {
+            id,
+            state,
+            select,
+            ops,
+            rate,
+            api_key,
+            selected: 0,
+            written: 0,
+            failed: 0,
+            delivered: 0,
+            applied: 0,
+            errors: Vec::new(),
+            created,
+            ended,
+        }
+    }
+}
+
 /// Failures a job record lists.
 pub const MAX_JOB_ERRORS: usize = 100;
 

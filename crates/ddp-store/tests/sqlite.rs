@@ -10,6 +10,11 @@ fn open(dir: &tempfile::TempDir, recorder: Arc<Recorder>) -> SqliteStore {
     SqliteStore::open(SqliteOptions::new(dir.path().join("ddp.sqlite3")), recorder).expect("open store")
 }
 
+async fn device(store: &SqliteStore, key_hash: [u8; 32]) -> DeviceRecord {
+    let new = NewDevice { name: "d".into(), home: None, device_class: String::new(), tag: String::new(), key_hash };
+    store.create_device(new).await.expect("device")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -23,16 +28,7 @@ async fn sqlite_passes_the_conformance_suite() {
 async fn data_and_revs_survive_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, Arc::new(Recorder::default()));
-    let dev = store
-        .create_device(NewDevice {
-            name: "d".into(),
-            home: None,
-            device_class: String::new(),
-            tag: String::new(),
-            key_hash: [7; 32],
-        })
-        .await
-        .expect("device");
+    let dev = device(&store, [7; 32]).await;
     let d = StoreRef::Device(dev.id);
     for i in 0..5 {
         let write = KvWrite {
@@ -238,16 +234,7 @@ async fn a_batch_that_fails_to_commit_is_rolled_back_whole_and_revs_stay_contigu
 async fn job_claims_are_released_by_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir, Arc::new(Recorder::default()));
-    let dev = store
-        .create_device(NewDevice {
-            name: "d".into(),
-            home: None,
-            device_class: String::new(),
-            tag: String::new(),
-            key_hash: [9; 32],
-        })
-        .await
-        .expect("device");
+    let dev = device(&store, [9; 32]).await;
     let new = NewJob { select: "{}".into(), ops: "[]".into(), rate: None, api_key: None, devices: vec![dev.id] };
     let job = store.create_job(new).await.expect("job");
     let now = ddp_protocol::Timestamp::now();

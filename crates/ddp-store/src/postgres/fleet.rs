@@ -39,22 +39,16 @@ async fn query(client: &impl GenericClient, sql: &Sql) -> Result<Vec<Row>, Store
 }
 
 fn job_row(row: &Row) -> Result<JobRecord, StoreError> {
-    Ok(JobRecord {
-        id: JobId::new(to_u64(row.try_get(0)?)).ok_or_else(|| corrupt("job id"))?,
-        state: JobState::from_code(i64::from(row.try_get::<_, i16>(1)?)),
-        select: row.try_get(2)?,
-        ops: row.try_get(3)?,
-        rate: row.try_get(4)?,
-        api_key: row.try_get::<_, Option<i64>>(5)?.and_then(|k| ApiKeyId::new(to_u64(k))),
-        selected: 0,
-        written: 0,
-        failed: 0,
-        delivered: 0,
-        applied: 0,
-        errors: Vec::new(),
-        created: Timestamp(row.try_get(6)?),
-        ended: row.try_get::<_, Option<i64>>(7)?.map(Timestamp),
-    })
+    Ok(JobRecord::from_row(
+        JobId::new(to_u64(row.try_get(0)?)).ok_or_else(|| corrupt("job id"))?,
+        JobState::from_code(i64::from(row.try_get::<_, i16>(1)?)),
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get::<_, Option<i64>>(5)?.and_then(|k| ApiKeyId::new(to_u64(k))),
+        Timestamp(row.try_get(6)?),
+        row.try_get::<_, Option<i64>>(7)?.map(Timestamp),
+    ))
 }
 
 async fn with_progress(client: &impl GenericClient, mut job: JobRecord) -> Result<JobRecord, StoreError> {

@@ -49,22 +49,16 @@ pub(super) fn find_devices(conn: &Connection, q: &DeviceQuery) -> Result<Vec<Dev
 }
 
 fn job_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
-    Ok(JobRecord {
-        id: JobId::new(to_u64(row.get(0)?)).ok_or_else(|| corrupt("job id"))?,
-        state: JobState::from_code(row.get(1)?),
-        select: row.get(2)?,
-        ops: row.get(3)?,
-        rate: row.get(4)?,
-        api_key: row.get::<_, Option<i64>>(5)?.and_then(|k| ApiKeyId::new(to_u64(k))),
-        selected: 0,
-        written: 0,
-        failed: 0,
-        delivered: 0,
-        applied: 0,
-        errors: Vec::new(),
-        created: Timestamp(row.get(6)?),
-        ended: ts_col(row, 7)?,
-    })
+    Ok(JobRecord::from_row(
+        JobId::new(to_u64(row.get(0)?)).ok_or_else(|| corrupt("job id"))?,
+        JobState::from_code(row.get(1)?),
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get::<_, Option<i64>>(5)?.and_then(|k| ApiKeyId::new(to_u64(k))),
+        Timestamp(row.get(6)?),
+        ts_col(row, 7)?,
+    ))
 }
 
 /// Fills in a job's progress.
