@@ -34,6 +34,9 @@ pub struct Config {
     pub history: History,
     /// Read connections to the embedded database.
     pub db_readers: usize,
+    /// The keys whose values fleet queries (`GET /devices?where=…`, job selections) read from an
+    /// index; other keys are probed device by device. Every node should be given the same.
+    pub index_keys: ddp_store::ValueIndex,
     /// Live sync sessions.
     pub sessions: SessionLimits,
     /// The MQTT listener.
@@ -132,6 +135,7 @@ impl Config {
             rate_limits: RateLimits::default(),
             history: History::default(),
             db_readers: 4,
+            index_keys: ddp_store::ValueIndex::Off,
             sessions: SessionLimits::default(),
             mqtt: MqttSettings::default(),
             http: HttpSettings::default(),

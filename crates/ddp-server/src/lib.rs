@@ -70,5 +70,7 @@ mod tls;
 mod watch;
 
 pub use config::{Config, History, HttpSettings, Limits, MqttSettings, RateLimits, SessionLimits, TlsSettings};
+/// Which keys' values fleet queries read from an index ([`Config::index_keys`]).
+pub use ddp_store::ValueIndex;
 pub use error::Error;
 pub use server::{ADMIN_KEY_FILE, DATABASE_FILE, LOCK_FILE, Server, StartError};

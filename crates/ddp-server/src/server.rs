@@ -158,6 +158,7 @@ impl Server {
                 let what = db_path.display().to_string();
                 let mut options = SqliteOptions::new(&db_path);
                 options.readers = config.db_readers;
+                options.value_index = config.index_keys.clone();
                 let store = tokio::task::spawn_blocking(move || SqliteStore::open(options, sink))
                     .await
                     .map_err(|e| StartError::Storage {
@@ -173,6 +174,7 @@ impl Server {
                 let mut options = PgOptions::new(url);
                 options.pool_size = config.db_pool;
                 options.node_name = config.node_name.clone();
+                options.value_index = config.index_keys.clone();
                 let what = options.describe();
                 let store = PgStore::open(options, sink)
                     .await

@@ -2,18 +2,99 @@
 //! builder both SQL backends run device queries through.
 //!
 //! # How a device query reads
-//! A query never reads every item of every store. Each backend indexes `items` by
-//! `(kind, key, number value, string value)` (SQLite: an expression index; PostgreSQL: the
-//! immutable functions `ddp_num`/`ddp_str`), so a condition is an index range. Devices come back
-//! in id order, a page at a time. How the conditions are joined depends on how many devices they
-//! match, which the backend first counts (up to [`DRIVE_BELOW`] index entries per condition):
-//! - a condition that matches few stores *drives* the query: its owners are read from the index
-//!   and only those devices are looked at (`d.id IN (SELECT owner …)`);
+//! A query never reads every item of every store. The values of the keys the operator chose
+//! ([`ValueIndex`], `ddp serve --index-keys`) are indexed by `(kind, key, number value, string
+//! value)` — a partial index `items_by_value` over exactly those keys (SQLite: expressions of the
+//! value text; PostgreSQL: the immutable functions `ddp_num`/`ddp_str`), so a condition on such a
+//! key is an index range. Indexing costs writes of those keys an index update each (on
+//! PostgreSQL it also makes their updates non-HOT), which is why it is chosen per key rather than
+//! paid by every telemetry key. Devices come back in id order, a page at a time:
+//! - a condition on an indexed key that matches few stores (the backend first counts up to
+//!   [`DRIVE_BELOW`] index entries) *drives* the query: its owners are read from the index and
+//!   only those devices are looked at (`d.id IN (SELECT owner …)`);
 //! - otherwise devices are walked in id order from `after` and each condition is a primary-key
-//!   probe of the device's store (`EXISTS (…)`), which stops as soon as a page is full.
+//!   probe of the device's item (`EXISTS (…)`), which stops as soon as a page is full — one item
+//!   read per device walked, never a whole store.
 
 use ddp_protocol::fleet::{Cmp, Number, Test, Where};
-use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Timestamp};
+use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Key, Timestamp};
+
+/// Which keys' values are indexed for fleet queries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ValueIndex {
+    /// None: conditions walk devices in id order (the default: no write pays for an index).
+    #[default]
+    Off,
+    /// These keys.
+    Keys(Vec<Key>),
+    /// Every key.
+    All,
+}
+
+impl ValueIndex {
+    /// Parses `--index-keys`: key names separated by commas, `*` for every key, empty for none.
+    pub fn parse(text: &str) -> Result<ValueIndex, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(ValueIndex::Off);
+        }
+        if text == "*" {
+            return Ok(ValueIndex::All);
+        }
+        let mut keys = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            keys.push(Key::new(part).map_err(|e| format!("index key {part:?}: {e}"))?);
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(if keys.is_empty() { ValueIndex::Off } else { ValueIndex::Keys(keys) })
+    }
+
+    /// Whether conditions on `key` can read the index.
+    pub fn covers(&self, key: &Key) -> bool {
+        match self {
+            ValueIndex::Off => false,
+            ValueIndex::Keys(keys) => keys.binary_search(key).is_ok(),
+            ValueIndex::All => true,
+        }
+    }
+
+    /// The partial indexes `items_by_value…` that index exactly these keys in `dialect`, by
+    /// name. Key names are plain `A-Za-z0-9_-:.`, so they are written as literals: a planner may
+    /// use a partial index only when the query's own literals prove its predicate (SQLite proves
+    /// only terms it finds written out, hence one index per key there; PostgreSQL proves
+    /// `key = 'fw'` ⇒ `key IN ('fw', …)`, hence one index).
+    pub(crate) fn indexes(&self, dialect: Dialect) -> Vec<(String, String)> {
+        let (num, str) = match dialect {
+            Dialect::Sqlite => (SQLITE_NUM, SQLITE_STR),
+            Dialect::Postgres => (PG_NUM, PG_STR),
+        };
+        let index = |name: String, predicate: String| {
+            let sql = format!("CREATE INDEX \"{name}\" ON items (kind, key, {num}, {str}) WHERE {predicate}");
+            (name, sql)
+        };
+        match (self, dialect) {
+            (ValueIndex::Off, _) => Vec::new(),
+            (ValueIndex::All, _) => vec![index("items_by_value".into(), "kind = 0".into())],
+            (ValueIndex::Keys(keys), Dialect::Sqlite) => {
+                keys.iter().map(|k| index(format!("items_by_value:{k}"), format!("kind = 0 AND key = '{k}'"))).collect()
+            }
+            (ValueIndex::Keys(keys), Dialect::Postgres) => {
+                let list: Vec<String> = keys.iter().map(|k| format!("'{k}'")).collect();
+                vec![index("items_by_value".into(), format!("kind = 0 AND key IN ({})", list.join(", ")))]
+            }
+        }
+    }
+
+    /// How `--index-keys` would say it.
+    pub fn describe(&self) -> String {
+        match self {
+            ValueIndex::Off => String::new(),
+            ValueIndex::All => "*".to_owned(),
+            ValueIndex::Keys(keys) => keys.iter().map(Key::as_str).collect::<Vec<_>>().join(","),
+        }
+    }
+}
 
 /// A condition that matches fewer index entries than this drives its query (see the module
 /// docs).
@@ -62,37 +143,28 @@ pub(crate) enum Dialect {
 }
 
 /// The number a minified value's text holds, when it is a number: the expression the SQLite
-/// index `items_by_value` holds (its migration and the queries use this one text).
-macro_rules! sqlite_num {
-    () => {
-        "(CASE WHEN substr(value, 1, 1) IN ('-','0','1','2','3','4','5','6','7','8','9') AND length(value) <= 100
-         THEN value ->> '$' END)"
-    };
-}
-/// The string a minified value's text holds, when it is a string (index `items_by_value`).
-macro_rules! sqlite_str {
-    () => {
-        "(CASE WHEN substr(value, 1, 1) = '\"' AND length(CAST(value AS BLOB)) <= 1024 THEN value ->> '$' END)"
-    };
-}
-pub(crate) use {sqlite_num, sqlite_str};
-pub(crate) const SQLITE_NUM: &str = sqlite_num!();
-pub(crate) const SQLITE_STR: &str = sqlite_str!();
+/// indexes `items_by_value…` hold (made from this text, and the queries use it too).
+pub(crate) const SQLITE_NUM: &str = "(CASE WHEN substr(value, 1, 1) IN ('-','0','1','2','3','4','5','6','7','8','9') \
+     AND length(value) <= 100 THEN value ->> '$' END)";
+/// The string a minified value's text holds, when it is a string (indexes `items_by_value…`).
+pub(crate) const SQLITE_STR: &str =
+    "(CASE WHEN substr(value, 1, 1) = '\"' AND length(CAST(value AS BLOB)) <= 1024 THEN value ->> '$' END)";
 /// PostgreSQL's spelling of the same (functions defined by the schema, in its index).
 pub(crate) const PG_NUM: &str = "ddp_num(value)";
 /// PostgreSQL's string expression, compared by code point as SQLite does.
 pub(crate) const PG_STR: &str = "(ddp_str(value) COLLATE \"C\")";
 
 /// A statement being built: its text and its parameters, in order.
-pub(crate) struct Sql {
+pub(crate) struct Sql<'i> {
     dialect: Dialect,
+    index: &'i ValueIndex,
     pub(crate) text: String,
     pub(crate) params: Vec<Param>,
 }
 
-impl Sql {
-    pub(crate) fn new(dialect: Dialect) -> Sql {
-        Sql { dialect, text: String::new(), params: Vec::new() }
+impl<'i> Sql<'i> {
+    pub(crate) fn new(dialect: Dialect, index: &'i ValueIndex) -> Sql<'i> {
+        Sql { dialect, index, text: String::new(), params: Vec::new() }
     }
 
     /// Appends a placeholder bound to `p`.
@@ -132,13 +204,14 @@ impl Sql {
         }
     }
 
-    /// `key = ? AND <test>` on `items` (without its store; for [`Test::Absent`], the key alone).
-    pub(crate) fn condition(&mut self, w: &Where) -> String {
-        let key = self.bind(Param::Text(w.key.as_str().to_owned()));
-        let test = match &w.test {
-            Test::Exists | Test::Absent => String::new(),
+    /// What a condition asks of an item's `value`, or `None` when it asks only that the item
+    /// exists (or not).
+    fn test(&mut self, w: &Where) -> Option<String> {
+        Some(match &w.test {
+            Test::Exists | Test::Absent => return None,
             Test::Number(cmp, n) => {
                 let lit = match (self.dialect, n) {
+                    // Number literals travel as text and are read as `numeric`, the index's type.
                     (Dialect::Postgres, Number::Int(i)) => {
                         format!("CAST({}::TEXT AS NUMERIC)", self.bind(Param::Text(i.to_string())))
                     }
@@ -148,11 +221,11 @@ impl Sql {
                     (Dialect::Sqlite, Number::Int(i)) => self.bind(Param::Int(*i)),
                     (Dialect::Sqlite, Number::Float(f)) => self.bind(Param::Float(*f)),
                 };
-                format!(" AND {} {} {lit}", self.num(), sql_cmp(*cmp))
+                format!("{} {} {lit}", self.num(), sql_cmp(*cmp))
             }
             Test::String(cmp, s) => {
                 let lit = self.bind(Param::Text(s.clone()));
-                format!(" AND {} IS NULL AND {} {} {lit}", self.num(), self.str(), sql_cmp(*cmp))
+                format!("{} IS NULL AND {} {} {lit}", self.num(), self.str(), sql_cmp(*cmp))
             }
             Test::Json { equal, text } => {
                 // Of the literal's type (booleans: `t` and `f` alike), then by text.
@@ -162,14 +235,41 @@ impl Sql {
                     format!("substr(value, 1, 1) = {}", self.bind(Param::Text(text.chars().take(1).collect())))
                 };
                 let lit = self.bind(Param::Text(text.clone()));
-                format!(" AND {same_type} AND value {} {lit}", if *equal { "=" } else { "<>" })
+                format!("{same_type} AND value {} {lit}", if *equal { "=" } else { "<>" })
             }
+        })
+    }
+
+    /// `key = 'k' AND <test>` on `items`, to read the value index of an indexed key (the key is
+    /// a literal, so that its partial index applies): counting, driving.
+    pub(crate) fn condition(&mut self, w: &Where) -> String {
+        let key = if self.index.covers(&w.key) {
+            format!("'{}'", w.key.as_str())
+        } else {
+            self.bind(Param::Text(w.key.as_str().to_owned()))
         };
-        format!("key = {key}{test}")
+        match self.test(w) {
+            Some(test) => format!("key = {key} AND {test}"),
+            None => format!("key = {key}"),
+        }
+    }
+
+    /// A condition as a probe of the walked device's own item: a scalar subquery whose `WHERE`
+    /// is the whole primary key (so a planner reads that one item, never a value index range)
+    /// and whose test is in its select list.
+    fn probe(&mut self, w: &Where) -> String {
+        let test = self.test(w);
+        let key = self.bind(Param::Text(w.key.as_str().to_owned()));
+        let item = format!("FROM items WHERE kind = 0 AND owner = d.id AND key = {key}");
+        match (&w.test, test) {
+            (Test::Absent, _) => format!("(SELECT 1 {item}) IS NULL"),
+            (_, None) => format!("(SELECT 1 {item}) IS NOT NULL"),
+            (_, Some(test)) => format!("COALESCE((SELECT CASE WHEN {test} THEN 1 ELSE 0 END {item}), 0) = 1"),
+        }
     }
 
     /// The device query of `q`; `drive`: the condition (index into `q.wheres`) that drives it.
-    pub(crate) fn devices(mut self, q: &DeviceQuery, columns: &str, drive: Option<usize>) -> Sql {
+    pub(crate) fn devices(mut self, q: &DeviceQuery, columns: &str, drive: Option<usize>) -> Sql<'i> {
         let mut parts: Vec<String> = Vec::new();
         if let Some(after) = q.after {
             parts.push(format!("d.id > {}", self.bind(Param::Int(sql_id(after.get())))));
@@ -198,14 +298,13 @@ impl Sql {
             parts.push(cond);
         }
         for (i, w) in q.wheres.iter().enumerate() {
-            let cond = self.condition(w);
-            parts.push(match (&w.test, Some(i) == drive) {
-                (Test::Absent, _) => {
-                    format!("NOT EXISTS (SELECT 1 FROM items WHERE kind = 0 AND owner = d.id AND {cond})")
-                }
-                (_, true) => format!("d.id IN (SELECT owner FROM items WHERE kind = 0 AND {cond})"),
-                (_, false) => format!("EXISTS (SELECT 1 FROM items WHERE kind = 0 AND owner = d.id AND {cond})"),
-            });
+            if Some(i) == drive {
+                let cond = self.condition(w);
+                parts.push(format!("d.id IN (SELECT owner FROM items WHERE kind = 0 AND {cond})"));
+            } else {
+                let probe = self.probe(w);
+                parts.push(probe);
+            }
         }
         if let Some(behind) = q.behind {
             let rev = match self.dialect {
@@ -227,7 +326,7 @@ impl Sql {
     }
 
     /// Counts up to `cap` index entries matching `w` (to choose the condition that drives).
-    pub(crate) fn count_matches(mut self, w: &Where, cap: usize) -> Sql {
+    pub(crate) fn count_matches(mut self, w: &Where, cap: usize) -> Sql<'i> {
         let cond = self.condition(w);
         let cap = self.bind(Param::Int(i64::try_from(cap).unwrap_or(i64::MAX)));
         self.text = format!("SELECT COUNT(*) FROM (SELECT 1 FROM items WHERE kind = 0 AND {cond} LIMIT {cap}) m");
@@ -246,8 +345,13 @@ fn sql_id(n: u64) -> i64 {
     crate::sql::sql_id(n)
 }
 
+/// Whether a condition can drive its query: its key is indexed, and it asks for the key.
+pub(crate) fn can_drive(index: &ValueIndex, w: &Where) -> bool {
+    index.covers(&w.key) && w.test != Test::Absent
+}
+
 /// Which condition should drive a query, from each condition's capped match count (`None`
-/// for conditions that cannot drive: absent keys).
+/// for conditions that cannot drive).
 pub(crate) fn choose_driver(counts: &[Option<usize>]) -> Option<usize> {
     counts
         .iter()

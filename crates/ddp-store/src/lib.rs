@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use ddp_protocol::{ApiKeyId, DeviceId, HomeId, JobId, Key, Rev, Timestamp};
 
 pub use error::StoreError;
-pub use fleet::{ClaimOutcome, DeviceQuery, JobClaim, JobRecord, JobState, NewJob};
+pub use fleet::{ClaimOutcome, DeviceQuery, JobClaim, JobRecord, JobState, NewJob, ValueIndex};
 pub use model::*;
 pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};

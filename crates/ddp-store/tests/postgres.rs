@@ -34,6 +34,8 @@ async fn node(url: &str, name: &str) -> (PgStore, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::default());
     let mut options = PgOptions::new(url);
     options.node_name = name.into();
+    // The conformance suite's fleet checks query indexed keys and others.
+    options.value_index = ValueIndex::parse(ddp_store::conformance::INDEXED_KEYS).expect("keys");
     let store = PgStore::open(options, recorder.clone()).await.expect("open PostgreSQL store");
     (store, recorder)
 }

@@ -7,7 +7,10 @@ use ddp_store::conformance::{Recorder, run_all};
 use ddp_store::*;
 
 fn open(dir: &tempfile::TempDir, recorder: Arc<Recorder>) -> SqliteStore {
-    SqliteStore::open(SqliteOptions::new(dir.path().join("ddp.sqlite3")), recorder).expect("open store")
+    let mut options = SqliteOptions::new(dir.path().join("ddp.sqlite3"));
+    // The conformance suite's fleet checks query indexed keys and others.
+    options.value_index = ValueIndex::parse(ddp_store::conformance::INDEXED_KEYS).expect("keys");
+    SqliteStore::open(options, recorder).expect("open store")
 }
 
 async fn device(store: &SqliteStore, key_hash: [u8; 32]) -> DeviceRecord {

@@ -139,6 +139,14 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_DB_READERS", default_value_t = 4)]
     db_readers: usize,
 
+    /// Keys whose values fleet queries read from an index (`GET /devices?where=fw<2.1`, job
+    /// selections), comma-separated, or `*` for every key. Each write of such a key also updates
+    /// the index, so name the keys fleets are queried by (firmware, serial, model), not telemetry.
+    /// Conditions on other keys still work, probing devices one by one in id order. Changing the
+    /// list rebuilds the index at start-up; give every node the same list.
+    #[arg(long, env = "DDP_INDEX_KEYS", default_value = "", value_parser = parse_index_keys)]
+    index_keys: ddp_server::ValueIndex,
+
     /// Live sync sessions (WebSocket and MQTT) one device key may hold at once; the next one is
     /// refused (429 TOO_MANY_CONNECTIONS).
     #[arg(long, env = "DDP_MAX_SESSIONS_PER_DEVICE", default_value_t = SessionLimits::default().max_per_device)]
@@ -233,6 +241,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         RateLimits { device_per_sec: args.device_rate_limit, project_per_sec: args.project_rate_limit };
     config.history = History { keep_changes: args.history_changes, keep_age: args.history_age, ..History::default() };
     config.db_readers = args.db_readers;
+    config.index_keys = args.index_keys;
     config.mqtt = MqttSettings {
         listen: args.mqtt_listen.0,
         tls_listen: args.mqtt_tls_listen.0,
@@ -327,4 +336,8 @@ mod tests {
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
     }
+}
+
+fn parse_index_keys(text: &str) -> Result<ddp_server::ValueIndex, String> {
+    ddp_server::ValueIndex::parse(text)
 }

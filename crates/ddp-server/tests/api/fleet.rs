@@ -60,7 +60,18 @@ async fn create_job(s: &TestServer, token: &str, body: Value) -> Value {
 
 #[tokio::test]
 async fn devices_are_found_by_their_state_and_paged_with_link() {
-    let s = TestServer::start().await;
+    found_by_state("").await;
+}
+
+#[tokio::test]
+async fn devices_are_found_alike_through_the_value_index() {
+    found_by_state("fw,mode,on").await;
+}
+
+/// The same answers whichever keys the server indexes (`--index-keys`).
+async fn found_by_state(index_keys: &str) {
+    let keys = ddp_server::ValueIndex::parse(index_keys).expect("keys");
+    let s = TestServer::start_with(|c| c.index_keys = keys).await;
     let home = s.create_home("H").await;
     let (old1, _) = device(&s, Some(home), "thermo", "eu", json!({"fw": 2.0, "mode": "eco"})).await;
     let (old2, key2) = device(&s, Some(home), "thermo", "us", json!({"fw": 1, "mode": "boost"})).await;

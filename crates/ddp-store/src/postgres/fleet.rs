@@ -31,7 +31,7 @@ fn bound(params: &[Param]) -> Vec<Box<dyn ToSql + Sync + Send>> {
         .collect()
 }
 
-async fn query(client: &impl GenericClient, sql: &Sql) -> Result<Vec<Row>, StoreError> {
+async fn query(client: &impl GenericClient, sql: &Sql<'_>) -> Result<Vec<Row>, StoreError> {
     let params = bound(&sql.params);
     let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
     let stmt = client.prepare_cached(&sql.text).await?;
@@ -72,18 +72,18 @@ impl PgStore {
     pub(super) async fn find_devices_pg(&self, q: DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError> {
         let client = self.client().await?;
         let mut counts = Vec::with_capacity(q.wheres.len());
+        let index = &*self.value_index;
         for w in &q.wheres {
-            counts.push(match w.test {
-                ddp_protocol::fleet::Test::Absent => None,
-                _ => {
-                    let rows = query(&client, &Sql::new(Dialect::Postgres).count_matches(w, DRIVE_BELOW)).await?;
-                    let n: i64 = rows.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
-                    Some(usize::try_from(n).unwrap_or(0))
-                }
+            counts.push(if can_drive(index, w) {
+                let rows = query(&client, &Sql::new(Dialect::Postgres, index).count_matches(w, DRIVE_BELOW)).await?;
+                let n: i64 = rows.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+                Some(usize::try_from(n).unwrap_or(0))
+            } else {
+                None
             });
         }
-        let columns = DEVICE_COLUMNS;
-        let rows = query(&client, &Sql::new(Dialect::Postgres).devices(&q, columns, choose_driver(&counts))).await?;
+        let sql = Sql::new(Dialect::Postgres, index).devices(&q, DEVICE_COLUMNS, choose_driver(&counts));
+        let rows = query(&client, &sql).await?;
         rows.iter().map(device_row).collect()
     }
 

@@ -56,7 +56,7 @@ use tokio_postgres::NoTls;
 use self::feed::{Announcer, Feed};
 use self::presence::heartbeat_loop;
 use self::rows::*;
-use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
+use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob, ValueIndex};
 use crate::model::*;
 use crate::sql::{not_found, rev_of, sql_id, to_u64};
 use crate::{CommitSink, Store, StoreError};
@@ -79,12 +79,15 @@ pub struct PgOptions {
     pub pool_size: usize,
     /// A name for this node in `pg_stat_activity` and the `nodes` table.
     pub node_name: String,
+    /// The keys whose values fleet queries read from an index (PROTOCOL.md §12); every node
+    /// should be given the same.
+    pub value_index: ValueIndex,
 }
 
 impl PgOptions {
     /// Defaults for the database at `url`.
     pub fn new(url: impl Into<String>) -> PgOptions {
-        PgOptions { url: url.into(), pool_size: 32, node_name: "ddp".into() }
+        PgOptions { url: url.into(), pool_size: 32, node_name: "ddp".into(), value_index: ValueIndex::Off }
     }
 
     /// The database for logs and errors: user, hosts and database name, never the password.
@@ -125,6 +128,7 @@ pub struct PgStore {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
+    value_index: Arc<ValueIndex>,
 }
 
 /// The settings every connection runs with: durable commits (whatever the server's default),
@@ -166,6 +170,9 @@ impl PgStore {
             .map_err(|e| StoreError::Backend(format!("cannot build the PostgreSQL pool: {e}")))?;
         let mut client = pool.get().await?;
         schema::migrate(&mut client).await?;
+        if schema::reconcile_value_index(&mut client, &options.value_index).await? {
+            tracing::info!(keys = %options.value_index.describe(), "fleet value index rebuilt");
+        }
 
         // A random node id: nodes need no configuration to be told apart.
         let node = i64::try_from(rand::random::<u64>() >> 1).unwrap_or(1).max(1);
@@ -202,6 +209,7 @@ impl PgStore {
             stop,
             tasks: Mutex::new(tasks),
             closed: AtomicBool::new(false),
+            value_index: Arc::new(options.value_index),
         })
     }
 

@@ -4,6 +4,7 @@
 use deadpool_postgres::Client;
 
 use crate::StoreError;
+use crate::fleet::{Dialect, ValueIndex};
 
 /// Key used to hold an advisory lock while migrating, so concurrent starts take turns.
 const MIGRATION_LOCK: i64 = 0x0DD9_5C4E_4D41;
@@ -536,9 +537,10 @@ BEGIN
 END $$;
 "#,
     r#"
--- Fleet queries (PROTOCOL.md §12): items by key and by the number or the string their value holds
--- (numbers up to 100 bytes with exponents below 1000, strings up to 1024 bytes of JSON text, as
--- SQLite indexes them), so that a `where` condition is an index range.
+-- Fleet queries (PROTOCOL.md §12): the number or the string a value holds (numbers up to 100 bytes
+-- with exponents below 1000, strings up to 1024 bytes of JSON text, as SQLite indexes them). The
+-- partial index over them, items_by_value, follows the operator's --index-keys and is made at
+-- start-up (postgres::fleet::reconcile_value_index).
 CREATE FUNCTION ddp_num(v TEXT) RETURNS NUMERIC LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN left(v, 1) IN ('-','0','1','2','3','4','5','6','7','8','9') AND length(v) <= 100
                      AND v !~ '[eE][-+]?0*[0-9]{4}' THEN v::NUMERIC END
@@ -547,7 +549,6 @@ CREATE FUNCTION ddp_str(v TEXT) RETURNS TEXT LANGUAGE sql IMMUTABLE PARALLEL SAF
     SELECT CASE WHEN left(v, 1) = '"' AND octet_length(v) <= 1024 AND strpos(v, '\u0000') = 0
                 THEN v::JSONB #>> '{}' END
 $$;
-CREATE INDEX items_by_value ON items (kind, key, ddp_num(value), (ddp_str(value) COLLATE "C"));
 -- Jobs: state 0 running, 1 done, 2 cancelled; next_ms: when a rated job may claim again.
 CREATE TABLE jobs (
     id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -728,6 +729,42 @@ END $$;
 
 fn backend(e: tokio_postgres::Error) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// Makes the fleet value index (`items_by_value`) what `index` asks for, under the migration
+/// lock: the index it built last is remembered in `settings`, and rebuilt when the keys differ.
+/// Every node should be given the same keys; the last to start decides. True when it changed.
+pub(super) async fn reconcile_value_index(client: &mut Client, index: &ValueIndex) -> Result<bool, StoreError> {
+    let wanted: Vec<(String, String)> = index.indexes(Dialect::Postgres);
+    let text = wanted.iter().map(|(_, sql)| sql.as_str()).collect::<Vec<_>>().join(";\n");
+    let tx = client.transaction().await.map_err(backend)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(backend)?;
+    let current: Option<Vec<u8>> = tx
+        .query_opt("SELECT value FROM settings WHERE name = 'value_index'", &[])
+        .await
+        .map_err(backend)?
+        .map(|r| r.get(0));
+    let exists = tx
+        .query_opt("SELECT 1 FROM pg_indexes WHERE tablename = 'items' AND indexname = 'items_by_value'", &[])
+        .await
+        .map_err(backend)?
+        .is_some();
+    if current.as_deref() == Some(text.as_bytes()) && exists == !wanted.is_empty() {
+        return Ok(false);
+    }
+    tx.batch_execute("DROP INDEX IF EXISTS items_by_value").await.map_err(backend)?;
+    for (_, sql) in &wanted {
+        tx.batch_execute(sql).await.map_err(backend)?;
+    }
+    tx.execute(
+        "INSERT INTO settings (name, value) VALUES ('value_index', $1)
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        &[&text.as_bytes()],
+    )
+    .await
+    .map_err(backend)?;
+    tx.commit().await.map_err(backend)?;
+    Ok(true)
 }
 
 /// Creates or migrates the schema. Holds an advisory lock for the duration, so nodes starting

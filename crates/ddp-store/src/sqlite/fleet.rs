@@ -29,20 +29,51 @@ fn numbered(sql: &str) -> String {
     sql.replace('$', "?")
 }
 
+/// Makes the value indexes (`items_by_value…`) what `index` asks for: drops those it does not
+/// name (or names differently), builds the missing ones. Returns (built, dropped).
+pub(super) fn reconcile_value_index(conn: &Connection, index: &ValueIndex) -> rusqlite::Result<(usize, usize)> {
+    let wanted = index.indexes(Dialect::Sqlite);
+    let existing: Vec<(String, String)> = {
+        let mut stmt = conn.prepare(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name LIKE 'items\\_by\\_value%' ESCAPE '\\'",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut dropped = 0;
+    for (name, sql) in &existing {
+        if !wanted.iter().any(|(n, s)| n == name && s == sql) {
+            conn.execute_batch(&format!("DROP INDEX \"{name}\""))?;
+            dropped += 1;
+        }
+    }
+    let mut built = 0;
+    for (name, sql) in &wanted {
+        if !existing.iter().any(|(n, s)| n == name && s == sql) {
+            conn.execute_batch(sql)?;
+            built += 1;
+        }
+    }
+    Ok((built, dropped))
+}
+
 /// The devices `q` selects, in id order.
-pub(super) fn find_devices(conn: &Connection, q: &DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError> {
+pub(super) fn find_devices(
+    conn: &Connection,
+    index: &ValueIndex,
+    q: &DeviceQuery,
+) -> Result<Vec<DeviceRecord>, StoreError> {
     let mut counts = Vec::with_capacity(q.wheres.len());
     for w in &q.wheres {
-        counts.push(match w.test {
-            ddp_protocol::fleet::Test::Absent => None,
-            _ => {
-                let sql = Sql::new(Dialect::Sqlite).count_matches(w, DRIVE_BELOW);
-                let n: i64 = conn.prepare_cached(&sql.text)?.query_row(params_from_iter(&sql.params), |r| r.get(0))?;
-                Some(usize::try_from(n).unwrap_or(0))
-            }
+        counts.push(if can_drive(index, w) {
+            let sql = Sql::new(Dialect::Sqlite, index).count_matches(w, DRIVE_BELOW);
+            let n: i64 = conn.prepare_cached(&sql.text)?.query_row(params_from_iter(&sql.params), |r| r.get(0))?;
+            Some(usize::try_from(n).unwrap_or(0))
+        } else {
+            None
         });
     }
-    let sql = Sql::new(Dialect::Sqlite).devices(q, DEVICE_COLUMNS, choose_driver(&counts));
+    let sql = Sql::new(Dialect::Sqlite, index).devices(q, DEVICE_COLUMNS, choose_driver(&counts));
     let mut stmt = conn.prepare_cached(&sql.text)?;
     let rows = stmt.query_map(params_from_iter(&sql.params), device_row)?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -252,6 +283,9 @@ mod tests {
     fn conditions_are_index_ranges() {
         let mut conn = Connection::open_in_memory().expect("open");
         super::super::schema::migrate(&mut conn).expect("migrate");
+        let index = ValueIndex::parse("fw,s").expect("keys");
+        assert_eq!(reconcile_value_index(&conn, &index).expect("index"), (2, 0));
+        assert_eq!(reconcile_value_index(&conn, &index).expect("index"), (0, 0), "kept as it is");
         for (c, range) in [
             ("fw<2.1", "<expr><?"),
             ("fw>=3", "<expr>>?"),
@@ -260,15 +294,25 @@ mod tests {
             ("fw", "key=?"),
         ] {
             let w = Where::parse(c).expect("where");
-            let count = plan(&conn, &Sql::new(Dialect::Sqlite).count_matches(&w, DRIVE_BELOW));
-            assert!(count.contains("USING COVERING INDEX items_by_value"), "{c}: {count}");
+            let count = plan(&conn, &Sql::new(Dialect::Sqlite, &index).count_matches(&w, DRIVE_BELOW));
+            assert!(count.contains(&format!("USING COVERING INDEX items_by_value:{}", w.key)), "{c}: {count}");
             assert!(count.contains(range), "{c}: {count}");
             let q = DeviceQuery { wheres: vec![w], limit: 100, ..DeviceQuery::default() };
-            let driven = plan(&conn, &Sql::new(Dialect::Sqlite).devices(&q, DEVICE_COLUMNS, Some(0)));
+            let driven = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, Some(0)));
             assert!(driven.contains("INDEX items_by_value"), "{c}: {driven}");
-            let walked = plan(&conn, &Sql::new(Dialect::Sqlite).devices(&q, DEVICE_COLUMNS, None));
-            // Walking devices: each condition is a point probe of the device's own items.
-            assert!(walked.contains("SEARCH items") && walked.contains("owner=?"), "{c}: {walked}");
+            let walked = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, None));
+            // Walking devices: each condition is a point probe of the device's own item.
+            let text = Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, None).text;
+            assert!(walked.contains("PRIMARY KEY (kind=? AND owner=? AND key=?)"), "{c}: {walked} {text}");
         }
+        // Another key has no index: its conditions are probes of each device's item.
+        let w = Where::parse("other<2").expect("where");
+        let q = DeviceQuery { wheres: vec![w], limit: 100, ..DeviceQuery::default() };
+        let walked = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, None));
+        assert!(walked.contains("PRIMARY KEY (kind=? AND owner=? AND key=?)"), "{walked}");
+        // Changing the keys drops and builds what changed; no keys, no index.
+        assert_eq!(reconcile_value_index(&conn, &ValueIndex::parse("fw,x").expect("keys")).expect("index"), (1, 1));
+        assert_eq!(reconcile_value_index(&conn, &ValueIndex::Off).expect("index"), (0, 2));
+        assert_eq!(reconcile_value_index(&conn, &ValueIndex::All).expect("index"), (1, 0));
     }
 }

@@ -46,7 +46,7 @@ use self::readers::Readers;
 use self::rows::*;
 use self::schema::migrate;
 use self::writer::{Durability, FnJob, Msg, Tx};
-use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob};
+use crate::fleet::{ClaimOutcome, DeviceQuery, JobRecord, JobState, NewJob, ValueIndex};
 use crate::model::*;
 use crate::{CommitSink, Store, StoreError};
 
@@ -61,12 +61,14 @@ pub struct SqliteOptions {
     pub max_batch: usize,
     /// Writes that may wait for the writer before callers wait for room.
     pub queue: usize,
+    /// The keys whose values fleet queries read from an index (PROTOCOL.md §12).
+    pub value_index: ValueIndex,
 }
 
 impl SqliteOptions {
     /// Defaults for the database file at `path`.
     pub fn new(path: impl Into<PathBuf>) -> SqliteOptions {
-        SqliteOptions { path: path.into(), readers: 4, max_batch: 1024, queue: 8192 }
+        SqliteOptions { path: path.into(), readers: 4, max_batch: 1024, queue: 8192, value_index: ValueIndex::Off }
     }
 }
 
@@ -79,6 +81,7 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     checkpointer: Arc<Checkpointer>,
     durability: Arc<Durability>,
+    value_index: Arc<ValueIndex>,
 }
 
 /// The WAL file, opened for `fdatasync` (on Linux an fsync on any descriptor flushes the file),
@@ -160,6 +163,10 @@ impl SqliteStore {
              PRAGMA cache_size=-8192; PRAGMA journal_size_limit=67108864;",
         )?;
         migrate(&mut conn)?;
+        let (built, dropped) = fleet::reconcile_value_index(&conn, &options.value_index)?;
+        if built + dropped > 0 {
+            tracing::info!(keys = %options.value_index.describe(), built, dropped, "fleet value indexes changed");
+        }
         let released = fleet::release_claims(&conn)?;
         if released > 0 {
             tracing::info!(devices = released, "job devices claimed before the restart may be claimed again");
@@ -189,6 +196,7 @@ impl SqliteStore {
             readers,
             checkpointer,
             durability,
+            value_index: Arc::new(options.value_index),
         })
     }
 
@@ -584,7 +592,8 @@ impl Store for SqliteStore {
     }
 
     async fn find_devices(&self, query: DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.read(move |conn| fleet::find_devices(conn, &query)).await
+        let index = self.value_index.clone();
+        self.read(move |conn| fleet::find_devices(conn, &index, &query)).await
     }
 
     async fn create_job(&self, new: NewJob) -> Result<JobRecord, StoreError> {

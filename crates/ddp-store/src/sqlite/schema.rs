@@ -87,14 +87,9 @@ CREATE TABLE device_sync (
 -- of the batch's last change, so that sessions that take batches get them whole, live or resumed.
 ALTER TABLE changes ADD COLUMN batch_last INTEGER;
 "#,
-    concat!(
-        "-- Fleet queries (PROTOCOL.md §12): items by key and by the number or the string their value
--- holds, so that a `where` condition is an index range (crate::fleet builds the queries).
-CREATE INDEX items_by_value ON items(kind, key, ",
-        crate::fleet::sqlite_num!(),
-        ", ",
-        crate::fleet::sqlite_str!(),
-        r#");
+    r#"
+-- Fleet (PROTOCOL.md §12). The value indexes of fleet queries (items_by_value…) follow the
+-- operator's --index-keys and are made at start-up (sqlite::fleet::reconcile_value_index).
 -- Jobs: state 0 running, 1 done, 2 cancelled; next_ms: when a rated job may claim again.
 CREATE TABLE jobs (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -119,8 +114,7 @@ CREATE TABLE job_devices (
     PRIMARY KEY (job_id, device_id)
 ) WITHOUT ROWID;
 CREATE INDEX job_devices_to_write ON job_devices(job_id, device_id) WHERE state = 0;
-"#
-    ),
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
