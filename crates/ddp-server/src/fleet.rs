@@ -35,6 +35,8 @@ pub(crate) const MAX_LIMIT: usize = 1000;
 pub(crate) const DEFAULT_LIMIT: usize = 100;
 /// Most devices one job may select.
 pub(crate) const MAX_JOB_DEVICES: usize = 1_000_000;
+/// Most ids a selection may name.
+pub(crate) const MAX_SELECT_IDS: usize = 10_000;
 /// Devices a runner claims at once (a rated job: a second's worth, at most this).
 const CLAIM_MAX: usize = 500;
 /// How long a claim keeps other nodes off its devices.
@@ -123,8 +125,10 @@ impl Selection {
             if ids.is_empty() {
                 return Err(Error::invalid_parameter("select.ids must name at least one device"));
             }
-            if ids.len() > MAX_JOB_DEVICES {
-                return Err(Error::invalid_parameter(format!("select.ids names more than {MAX_JOB_DEVICES} devices")));
+            if ids.len() > MAX_SELECT_IDS {
+                return Err(Error::invalid_parameter(format!(
+                    "select.ids names more than {MAX_SELECT_IDS} devices; select by filters instead"
+                )));
             }
             s.query.ids = Some(ids.iter().map(|v| json_id("select.ids", v)).collect::<Result<_>>()?);
         }

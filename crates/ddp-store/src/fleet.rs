@@ -9,9 +9,9 @@
 //! key is an index range. Indexing costs writes of those keys an index update each (on
 //! PostgreSQL it also makes their updates non-HOT), which is why it is chosen per key rather than
 //! paid by every telemetry key. Devices come back in id order, a page at a time:
-//! - a condition on an indexed key that matches few stores (the backend first counts up to
-//!   [`DRIVE_BELOW`] index entries) *drives* the query: its owners are read from the index and
-//!   only those devices are looked at (`d.id IN (SELECT owner …)`);
+//! - a condition on an indexed key that matches few stores (the backend first reads up to
+//!   [`DRIVE_BELOW`] owners from its index) *drives* the query: those owners are the only devices
+//!   looked at ([`drive`]: they become the query's `ids`);
 //! - otherwise devices are walked in id order from `after` and each condition is a primary-key
 //!   probe of the device's item (`EXISTS (…)`), which stops as soon as a page is full — one item
 //!   read per device walked, never a whole store.
@@ -69,8 +69,14 @@ impl ValueIndex {
             Dialect::Sqlite => (SQLITE_NUM, SQLITE_STR),
             Dialect::Postgres => (PG_NUM, PG_STR),
         };
+        // PostgreSQL leaves out of an index scan's bounds what the partial predicate implies
+        // (`kind = 0`), so there a leading `kind` column would leave the scan unbounded.
+        let columns = match dialect {
+            Dialect::Sqlite => format!("kind, key, {num}, {str}"),
+            Dialect::Postgres => format!("key, {num}, {str}"),
+        };
         let index = |name: String, predicate: String| {
-            let sql = format!("CREATE INDEX \"{name}\" ON items (kind, key, {num}, {str}) WHERE {predicate}");
+            let sql = format!("CREATE INDEX \"{name}\" ON items ({columns}) WHERE {predicate}");
             (name, sql)
         };
         match (self, dialect) {
@@ -268,8 +274,9 @@ impl<'i> Sql<'i> {
         }
     }
 
-    /// The device query of `q`; `drive`: the condition (index into `q.wheres`) that drives it.
-    pub(crate) fn devices(mut self, q: &DeviceQuery, columns: &str, drive: Option<usize>) -> Sql<'i> {
+    /// The device query of `q` (after [`drive`] took a condition's owners into `q.ids`), every
+    /// condition a probe of the walked device's own item.
+    pub(crate) fn devices(mut self, q: &DeviceQuery, columns: &str) -> Sql<'i> {
         let mut parts: Vec<String> = Vec::new();
         if let Some(after) = q.after {
             parts.push(format!("d.id > {}", self.bind(Param::Int(sql_id(after.get())))));
@@ -289,22 +296,25 @@ impl<'i> Sql<'i> {
             parts.push(format!("d.tag = {}", self.bind(Param::Text(tag.clone()))));
         }
         if let Some(ids) = &q.ids {
-            // The page can only hold the first `limit` ids past `after`.
             let mut ids: Vec<DeviceId> = ids.iter().copied().filter(|id| q.after.is_none_or(|a| *id > a)).collect();
             ids.sort_unstable();
             ids.dedup();
-            ids.truncate(q.limit);
+            let others = q.scope.is_some()
+                || q.home.is_some()
+                || q.device_class.is_some()
+                || q.tag.is_some()
+                || !q.wheres.is_empty()
+                || q.behind.is_some();
+            if !others {
+                // Nothing else filters: the page can only hold the first `limit` ids past `after`.
+                ids.truncate(q.limit);
+            }
             let cond = self.in_list("d.id", ids.iter().map(|d| sql_id(d.get())).collect());
             parts.push(cond);
         }
-        for (i, w) in q.wheres.iter().enumerate() {
-            if Some(i) == drive {
-                let cond = self.condition(w);
-                parts.push(format!("d.id IN (SELECT owner FROM items WHERE kind = 0 AND {cond})"));
-            } else {
-                let probe = self.probe(w);
-                parts.push(probe);
-            }
+        for w in &q.wheres {
+            let probe = self.probe(w);
+            parts.push(probe);
         }
         if let Some(behind) = q.behind {
             let rev = match self.dialect {
@@ -325,11 +335,11 @@ impl<'i> Sql<'i> {
         self
     }
 
-    /// Counts up to `cap` index entries matching `w` (to choose the condition that drives).
-    pub(crate) fn count_matches(mut self, w: &Where, cap: usize) -> Sql<'i> {
+    /// The owners of up to `cap` items matching `w`, read from its key's value index.
+    pub(crate) fn owners(mut self, w: &Where, cap: usize) -> Sql<'i> {
         let cond = self.condition(w);
         let cap = self.bind(Param::Int(i64::try_from(cap).unwrap_or(i64::MAX)));
-        self.text = format!("SELECT COUNT(*) FROM (SELECT 1 FROM items WHERE kind = 0 AND {cond} LIMIT {cap}) m");
+        self.text = format!("SELECT owner FROM items WHERE kind = 0 AND {cond} LIMIT {cap}");
         self
     }
 }
@@ -350,16 +360,32 @@ pub(crate) fn can_drive(index: &ValueIndex, w: &Where) -> bool {
     index.covers(&w.key) && w.test != Test::Absent
 }
 
-/// Which condition should drive a query, from each condition's capped match count (`None`
-/// for conditions that cannot drive).
-pub(crate) fn choose_driver(counts: &[Option<usize>]) -> Option<usize> {
-    counts
+/// Drives `q` by the condition whose index read found the fewest owners, if one found fewer than
+/// [`DRIVE_BELOW`]: its owners become (or narrow) `q.ids` and the condition, met by them all, is
+/// dropped. `owners[i]`: what condition `i`'s index read found (`None`: it cannot drive). Two
+/// steps rather than one join, so that no planner estimate can turn a few index entries into a
+/// walk over every item of the key.
+pub(crate) fn drive(mut q: DeviceQuery, owners: Vec<Option<Vec<DeviceId>>>) -> DeviceQuery {
+    let best = owners
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| c.map(|c| (c, i)))
-        .filter(|(c, _)| *c < DRIVE_BELOW)
+        .filter_map(|(i, o)| o.as_ref().map(|o| (o.len(), i)))
+        .filter(|(n, _)| *n < DRIVE_BELOW)
         .min()
-        .map(|(_, i)| i)
+        .map(|(_, i)| i);
+    if let Some(i) = best
+        && let Some(found) = owners.into_iter().nth(i).flatten()
+    {
+        q.wheres.remove(i);
+        q.ids = Some(match q.ids.take() {
+            Some(asked) => {
+                let found: std::collections::HashSet<DeviceId> = found.into_iter().collect();
+                asked.into_iter().filter(|d| found.contains(d)).collect()
+            }
+            None => found,
+        });
+    }
+    q
 }
 
 // ---- jobs ----

@@ -71,18 +71,19 @@ async fn with_progress(client: &impl GenericClient, mut job: JobRecord) -> Resul
 impl PgStore {
     pub(super) async fn find_devices_pg(&self, q: DeviceQuery) -> Result<Vec<DeviceRecord>, StoreError> {
         let client = self.client().await?;
-        let mut counts = Vec::with_capacity(q.wheres.len());
+        let mut owners = Vec::with_capacity(q.wheres.len());
         let index = &*self.value_index;
         for w in &q.wheres {
-            counts.push(if can_drive(index, w) {
-                let rows = query(&client, &Sql::new(Dialect::Postgres, index).count_matches(w, DRIVE_BELOW)).await?;
-                let n: i64 = rows.first().map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
-                Some(usize::try_from(n).unwrap_or(0))
+            owners.push(if can_drive(index, w) {
+                let rows = query(&client, &Sql::new(Dialect::Postgres, index).owners(w, DRIVE_BELOW)).await?;
+                let found: Vec<i64> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+                Some(found.into_iter().filter_map(|d| DeviceId::new(to_u64(d))).collect())
             } else {
                 None
             });
         }
-        let sql = Sql::new(Dialect::Postgres, index).devices(&q, DEVICE_COLUMNS, choose_driver(&counts));
+        let q = drive(q, owners);
+        let sql = Sql::new(Dialect::Postgres, index).devices(&q, DEVICE_COLUMNS);
         let rows = query(&client, &sql).await?;
         rows.iter().map(device_row).collect()
     }

@@ -63,17 +63,20 @@ pub(super) fn find_devices(
     index: &ValueIndex,
     q: &DeviceQuery,
 ) -> Result<Vec<DeviceRecord>, StoreError> {
-    let mut counts = Vec::with_capacity(q.wheres.len());
+    let mut owners = Vec::with_capacity(q.wheres.len());
     for w in &q.wheres {
-        counts.push(if can_drive(index, w) {
-            let sql = Sql::new(Dialect::Sqlite, index).count_matches(w, DRIVE_BELOW);
-            let n: i64 = conn.prepare_cached(&sql.text)?.query_row(params_from_iter(&sql.params), |r| r.get(0))?;
-            Some(usize::try_from(n).unwrap_or(0))
+        owners.push(if can_drive(index, w) {
+            let sql = Sql::new(Dialect::Sqlite, index).owners(w, DRIVE_BELOW);
+            let mut stmt = conn.prepare_cached(&sql.text)?;
+            let rows = stmt.query_map(params_from_iter(&sql.params), |r| r.get::<_, i64>(0))?;
+            let found: Vec<i64> = rows.collect::<rusqlite::Result<_>>()?;
+            Some(found.into_iter().filter_map(|d| DeviceId::new(to_u64(d))).collect())
         } else {
             None
         });
     }
-    let sql = Sql::new(Dialect::Sqlite, index).devices(q, DEVICE_COLUMNS, choose_driver(&counts));
+    let q = drive(q.clone(), owners);
+    let sql = Sql::new(Dialect::Sqlite, index).devices(&q, DEVICE_COLUMNS);
     let mut stmt = conn.prepare_cached(&sql.text)?;
     let rows = stmt.query_map(params_from_iter(&sql.params), device_row)?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
@@ -294,21 +297,19 @@ mod tests {
             ("fw", "key=?"),
         ] {
             let w = Where::parse(c).expect("where");
-            let count = plan(&conn, &Sql::new(Dialect::Sqlite, &index).count_matches(&w, DRIVE_BELOW));
-            assert!(count.contains(&format!("USING COVERING INDEX items_by_value:{}", w.key)), "{c}: {count}");
-            assert!(count.contains(range), "{c}: {count}");
+            let owners = plan(&conn, &Sql::new(Dialect::Sqlite, &index).owners(&w, DRIVE_BELOW));
+            assert!(owners.contains(&format!("USING COVERING INDEX items_by_value:{}", w.key)), "{c}: {owners}");
+            assert!(owners.contains(range), "{c}: {owners}");
             let q = DeviceQuery { wheres: vec![w], limit: 100, ..DeviceQuery::default() };
-            let driven = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, Some(0)));
-            assert!(driven.contains("INDEX items_by_value"), "{c}: {driven}");
-            let walked = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, None));
+            let walked = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS));
             // Walking devices: each condition is a point probe of the device's own item.
-            let text = Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, None).text;
+            let text = Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS).text;
             assert!(walked.contains("PRIMARY KEY (kind=? AND owner=? AND key=?)"), "{c}: {walked} {text}");
         }
         // Another key has no index: its conditions are probes of each device's item.
         let w = Where::parse("other<2").expect("where");
         let q = DeviceQuery { wheres: vec![w], limit: 100, ..DeviceQuery::default() };
-        let walked = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS, None));
+        let walked = plan(&conn, &Sql::new(Dialect::Sqlite, &index).devices(&q, DEVICE_COLUMNS));
         assert!(walked.contains("PRIMARY KEY (kind=? AND owner=? AND key=?)"), "{walked}");
         // Changing the keys drops and builds what changed; no keys, no index.
         assert_eq!(reconcile_value_index(&conn, &ValueIndex::parse("fw,x").expect("keys")).expect("index"), (1, 1));
