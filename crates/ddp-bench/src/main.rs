@@ -23,6 +23,7 @@ mod devices;
 mod fsync;
 mod mosquitto;
 mod report;
+mod rollout;
 mod server;
 mod store;
 mod storm;
@@ -66,6 +67,9 @@ enum Command {
     /// Durable key writes per second through atomic batches of 1, 10 and 100 ops, on the
     /// embedded store and (with --postgres) on PostgreSQL.
     Batches(batches::BatchesArgs),
+    /// Fleet queries and jobs at fleet scale (100,000 devices × 10 keys by default): `where`
+    /// query latencies, job devices/s, and other writers' latency while a job runs.
+    Fleet(rollout::FleetArgs),
     /// A client process of the reconnect storm (started by `compare`).
     #[command(hide = true)]
     StormClient(storm::StormClientArgs),
@@ -84,6 +88,7 @@ fn main() -> anyhow::Result<()> {
         Command::Commands(args) => runtime.block_on(commands::run(args)),
         Command::Acks(args) => runtime.block_on(acks::run(args)),
         Command::Batches(args) => runtime.block_on(batches::run(args)),
+        Command::Fleet(args) => runtime.block_on(rollout::run(args)),
         Command::StormClient(args) => runtime.block_on(storm::client(args)),
         Command::Fsync(args) => {
             let r = fsync::probe(&args.dir, std::time::Duration::from_secs_f64(args.seconds))?;

@@ -51,12 +51,12 @@ pub struct CompareArgs {
     #[arg(long)]
     chart: Option<PathBuf>,
     /// Scenarios to run, comma-separated (1 writes, 2 latency, 3 idle memory, 4 reconnect storm,
-    /// 5 command latency, 6 delivery and acknowledgement, 7 atomic batches).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7")]
+    /// 5 command latency, 6 delivery and acknowledgement, 7 atomic batches, 8 fleet queries and
+    /// jobs).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
     scenarios: Vec<u8>,
-    /// PostgreSQL for scenario 7's second backend: a URL whose user may create databases
-    /// (`bench/run` starts a private server). Without it, scenario 7 measures the embedded
-    /// store only.
+    /// PostgreSQL for scenarios 7 and 8's second backend: a URL whose user may create databases
+    /// (`bench/run` starts a private server). Without it, they measure the embedded store only.
     #[arg(long)]
     postgres: Option<String>,
 }
@@ -77,6 +77,7 @@ struct Plan {
     storm_devices: usize,
     storm_keys: usize,
     processes: usize,
+    fleet_devices: usize,
 }
 
 impl Plan {
@@ -97,6 +98,7 @@ impl Plan {
                 storm_devices: 2000,
                 storm_keys: 10,
                 processes: 2,
+                fleet_devices: 5_000,
             }
         } else {
             Plan {
@@ -114,6 +116,7 @@ impl Plan {
                 storm_devices: 10_000,
                 storm_keys: 10,
                 processes: 2,
+                fleet_devices: 100_000,
             }
         }
     }
@@ -178,7 +181,8 @@ pub async fn run(args: CompareArgs) -> anyhow::Result<()> {
             5 => commands_scenario(&plan, &bin, work.path(), &mut report).await?,
             6 => acks_scenario(&plan, &bin, work.path(), &mut report).await?,
             7 => batches_scenario(&plan, &bin, work.path(), args.postgres.as_deref(), &mut report).await?,
-            other => anyhow::bail!("there is no scenario {other} (1–7)"),
+            8 => fleet_scenario(&plan, &bin, work.path(), args.postgres.as_deref(), &mut report).await?,
+            other => anyhow::bail!("there is no scenario {other} (1–8)"),
         }
     }
 
@@ -764,6 +768,62 @@ async fn batches_scenario(
         best(0, 100) >= 100_000.0,
         format!("{:.0} key writes/s", best(0, 100)),
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Fleet queries and jobs
+
+async fn fleet_scenario(
+    plan: &Plan,
+    bin: &Path,
+    work: &Path,
+    postgres: Option<&str>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    use crate::rollout;
+    eprintln!("scenario 8: fleet queries and jobs…");
+    let (queries, load_clients, load_seconds) = (200, 8, 4.0);
+    let results =
+        rollout::measure(bin, work, postgres, true, plan.fleet_devices, queries, load_clients, load_seconds).await?;
+    let mut s = format!(
+        "## 8. Fleet queries and jobs\n\n{} devices × 10 keys (`fw` of five versions, a unique `serial`, `k0…k7` \
+         numbers), the server started with `--index-keys fw,serial,k0,k1`. Each `GET /devices?where=…` query is asked \
+         {queries} times in a row (p50/p99 of the whole request, a page of up to 100 device objects). A job writes \
+         one `set` to every device, without a rate. Then {load_clients} closed-loop writers of single keys (on other \
+         devices) for {load_seconds} s without a job, and again while a job over every device runs: the ratio is their \
+         latency with the job ÷ without.{}\n\n",
+        plan.fleet_devices,
+        if postgres.is_none() {
+            " PostgreSQL was not given (`--postgres`), so only the embedded store ran."
+        } else {
+            ""
+        }
+    );
+    s.push_str(&rollout::tables(&results));
+    report.section(&s);
+    for r in &results {
+        let worst =
+            r.queries.iter().filter(|q| !q.name.starts_with("not indexed")).map(|q| q.p99_ms).fold(0.0, f64::max);
+        report.goal(
+            format!("8: every query on indexed keys ≤ 100 ms p99 ({}, {} devices)", r.name, plan.fleet_devices),
+            worst <= 100.0,
+            format!("worst p99 {worst:.1} ms"),
+        );
+        let ratio = r.busy.p99_ms / r.quiet.p99_ms.max(1e-9);
+        report.goal(
+            format!("8: other writers' p99 while a job runs ≤ 2× ({})", r.name),
+            ratio <= 2.0,
+            format!("{ratio:.2}× ({:.2} → {:.2} ms)", r.quiet.p99_ms, r.busy.p99_ms),
+        );
+    }
+    if let Some(r) = results.first() {
+        report.goal(
+            "8: a job writes ≥ 5,000 devices/s on the embedded store",
+            r.job_per_sec >= 5000.0,
+            format!("{:.0} devices/s", r.job_per_sec),
+        );
+    }
     Ok(())
 }
 

@@ -41,8 +41,10 @@ pub(crate) const MAX_SELECT_IDS: usize = 10_000;
 const CLAIM_MAX: usize = 500;
 /// How long a claim keeps other nodes off its devices.
 const LEASE_MS: i64 = 60_000;
-/// Job writes a runner has in flight at once (so group commit has company).
-const IN_FLIGHT: usize = 64;
+/// Job writes a runner has in flight at once: enough for group commit to batch them (a job over
+/// 100,000 devices writes about 15,000 a second on the embedded store), few enough that other
+/// clients' writes still find room (with 64, their p99 rose about 4×; with 8, about 2×).
+const IN_FLIGHT: usize = 8;
 /// How often an idle runner looks for jobs created on other nodes.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 

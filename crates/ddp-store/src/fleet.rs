@@ -247,7 +247,7 @@ impl<'i> Sql<'i> {
     }
 
     /// `key = 'k' AND <test>` on `items`, to read the value index of an indexed key (the key is
-    /// a literal, so that its partial index applies): counting, driving.
+    /// a literal, so that its partial index applies): reading owners to drive.
     pub(crate) fn condition(&mut self, w: &Where) -> String {
         let key = if self.index.covers(&w.key) {
             format!("'{}'", w.key.as_str())

@@ -749,7 +749,7 @@ pub(super) async fn reconcile_value_index(client: &mut Client, index: &ValueInde
         .await
         .map_err(backend)?
         .is_some();
-    if current.as_deref() == Some(text.as_bytes()) && exists == !wanted.is_empty() {
+    if current.as_deref() == Some(text.as_bytes()) && exists != wanted.is_empty() {
         return Ok(false);
     }
     tx.batch_execute("DROP INDEX IF EXISTS items_by_value").await.map_err(backend)?;
