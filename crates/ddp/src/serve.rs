@@ -323,6 +323,10 @@ async fn shutdown_signal() {
     }
 }
 
+fn parse_index_keys(text: &str) -> Result<ddp_server::ValueIndex, String> {
+    ddp_server::ValueIndex::parse(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,8 +340,4 @@ mod tests {
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
     }
-}
-
-fn parse_index_keys(text: &str) -> Result<ddp_server::ValueIndex, String> {
-    ddp_server::ValueIndex::parse(text)
 }
