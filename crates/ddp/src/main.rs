@@ -1,9 +1,9 @@
 //! `ddp`: the Device Data Proxy command.
 //!
 //! `ddp serve` runs the server (REST + WebSocket + MQTT on the embedded store by default).
-//! The other subcommands (`home`, `device`, `apikey`, `kv`, `command`, `watch`, `events`) talk to a server
-//! over its public API. Every flag can also be given as a `DDP_*` environment variable;
-//! `ddp <command> --help` lists them, with examples.
+//! The other subcommands (`home`, `device`, `apikey`, `kv`, `job`, `command`, `watch`, `events`)
+//! talk to a server over its public API. Every flag can also be given as a `DDP_*` environment
+//! variable; `ddp <command> --help` lists them, with examples.
 
 mod cli;
 mod serve;
@@ -59,6 +59,14 @@ enum Cmd {
         #[command(flatten)]
         conn: cli::Connection,
     },
+    /// Write to many devices at once: jobs over a selection of devices (admin key or a
+    /// read-write project key), their progress, and cancelling them.
+    Job {
+        #[command(subcommand)]
+        command: cli::Job,
+        #[command(flatten)]
+        conn: cli::Connection,
+    },
     /// Send devices commands.
     Command {
         #[command(subcommand)]
@@ -106,6 +114,7 @@ fn run_client(command: Cmd) -> anyhow::Result<()> {
             Cmd::Device { command, conn } => cli::device(&conn, command).await,
             Cmd::Apikey { command, conn } => cli::apikey(&conn, command).await,
             Cmd::Kv { command, conn } => cli::kv(&conn, command).await,
+            Cmd::Job { command, conn } => cli::job(&conn, command).await,
             Cmd::Command { command, conn } => cli::command(&conn, command).await,
             Cmd::Watch { args, conn } => cli::watch(&conn, args).await,
             Cmd::Events { args, conn } => cli::events(&conn, args).await,

@@ -160,6 +160,7 @@ async fn every_command_has_help_with_examples() {
         vec!["home", "create", "--help"],
         vec!["home", "list", "--help"],
         vec!["device", "create", "--help"],
+        vec!["device", "list", "--help"],
         vec!["device", "move", "--help"],
         vec!["device", "rotate-key", "--help"],
         vec!["apikey", "create", "--help"],
@@ -167,6 +168,10 @@ async fn every_command_has_help_with_examples() {
         vec!["kv", "list", "--help"],
         vec!["kv", "patch", "--help"],
         vec!["kv", "apply", "--help"],
+        vec!["job", "create", "--help"],
+        vec!["job", "list", "--help"],
+        vec!["job", "show", "--help"],
+        vec!["job", "cancel", "--help"],
         vec!["command", "send", "--help"],
         vec!["watch", "--help"],
         vec!["events", "--help"],
@@ -467,4 +472,239 @@ async fn patch_and_apply_write_several_keys_at_once() {
     assert!(out.contains(&format!("applied 2 ops at once at rev 11; device {dev} applied it within ")), "{out}");
     let (batch, _ws) = acker.await.expect("acker");
     assert_eq!(batch["action"], "batch");
+}
+
+/// The ids in a `--json` list of devices or jobs.
+fn ids(list: &Value) -> Vec<u64> {
+    list.as_array().expect("a list").iter().map(|d| d["id"].as_u64().expect("an id")).collect()
+}
+
+/// A device made with `ddp device create`, its store set with `ddp kv patch` (`sets`:
+/// KEY=VALUE); its id and key.
+async fn fleet_device(s: &TestServer, class: &str, tag: Option<&str>, sets: &[&str]) -> (u64, String) {
+    let mut args = vec!["device", "create", "--name", "d", "--class", class];
+    if let Some(t) = tag {
+        args.extend(["--tag", t]);
+    }
+    let device = json(s, &args).await;
+    let id = device["id"].as_u64().expect("device id");
+    if !sets.is_empty() {
+        let d = id.to_string();
+        let mut args = vec!["kv", "patch", "--device", d.as_str()];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        ok(s, &args).await;
+    }
+    (id, device["apiKey"].as_str().expect("key").to_owned())
+}
+
+/// The ids `ddp device list ARGS --json` prints.
+async fn listed(s: &TestServer, args: &[&str]) -> Vec<u64> {
+    let mut full = vec!["device", "list"];
+    full.extend_from_slice(args);
+    ids(&json(s, &full).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_list_filters_and_pages() {
+    let s = TestServer::start().await;
+    let (old1, _) = fleet_device(&s, "thermo", None, &["fw=2.0", "mode=\"eco\""]).await;
+    let (old2, key2) = fleet_device(&s, "thermo", None, &["fw=1.5"]).await;
+    let (new, _) = fleet_device(&s, "lamp", None, &["fw=2.1"]).await;
+    let (bare, _) = fleet_device(&s, "lamp", Some("eu"), &[]).await;
+
+    assert_eq!(listed(&s, &["--where", "fw<2.1"]).await, vec![old1, old2]);
+    assert_eq!(listed(&s, &["--where", "fw<2.1", "--where", "mode=\"eco\""]).await, vec![old1]);
+    assert_eq!(listed(&s, &["--where", "fw", "--class", "lamp"]).await, vec![new]);
+    assert_eq!(listed(&s, &["--where", "!fw"]).await, vec![bare]);
+    assert_eq!(listed(&s, &["--tag", "eu"]).await, vec![bare]);
+    assert_eq!(listed(&s, &["--class", "thermo", "--where", "fw>=2"]).await, vec![old1]);
+    assert_eq!(listed(&s, &["--where", "fw>9"]).await, Vec::<u64>::new());
+    // Connected or not: only the device with a live session.
+    let mut ws = s.ws_open(old2, &key2, "").await;
+    assert_eq!(ws.next_json().await["action"], "reload");
+    assert_eq!(listed(&s, &["--connected"]).await, vec![old2]);
+    assert_eq!(listed(&s, &["--connected", "false", "--class", "thermo"]).await, vec![old1]);
+    assert_eq!(listed(&s, &["--disconnected"]).await, vec![old1, new, bare]);
+
+    // Without new flags: the table as before, one page, no note.
+    let run = ddp(&s, Some(ADMIN_KEY), &["device", "list"]).await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert!(run.out.starts_with("ID  NAME  HOME  CONNECTED  LAST CONNECT"), "{}", run.out);
+    assert_eq!(run.out.lines().count(), 5, "{}", run.out);
+    assert!(run.err.is_empty(), "no note when nothing more follows: {}", run.err);
+
+    // One page of two, and stderr says how to get the next.
+    let run = ddp(&s, Some(ADMIN_KEY), &["device", "list", "--limit", "2"]).await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert_eq!(run.out.lines().count(), 3, "a header and two devices: {}", run.out);
+    assert!(run.err.contains(&format!("--after {old2}")) && run.err.contains("--all-pages"), "{}", run.err);
+    let next = json(&s, &["device", "list", "--limit", "2", "--after", &old2.to_string()]).await;
+    assert_eq!(ids(&next), vec![new, bare]);
+    // --all-pages follows the Link to the end, keeping the filters.
+    let run = ddp(&s, Some(ADMIN_KEY), &["device", "list", "--limit", "1", "--all-pages", "--json"]).await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    let all: Value = serde_json::from_str(&run.out).expect("one JSON array");
+    assert_eq!(ids(&all), vec![old1, old2, new, bare]);
+    assert!(run.err.is_empty(), "{}", run.err);
+    assert_eq!(listed(&s, &["--where", "fw", "--limit", "1", "--all-pages"]).await, vec![old1, old2, new]);
+    let table = ok(&s, &["device", "list", "--class", "lamp", "--limit", "1", "--all-pages"]).await;
+    assert_eq!(table.lines().count(), 3, "one table over every page: {table}");
+
+    // Refusals: the server's reason and message, exit 1.
+    fails(&s, Some(ADMIN_KEY), &["device", "list", "--where", "fw=eco"], "strings are quoted: fw=\"eco\"").await;
+    fails(&s, Some(ADMIN_KEY), &["device", "list", "--where", "on<true"], "INVALID_PARAMETER").await;
+    fails(&s, Some(ADMIN_KEY), &["device", "list", "--limit", "0"], "limit must be").await;
+    fails(&s, Some(ADMIN_KEY), &["device", "list", "--home", "999"], "HOME_NOT_FOUND").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_with_wait_writes_every_selected_device_and_ends_done() {
+    let s = TestServer::start().await;
+    let (old1, _) = fleet_device(&s, "thermo", None, &["fw=2.0"]).await;
+    let (old2, _) = fleet_device(&s, "thermo", None, &["fw=1.5"]).await;
+    let (old3, _) = fleet_device(&s, "lamp", None, &["fw=1"]).await;
+    let (current, _) = fleet_device(&s, "thermo", None, &["fw=2.1"]).await;
+
+    let run = ddp(
+        &s,
+        Some(ADMIN_KEY),
+        &[
+            "job",
+            "create",
+            "--where",
+            "fw<2.1",
+            "--set",
+            "otaUrl=\"https://fw.example/2.1\"",
+            "--set",
+            "level=1.10",
+            "--wait",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    let job: Value = serde_json::from_str(&run.out).expect("the job as JSON");
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(
+        (job["selected"].as_u64(), job["written"].as_u64(), job["failed"].as_u64()),
+        (Some(3), Some(3), Some(0))
+    );
+    assert_eq!(job["select"], serde_json::json!({"where": ["fw<2.1"]}));
+    assert!(run.out.contains(r#""value":1.10"#), "the ops exactly as given: {}", run.out);
+    // The progress on stderr: plain lines (not a terminal), ending with the whole job written.
+    assert!(!run.err.contains('\r'), "{:?}", run.err);
+    let last = run.err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("job 1 done") && last.contains("[####################]  written 3/3"), "{}", run.err);
+    assert!(!run.err.contains("warning"), "{}", run.err);
+    for dev in [old1, old2, old3] {
+        let d = dev.to_string();
+        assert_eq!(ok(&s, &["kv", "get", "--device", &d, "level"]).await.trim(), "1.10", "device {dev}");
+        assert_eq!(ok(&s, &["kv", "get", "--device", &d, "otaUrl"]).await.trim(), r#""https://fw.example/2.1""#);
+    }
+    fails(&s, Some(ADMIN_KEY), &["kv", "get", "--device", &current.to_string(), "otaUrl"], "KEY_NOT_FOUND").await;
+
+    // Devices that fail do not fail the job: it ends done, exit 0, with a warning.
+    let ids_arg = format!("{old1},{current}");
+    let run = ddp(&s, Some(ADMIN_KEY), &["job", "create", "--ids", &ids_arg, "--delete", "otaUrl", "--wait"]).await;
+    assert_eq!(run.code, 0, "{}", run.err);
+    assert!(run.out.contains("state      done") && run.out.contains("failed     1"), "{}", run.out);
+    assert!(run.out.contains(&format!("device {current}")) && run.out.contains("KEY_NOT_FOUND"), "{}", run.out);
+    assert!(run.err.contains("warning: job 2 is done, but 1 of 2 device(s) failed"), "{}", run.err);
+    fails(&s, Some(ADMIN_KEY), &["kv", "get", "--device", &old1.to_string(), "otaUrl"], "KEY_NOT_FOUND").await;
+
+    // --all writes every device; without --wait the created job is printed.
+    let job = json(&s, &["job", "create", "--all", "--ops", r#"[{"op":"set","key":"seen","value":true}]"#]).await;
+    assert_eq!((job["id"].as_u64(), job["selected"].as_u64()), (Some(3), Some(4)));
+    let shown = json(&s, &["job", "show", "3", "--follow"]).await;
+    assert_eq!((shown["state"].clone(), shown["written"].clone()), (serde_json::json!("done"), serde_json::json!(4)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_listed_shown_and_cancelled() {
+    let s = TestServer::start().await;
+    let mut devices = Vec::new();
+    for _ in 0..6 {
+        devices.push(fleet_device(&s, "thermo", None, &[]).await.0);
+    }
+    // A quick job, done.
+    let done = json(&s, &["job", "create", "--class", "thermo", "--set", "a=1", "--wait"]).await;
+    assert_eq!(done["state"], "done");
+    // A slow one (a device every 2 s), cancelled while it runs.
+    let slow = json(&s, &["job", "create", "--class", "thermo", "--set", "b=1", "--rate", "0.5"]).await;
+    assert_eq!(
+        (slow["id"].as_u64(), slow["state"].as_str(), slow["rate"].as_f64()),
+        (Some(2), Some("running"), Some(0.5))
+    );
+
+    let jobs = json(&s, &["job", "list"]).await;
+    assert_eq!(ids(&jobs), vec![1, 2]);
+    let table = ok(&s, &["job", "list"]).await;
+    assert!(table.starts_with("ID  STATE    SELECTED  WRITTEN  FAILED  DELIVERED  APPLIED  CREATED"), "{table}");
+    assert!(table.contains("1   done     6         6") && table.contains("2   running  6"), "{table}");
+    let shown = ok(&s, &["job", "show", "2"]).await;
+    assert!(shown.contains("state      running") && shown.contains("rate       0.5 devices/s"), "{shown}");
+    assert!(shown.contains(r#"ops        [{"op":"set","key":"b","value":1}]"#), "{shown}");
+    assert_eq!(json(&s, &["job", "show", "1"]).await["written"], 6);
+
+    // Someone cancels the job a --wait follows: the follower prints the job and exits 1.
+    let waiting = command(&s, Some(ADMIN_KEY), &["job", "show", "2", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ddp runs");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let cancelled = ok(&s, &["job", "cancel", "2"]).await;
+    assert!(cancelled.starts_with("cancelled job 2: ") && cancelled.contains("of 6 device(s) written"), "{cancelled}");
+    let out = tokio::time::timeout(Duration::from_secs(10), waiting.wait_with_output())
+        .await
+        .expect("the follower ends")
+        .expect("output");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("job 2 running  ") && stderr.contains("/6  delivered"), "the progress: {stderr}");
+    assert!(stderr.contains("error: job 2 was cancelled: "), "{stderr}");
+    let job: Value = serde_json::from_str(&stdout).expect("the job as it ended");
+    assert_eq!(job["state"], "cancelled");
+    assert!(job["written"].as_u64().is_some_and(|w| w < 6), "{job}");
+    // Nothing more is written.
+    let written = job["written"].clone();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(json(&s, &["job", "show", "2"]).await["written"], written);
+    // --follow of a cancelled job: at once, exit 1; cancelling an ended job leaves it as it was.
+    fails(&s, Some(ADMIN_KEY), &["job", "show", "2", "--follow"], "job 2 was cancelled").await;
+    assert!(ok(&s, &["job", "cancel", "1"]).await.contains("job 1 had already ended (done)"));
+    assert_eq!(json(&s, &["job", "cancel", "1"]).await["state"], "done");
+    fails(&s, Some(ADMIN_KEY), &["job", "show", "99"], "NOT_FOUND").await;
+    fails(&s, Some(ADMIN_KEY), &["job", "cancel", "99"], "job 99 does not exist").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_are_refused_with_the_servers_message() {
+    let s = TestServer::start().await;
+    let (dev, key) = fleet_device(&s, "thermo", None, &["fw=1"]).await;
+    fails(&s, Some(ADMIN_KEY), &["job", "create", "--set", "x=1"], "INVALID_PARAMETER: the selection names no filter")
+        .await;
+    fails(&s, Some(ADMIN_KEY), &["job", "create", "--where", "fw=eco", "--set", "x=1"], "strings are quoted").await;
+    fails(&s, Some(ADMIN_KEY), &["job", "create", "--all"], "nothing to do").await;
+    fails(&s, Some(ADMIN_KEY), &["job", "create", "--all", "--ops", "[{"], "not JSON").await;
+    fails(&s, Some(ADMIN_KEY), &["job", "create", "--all", "--ops", r#"[{"op":"nope","key":"x"}]"#], "unknown op")
+        .await;
+    fails(
+        &s,
+        Some(ADMIN_KEY),
+        &["job", "create", "--all", "--set", "x=1", "--rate", "0"],
+        "rate is devices per second",
+    )
+    .await;
+    fails(&s, Some(ADMIN_KEY), &["job", "create", "--all", "--set", "x=1", "--delete", "x"], "with --ops").await;
+    fails(&s, Some(&key), &["job", "create", "--all", "--set", "x=1"], "PERMISSION_DENIED").await;
+    let (_, read_only) = s.create_api_key(None, "read").await;
+    fails(&s, Some(&read_only), &["job", "create", "--all", "--set", "x=1"], "PERMISSION_DENIED").await;
+    let usage = ddp(&s, Some(ADMIN_KEY), &["job", "create", "--all", "--set", "x=1", "--ops", "[]"]).await;
+    assert_eq!(usage.code, 2, "--set and --ops together are a usage error: {}", usage.err);
+    assert!(json(&s, &["job", "list"]).await.as_array().is_some_and(Vec::is_empty), "no job was created");
+    assert_eq!(s.store_rev(&format!("/devices/{dev}")).await, 1);
 }

@@ -48,7 +48,8 @@ async fn the_matrix() {
     let hput = format!("/homes/{}/kv/k", w.home_a);
     let drec = format!("/devices/{}", w.dev);
     use StatusCode as S;
-    // (token, device kv read, device kv write, home kv read, home kv write, admin list, device record)
+    // (token, device kv read, device kv write, home kv read, home kv write, an admin-only list, device
+    // record). `GET /homes` is no longer admin-only: project keys list the homes they see (§12).
     let rows: Vec<(&str, Option<&str>, [StatusCode; 6])> = vec![
         ("admin", Some(ADMIN_KEY), [S::OK, S::NO_CONTENT, S::OK, S::NO_CONTENT, S::OK, S::OK]),
         ("project read", Some(&w.read_key), [S::OK, S::FORBIDDEN, S::OK, S::FORBIDDEN, S::FORBIDDEN, S::FORBIDDEN]),
@@ -74,7 +75,7 @@ async fn the_matrix() {
             status(s, Method::PUT, &dput, token).await,
             status(s, Method::GET, &hkv, token).await,
             status(s, Method::PUT, &hput, token).await,
-            status(s, Method::GET, "/homes", token).await,
+            status(s, Method::GET, "/apiKeys", token).await,
             status(s, Method::GET, &drec, token).await,
         ];
         assert_eq!(got, expected, "row {who:?}");

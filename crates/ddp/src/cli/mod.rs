@@ -2,6 +2,7 @@
 //! events — all over the server's public API.
 
 mod api;
+mod fleet;
 mod follow;
 mod output;
 
@@ -16,6 +17,7 @@ use serde_json::json;
 
 pub use api::Failure;
 use api::{Api, etag_rev};
+pub use fleet::{Job, job};
 
 /// Where the server is and how to authenticate; shared by every client subcommand.
 #[derive(Args, Clone)]
@@ -101,12 +103,16 @@ pub enum Device {
         #[arg(long)]
         tag: Option<String>,
     },
-    /// List devices.
-    #[command(after_help = "Examples:\n  ddp device list\n  ddp device list --home 3")]
+    /// List devices, in id order: every device, or those the filters select (every filter given
+    /// must hold), a page at a time (100 devices unless --limit says otherwise).
+    #[command(
+        after_help = "Examples:\n  ddp device list\n  ddp device list --home 3\n  ddp device list --where 'fw<2.1' --class thermostat --connected\n  ddp device list --where 'mode=\"eco\"' --where '!otaUrl' --tag eu --all-pages --json\n  ddp device list --behind --disconnected\n  ddp device list --limit 50 --after 1200"
+    )]
     List {
-        /// Only the devices of this home.
-        #[arg(long)]
-        home: Option<u64>,
+        #[command(flatten)]
+        filters: fleet::Filters,
+        #[command(flatten)]
+        pages: fleet::Pages,
     },
     /// Show a device (a device key may show its own).
     #[command(after_help = "Example:\n  ddp device show 7")]
@@ -313,8 +319,9 @@ pub struct BatchArgs {
     wait_timeout: f64,
 }
 
-/// The ops of `ddp kv patch`, in the order --set, --merge, --delete.
-fn patch_ops(sets: &[String], merges: &[String], deletes: &[String]) -> Result<Vec<Op>, Failure> {
+/// The ops of `ddp kv patch` (and `ddp job create`), in the order --set, --merge, --delete;
+/// `instead` says how to give ops in an order of one's own.
+fn patch_ops(sets: &[String], merges: &[String], deletes: &[String], instead: &str) -> Result<Vec<Op>, Failure> {
     let key = |flag: &str, text: &str| {
         ddp_protocol::Key::new(text).map_err(|e| Failure::new(format!("--{flag}: {text:?} is not a key: {e}")))
     };
@@ -343,7 +350,7 @@ fn patch_ops(sets: &[String], merges: &[String], deletes: &[String]) -> Result<V
     for (i, (op, flag)) in ops.iter().enumerate() {
         if let Some((_, other)) = ops[..i].iter().find(|(o, f)| o.key == op.key && f != flag) {
             return Err(Failure::new(format!(
-                "{} is named by --{other} and --{flag}: their order would be a guess; use `ddp kv apply` with a file",
+                "{} is named by --{other} and --{flag}: their order would be a guess; {instead}",
                 op.key
             )));
         }
@@ -352,6 +359,32 @@ fn patch_ops(sets: &[String], merges: &[String], deletes: &[String]) -> Result<V
         return Err(Failure::new("nothing to do: give --set, --merge or --delete"));
     }
     Ok(ops.into_iter().map(|(op, _)| op).collect())
+}
+
+/// A file's text (`-`: standard input).
+fn read_input(file: &std::path::Path) -> Result<String, Failure> {
+    if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| Failure::new(format!("cannot read stdin: {e}")))
+    } else {
+        std::fs::read_to_string(file).map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))
+    }
+}
+
+/// The ops array's text of `text`, which is `{"ops":[…]}` or just the array (`origin` names it
+/// in errors). Kept as text: values travel exactly as written.
+fn ops_text(text: &str, origin: &str) -> Result<String, Failure> {
+    #[derive(serde::Deserialize)]
+    struct Doc<'a> {
+        #[serde(borrow)]
+        ops: &'a serde_json::value::RawValue,
+    }
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return Ok(trimmed.trim_end().to_owned());
+    }
+    let doc: Doc<'_> = serde_json::from_str(text)
+        .map_err(|e| Failure::new(format!("{origin} is not {{\"ops\":[…]}} or an array of ops: {e}")))?;
+    Ok(doc.ops.get().to_owned())
 }
 
 /// Sends `ops` (a JSON array's text) as one batch and reports the outcome.
@@ -544,19 +577,7 @@ pub async fn device(conn: &Connection, command: Device) -> Result<(), Failure> {
                 println!("API key (shown only now): {}", output::cell(&device["apiKey"]));
             }
         }
-        Device::List { home } => {
-            let path = home.map_or_else(|| "/devices".to_owned(), |h| format!("/devices?homeId={h}"));
-            let devices = api.json(api.request(Method::GET, &path)).await?;
-            output::list(conn.json, &devices, &["ID", "NAME", "HOME", "CONNECTED", "LAST CONNECT"], |d| {
-                vec![
-                    output::cell(&d["id"]),
-                    output::cell(&d["name"]),
-                    output::cell(&d["homeId"]),
-                    if d["isConnected"] == true { "yes".into() } else { "no".into() },
-                    output::cell(&d["lastConnectTime"]),
-                ]
-            });
-        }
+        Device::List { filters, pages } => fleet::list_devices(conn, &api, &filters, &pages).await?,
         Device::Show { id } => {
             let device = api.json(api.request(Method::GET, &format!("/devices/{id}"))).await?;
             if conn.json {
@@ -802,32 +823,11 @@ pub async fn kv(conn: &Connection, command: Kv) -> Result<(), Failure> {
             report(conn, &api, &key, &format!("deleted {key}"), written, waiting.as_ref(), started).await?;
         }
         Kv::Patch { store, sets, merges, deletes, batch } => {
-            let ops = patch_ops(&sets, &merges, &deletes)?;
+            let ops = patch_ops(&sets, &merges, &deletes, "use `ddp kv apply` with a file")?;
             send_batch(conn, &api, store, &Op::list_json(&ops), batch).await?;
         }
         Kv::Apply { store, file, batch } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())
-                    .map_err(|e| Failure::new(format!("cannot read stdin: {e}")))?
-            } else {
-                std::fs::read_to_string(&file)
-                    .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?
-            };
-            // Kept as text: values travel exactly as written in the file.
-            #[derive(serde::Deserialize)]
-            struct Doc<'a> {
-                #[serde(borrow)]
-                ops: &'a serde_json::value::RawValue,
-            }
-            let trimmed = text.trim_start();
-            let ops = if trimmed.starts_with('[') {
-                trimmed.trim_end().to_owned()
-            } else {
-                let doc: Doc<'_> = serde_json::from_str(&text).map_err(|e| {
-                    Failure::new(format!("{} is not {{\"ops\":[…]}} or an array of ops: {e}", file.display()))
-                })?;
-                doc.ops.get().to_owned()
-            };
+            let ops = ops_text(&read_input(&file)?, &file.display().to_string())?;
             send_batch(conn, &api, store, &ops, batch).await?;
         }
         Kv::List { store, prefix } => {
