@@ -28,6 +28,7 @@ use serde_json::{Map, Value as Json};
 use crate::app::App;
 use crate::auth::Principal;
 use crate::error::{Error, Result};
+use crate::http::json_id;
 
 /// Most devices a page of `GET /devices` holds.
 pub(crate) const MAX_LIMIT: usize = 1000;
@@ -161,12 +162,6 @@ fn parse_bool(name: &str, text: &str) -> Result<bool> {
         "false" => Ok(false),
         _ => Err(Error::invalid_parameter(format!("{name} must be true or false, got {text:?}"))),
     }
-}
-
-fn json_id<T: TryFrom<u64>>(name: &str, v: &Json) -> Result<T> {
-    v.as_u64()
-        .and_then(|n| T::try_from(n).ok())
-        .ok_or_else(|| Error::invalid_parameter(format!("{name} must hold positive integer ids, got {v}")))
 }
 
 fn json_string(map: &Map<String, Json>, name: &str) -> Result<Option<String>> {

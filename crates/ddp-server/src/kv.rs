@@ -361,6 +361,20 @@ impl Kv {
         changes.pop().ok_or_else(|| Error::internal("a write of one op committed no change"))
     }
 
+    /// `413 PAYLOAD_TOO_LARGE` for a batch of more ops than `--max-batch-ops` (checked on every
+    /// write, and when a job is created, before it writes anything).
+    pub(crate) fn check_batch_len(&self, ops: usize) -> Result<()> {
+        let max_ops = self.limits.max_batch_ops;
+        if ops > max_ops {
+            return Err(Error::new(
+                Reason::PayloadTooLarge,
+                format!("a batch holds at most {max_ops} ops; this one has {ops}"),
+            )
+            .with_data(serde_json::json!({ "limit": max_ops, "ops": ops })));
+        }
+        Ok(())
+    }
+
     /// The one write path: authorize, check the limits, write durably.
     async fn write(
         &self,
@@ -372,17 +386,7 @@ impl Kv {
         job: Option<JobId>,
     ) -> std::result::Result<Vec<Change>, Failed> {
         self.authorize(who, store, true).await.map_err(|e| (None, e))?;
-        let max_ops = self.limits.max_batch_ops;
-        if ops.len() > max_ops {
-            return Err((
-                None,
-                Error::new(
-                    Reason::PayloadTooLarge,
-                    format!("a batch holds at most {max_ops} ops; this one has {}", ops.len()),
-                )
-                .with_data(serde_json::json!({ "limit": max_ops, "ops": ops.len() })),
-            ));
-        }
+        self.check_batch_len(ops.len()).map_err(|e| (None, e))?;
         let max_value = self.limits.max_value_bytes;
         for (i, op) in ops.iter().enumerate() {
             if let KvAction::Set(value) = &op.action

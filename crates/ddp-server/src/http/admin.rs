@@ -93,7 +93,8 @@ impl Fields {
     }
 }
 
-fn json_id<T: TryFrom<u64>>(field: &str, v: &Json_) -> Result<T> {
+/// A JSON field's positive integer id, or `400 INVALID_PARAMETER` naming the field.
+pub(crate) fn json_id<T: TryFrom<u64>>(field: &str, v: &Json_) -> Result<T> {
     v.as_u64()
         .and_then(|n| T::try_from(n).ok())
         .ok_or_else(|| Error::invalid_parameter(format!("{field} must hold positive integer ids, got {v}")))

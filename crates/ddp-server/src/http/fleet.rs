@@ -183,17 +183,10 @@ pub(crate) async fn create_job(State(app): State<Arc<App>>, Caller(who): Caller,
     }
     let ops_raw = body.ops.ok_or_else(|| Error::invalid_parameter("the body has no \"ops\""))?;
     let ops = Op::parse_list(ops_raw)?;
-    let max_ops = app.kv.limits().max_batch_ops;
     if ops.is_empty() {
         return Err(Error::invalid_parameter("\"ops\" must hold at least one op"));
     }
-    if ops.len() > max_ops {
-        return Err(Error::new(
-            Reason::PayloadTooLarge,
-            format!("a batch holds at most {max_ops} ops; this one has {}", ops.len()),
-        )
-        .with_data(serde_json::json!({ "limit": max_ops, "ops": ops.len() })));
-    }
+    app.kv.check_batch_len(ops.len())?;
     if let Some(rate) = body.rate
         && !(rate.is_finite() && rate > 0.0 && rate <= 1_000_000.0)
     {

@@ -18,6 +18,7 @@ mod serve;
 mod upgrade;
 mod ws;
 
+pub(crate) use admin::json_id;
 pub(crate) use serve::accept_loop;
 
 use std::sync::Arc;
