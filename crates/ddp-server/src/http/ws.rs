@@ -209,6 +209,13 @@ async fn send_close(socket: &mut Socket, frame: Message) {
     let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.send(frame))).await;
 }
 
+/// Completes a close the peer started (RFC 6455 §5.5.1): tungstenite queued the echoing Close
+/// frame when it read the peer's, and a flush sends it, waiting at most a second. Without it
+/// browsers see the session end uncleanly (1006).
+async fn answer_close(socket: &mut Socket) {
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), socket.flush())).await;
+}
+
 enum Input {
     Delivery(crate::hub::Delivery),
     Frame(Option<std::result::Result<Message, tungstenite::Error>>),
@@ -283,7 +290,10 @@ async fn sync_session(
                         index: None,
                     }),
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(None),
-                    Message::Close(_) => break None,
+                    Message::Close(_) => {
+                        answer_close(&mut socket).await;
+                        break None;
+                    }
                 };
                 match reply {
                     Ok(Some(reply)) => {
@@ -363,7 +373,11 @@ async fn event_session(app: std::sync::Arc<App>, mut socket: Socket, session: Se
                 tracing::info!(%who, why, "closing event stream");
                 break Some(close_frame(4009, why));
             }
-            EventInput::Frame(None | Some(Ok(Message::Close(_)))) => break None,
+            EventInput::Frame(Some(Ok(Message::Close(_)))) => {
+                answer_close(&mut socket).await;
+                break None;
+            }
+            EventInput::Frame(None) => break None,
             EventInput::Frame(Some(Err(e))) => break violation(&e),
             EventInput::Frame(Some(Ok(_))) => keepalive.heard(), // the stream is one-way
             EventInput::Tick => {
@@ -409,7 +423,11 @@ async fn command_session(app: std::sync::Arc<App>, mut socket: Socket, session: 
                 }
             }
             CommandInput::Signal(Signal::Closed(reason)) => break Some(close_for(reason)),
-            CommandInput::Frame(None | Some(Ok(Message::Close(_)))) => break None,
+            CommandInput::Frame(Some(Ok(Message::Close(_)))) => {
+                answer_close(&mut socket).await;
+                break None;
+            }
+            CommandInput::Frame(None) => break None,
             CommandInput::Frame(Some(Err(e))) => break violation(&e),
             CommandInput::Frame(Some(Ok(_))) => keepalive.heard(),
             CommandInput::Tick => {

@@ -398,3 +398,37 @@ async fn protocol_violations_get_rfc_6455_close_codes() {
     events.send(&RawWs::frame(true, 0, 1, false, b"{}")).await;
     assert_eq!(events.close_code().await, Some(1002), "event stream: unmasked frame");
 }
+
+/// A client that closes gets the server's Close frame back (RFC 6455 §5.5.1), on every kind
+/// of WebSocket: browsers report such a session as closed cleanly (1000), not 1006.
+#[tokio::test]
+async fn a_close_from_the_client_is_answered_with_a_close_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let s = TestServer::start().await;
+    let (dev, key) = s.create_device(None).await;
+    for path in [
+        format!("/devices/{dev}/kv?authToken={key}"),
+        format!("/devices/{dev}/command?authToken={key}"),
+        format!("/events/websocket?authToken={ADMIN_KEY}"),
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}{path}", s.addr)).await.expect("connect");
+        if path.contains("/kv") {
+            let first = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("reload in time");
+            assert!(matches!(first, Some(Ok(Message::Text(_)))), "{path}: {first:?}");
+        }
+        ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })))
+            .await
+            .expect("send close");
+        let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("an answer in time");
+        match answer {
+            Some(Ok(Message::Close(frame))) => {
+                assert_eq!(frame.map(|f| f.code), Some(CloseCode::Normal), "{path}: the close code is echoed");
+            }
+            other => panic!("{path}: the server ended without a Close frame: {other:?}"),
+        }
+    }
+}
