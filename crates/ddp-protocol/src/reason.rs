@@ -57,6 +57,34 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in the order of PROTOCOL.md §2 (for documents that list them, e.g. the
+    /// OpenAPI document).
+    pub const ALL: [Reason; 23] = [
+        Reason::InvalidJson,
+        Reason::InvalidKey,
+        Reason::InvalidValue,
+        Reason::InvalidParameter,
+        Reason::UnauthenticatedClient,
+        Reason::PermissionDenied,
+        Reason::DeviceNotFound,
+        Reason::HomeNotFound,
+        Reason::KeyNotFound,
+        Reason::ApiKeyNotFound,
+        Reason::NotFound,
+        Reason::MethodNotAllowed,
+        Reason::RequestTimeout,
+        Reason::DeviceAlreadyInHome,
+        Reason::DeviceOffline,
+        Reason::RevisionMismatch,
+        Reason::ValueTooLarge,
+        Reason::TooManyKeys,
+        Reason::PayloadTooLarge,
+        Reason::TooManyConnections,
+        Reason::RateLimitExceeded,
+        Reason::InternalError,
+        Reason::Unavailable,
+    ];
+
     /// The wire spelling, e.g. `"INVALID_KEY"`.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -123,10 +151,11 @@ mod tests {
 
     #[test]
     fn serde_spelling_matches_as_str() {
-        for r in [Reason::InvalidJson, Reason::UnauthenticatedClient, Reason::DeviceAlreadyInHome, Reason::TooManyKeys]
-        {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
             let json = serde_json::to_string(&r).expect("serialize");
             assert_eq!(json, format!("\"{}\"", r.as_str()));
+            assert!(seen.insert(r), "{r} twice in Reason::ALL");
         }
     }
 }

@@ -37,6 +37,10 @@ pub struct Config {
     /// The keys whose values fleet queries (`GET /devices?where=…`, job selections) read from an
     /// index; other keys are probed device by device. Every node should be given the same.
     pub index_keys: ddp_store::ValueIndex,
+    /// Origins whose web pages may call the API (CORS, PROTOCOL.md §13): `scheme://host[:port]`
+    /// each, or the single `*` for any. Empty: none (same-origin pages only, such as the
+    /// console).
+    pub cors_origins: Vec<String>,
     /// Live sync sessions.
     pub sessions: SessionLimits,
     /// The MQTT listener.
@@ -77,6 +81,18 @@ impl Config {
         at_least("the WebSocket read buffer", self.sessions.ws_read_buffer, 1)?;
         at_least("--db-readers", self.db_readers, 1)?;
         at_least("--db-pool-size", self.db_pool, 2)?;
+        for origin in &self.cors_origins {
+            if origin == "*" {
+                if self.cors_origins.len() > 1 {
+                    return Err("--cors-origin *: any origin already; give * alone, or list origins".into());
+                }
+            } else if !is_origin(origin) {
+                return Err(format!(
+                    "--cors-origin {origin:?} is not an origin: give scheme://host[:port] with no path \
+                     (e.g. https://app.example.com), or * for any"
+                ));
+            }
+        }
         // A CONNECT with a device id and a 48-character key must fit.
         at_least("--mqtt-max-packet", self.mqtt.max_packet, 128)?;
         if self.node_name.trim().is_empty() {
@@ -136,11 +152,76 @@ impl Config {
             history: History::default(),
             db_readers: 4,
             index_keys: ddp_store::ValueIndex::Off,
+            cors_origins: Vec::new(),
             sessions: SessionLimits::default(),
             mqtt: MqttSettings::default(),
             http: HttpSettings::default(),
             max_connections: None,
         }
+    }
+}
+
+/// `scheme://host[:port]`, as browsers send it in `Origin` (no path, no trailing slash).
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, authority)) = text.split_once("://") else { return false };
+    let scheme_ok = scheme.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b));
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let Some((address, after)) = v6.split_once(']') else { return false };
+            if address.parse::<std::net::Ipv6Addr>().is_err() {
+                return false;
+            }
+            match after {
+                "" => ("v6", None),
+                after => match after.strip_prefix(':') {
+                    Some(port) => ("v6", Some(port)),
+                    None => return false,
+                },
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
+    scheme_ok && host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::is_origin;
+
+    #[test]
+    fn origins_are_scheme_host_and_port_only() {
+        for good in ["https://app.example.com", "http://127.0.0.1:8080", "http://[::1]:3000", "http://localhost"] {
+            assert!(is_origin(good), "{good}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://a.com/x",
+            "https://",
+            "http://h:99999",
+            "://h",
+            "http://[zz]:1",
+            "http://a b",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validate_names_a_bad_origin() {
+        let mut config = super::Config::new("d", "127.0.0.1:0".parse().expect("addr"));
+        config.cors_origins = vec!["https://ok.example".into(), "ok.example".into()];
+        let err = config.validate().expect_err("refused");
+        assert!(err.contains("--cors-origin \"ok.example\""), "{err}");
+        config.cors_origins = vec!["*".into(), "https://ok.example".into()];
+        assert!(config.validate().is_err());
+        config.cors_origins = vec!["*".into()];
+        assert_eq!(config.validate(), Ok(()));
     }
 }
 

@@ -147,6 +147,14 @@ pub struct ServeArgs {
     #[arg(long, env = "DDP_INDEX_KEYS", default_value = "", value_parser = parse_index_keys)]
     index_keys: ddp_server::ValueIndex,
 
+    /// An origin whose web pages may call the API from a browser (CORS), as
+    /// `scheme://host[:port]`, e.g. https://app.example.com; repeat it (or separate with
+    /// commas) for several, or give `*` for any. Preflights are answered and every answer,
+    /// errors included, carries the headers. Default: none (the console at /console/ is on the
+    /// server's own origin and needs none)
+    #[arg(long = "cors-origin", env = "DDP_CORS_ORIGINS", value_delimiter = ',')]
+    cors_origins: Vec<String>,
+
     /// Live sync sessions (WebSocket and MQTT) one device key may hold at once; the next one is
     /// refused (429 TOO_MANY_CONNECTIONS).
     #[arg(long, env = "DDP_MAX_SESSIONS_PER_DEVICE", default_value_t = SessionLimits::default().max_per_device)]
@@ -242,6 +250,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.history = History { keep_changes: args.history_changes, keep_age: args.history_age, ..History::default() };
     config.db_readers = args.db_readers;
     config.index_keys = args.index_keys;
+    config.cors_origins = args.cors_origins;
     config.mqtt = MqttSettings {
         listen: args.mqtt_listen.0,
         tls_listen: args.mqtt_tls_listen.0,

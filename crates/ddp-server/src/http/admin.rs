@@ -16,6 +16,7 @@ use ddp_store::{ApiKeyRecord, DeviceRecord, DeviceSync, DeviceUpdate, HomeRecord
 use serde::Serialize;
 use serde_json::{Map, Value as Json_};
 
+use super::openapi::{ApiKeyBody, DeviceBody, DeviceChange, Errors, HomeBody};
 use super::progress::SyncJson;
 use super::{AdminCaller, Body, Caller};
 use crate::app::App;
@@ -100,11 +101,14 @@ pub(crate) fn json_id<T: TryFrom<u64>>(field: &str, v: &Json_) -> Result<T> {
         .ok_or_else(|| Error::invalid_parameter(format!("{field} must hold positive integer ids, got {v}")))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct HomeJson<'a> {
+#[schema(as = Home)]
+pub(crate) struct HomeJson<'a> {
+    #[schema(value_type = u64)]
     id: HomeId,
     name: &'a str,
+    #[schema(value_type = String, format = DateTime)]
     creation_time: Timestamp,
 }
 
@@ -114,20 +118,28 @@ impl<'a> From<&'a HomeRecord> for HomeJson<'a> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct DeviceJson<'a> {
+#[schema(as = Device)]
+pub(crate) struct DeviceJson<'a> {
+    #[schema(value_type = u64)]
     id: DeviceId,
     name: &'a str,
+    #[schema(value_type = Option<u64>)]
     home_id: Option<HomeId>,
     device_class: &'a str,
     tag: &'a str,
+    #[schema(value_type = String, format = DateTime)]
     creation_time: Timestamp,
+    /// A live sync or command session on some node.
     is_connected: bool,
+    #[schema(value_type = Option<String>, format = DateTime)]
     last_connect_time: Option<Timestamp>,
+    #[schema(value_type = Option<String>, format = DateTime)]
     last_disconnect_time: Option<Timestamp>,
     /// Delivery and acknowledgement (PROTOCOL.md §10).
     sync: SyncJson,
+    /// The device's key: only in the answer to `POST /devices`.
     #[serde(skip_serializing_if = "Option::is_none")]
     api_key: Option<&'a str>,
 }
@@ -175,16 +187,31 @@ fn device_json<'a>(
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ApiKeyJson<'a> {
+#[schema(as = ApiKey)]
+pub(crate) struct ApiKeyJson<'a> {
+    #[schema(value_type = u64)]
     id: ApiKeyId,
     name: &'a str,
+    /// The homes it sees; `null`: every home.
+    #[schema(value_type = Option<Vec<u64>>)]
     homes: Option<&'a [HomeId]>,
+    /// `read` or `readWrite`.
     permission: &'static str,
+    #[schema(value_type = String, format = DateTime)]
     creation_time: Timestamp,
+    /// The secret: only in the answer to `POST /apiKeys`.
     #[serde(skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
+}
+
+/// The answer to `POST /devices/{id}/apiKey`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct NewDeviceKey {
+    /// The device's new key (the old one stopped working).
+    api_key: String,
 }
 
 fn api_key_json<'a>(k: &'a ApiKeyRecord, key: Option<&'a str>) -> ApiKeyJson<'a> {
@@ -205,6 +232,8 @@ fn created(location: String, body: impl Serialize) -> Response {
 // ---- homes ----
 
 /// `POST /homes` `{"name"}`
+#[utoipa::path(post, path = "/homes", tag = "admin", security(("ModeCloud" = [])), request_body = HomeBody,
+    responses((status = 201, body = HomeJson, headers(("Location" = String))), Errors))]
 pub(crate) async fn create_home(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
     let fields = Fields::parse(&body, &["name"])?;
     let name = fields.name(true)?.unwrap_or_default();
@@ -214,6 +243,7 @@ pub(crate) async fn create_home(State(app): State<Arc<App>>, _: AdminCaller, Bod
 }
 
 /// `GET /homes`: every home for the admin; the homes it sees for a project key.
+#[utoipa::path(get, path = "/homes", tag = "admin", security(("ModeCloud" = [])), responses((status = 200, body = Vec<HomeJson>), Errors))]
 pub(crate) async fn list_homes(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Response> {
     if let Principal::Device(_) = who {
         return Err(Error::denied("this needs the admin key or a project key"));
@@ -223,12 +253,16 @@ pub(crate) async fn list_homes(State(app): State<Arc<App>>, Caller(who): Caller)
 }
 
 /// `GET /homes/{id}`
+#[utoipa::path(get, path = "/homes/{id}", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The home id", minimum = 1)),
+    responses((status = 200, body = HomeJson), Errors))]
 pub(crate) async fn get_home(State(app): State<Arc<App>>, _: AdminCaller, Path(id): Path<String>) -> Result<Response> {
     let home = app.store.home(parse_id("home", &id)?).await?;
     Ok(Json(HomeJson::from(&home)).into_response())
 }
 
 /// `DELETE /homes/{id}`: its devices leave it, its store is deleted.
+#[utoipa::path(delete, path = "/homes/{id}", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The home id", minimum = 1)),
+    responses((status = 204, description = "Deleted; its devices left it"), Errors))]
 pub(crate) async fn delete_home(
     State(app): State<Arc<App>>,
     _: AdminCaller,
@@ -244,6 +278,9 @@ pub(crate) async fn delete_home(
 
 /// `POST /devices` `{"name","homeId"?,"deviceClass"?,"tag"?}`: the answer holds the device's
 /// API key, shown this once.
+#[utoipa::path(post, path = "/devices", tag = "admin", security(("ModeCloud" = [])), request_body = DeviceBody,
+    responses((status = 201, description = "Created; `apiKey` is shown only here", body = DeviceJson,
+        headers(("Location" = String))), Errors))]
 pub(crate) async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
     let fields = Fields::parse(&body, &["name", "homeId", "deviceClass", "tag"])?;
     let name = fields.name(true)?.unwrap_or_default();
@@ -258,6 +295,8 @@ pub(crate) async fn create_device(State(app): State<Arc<App>>, _: AdminCaller, B
 }
 
 /// `GET /devices/{id}`: the admin, or the device itself.
+#[utoipa::path(get, path = "/devices/{id}", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The device id", minimum = 1)),
+    responses((status = 200, body = DeviceJson), Errors))]
 pub(crate) async fn get_device(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
@@ -276,6 +315,8 @@ pub(crate) async fn get_device(
 }
 
 /// `PATCH /devices/{id}` `{"name"?,"homeId"?}` (`homeId: null` takes it out of its home).
+#[utoipa::path(patch, path = "/devices/{id}", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The device id", minimum = 1)),
+    request_body = DeviceChange, responses((status = 200, body = DeviceJson), Errors))]
 pub(crate) async fn update_device(
     State(app): State<Arc<App>>,
     _: AdminCaller,
@@ -292,6 +333,8 @@ pub(crate) async fn update_device(
 }
 
 /// `POST /devices/{id}/apiKey`: a new key; the old one stops working at once.
+#[utoipa::path(post, path = "/devices/{id}/apiKey", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The device id", minimum = 1)),
+    responses((status = 200, description = "The new key; the old one and its sessions are gone", body = NewDeviceKey), Errors))]
 pub(crate) async fn rotate_device_key(
     State(app): State<Arc<App>>,
     _: AdminCaller,
@@ -301,10 +344,12 @@ pub(crate) async fn rotate_device_key(
     let api_key = secret::generate(SecretKind::Device);
     app.store.rotate_device_key(id, secret::digest(&api_key)).await?;
     tracing::info!(device = %id, "device key rotated");
-    Ok(Json(serde_json::json!({ "apiKey": api_key })).into_response())
+    Ok(Json(NewDeviceKey { api_key }).into_response())
 }
 
 /// `DELETE /devices/{id}`: its store and live sessions are gone.
+#[utoipa::path(delete, path = "/devices/{id}", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The device id", minimum = 1)),
+    responses((status = 204, description = "Deleted with its store and sessions"), Errors))]
 pub(crate) async fn delete_device(
     State(app): State<Arc<App>>,
     _: AdminCaller,
@@ -319,6 +364,9 @@ pub(crate) async fn delete_device(
 // ---- project API keys ----
 
 /// `POST /apiKeys` `{"name","homes"?,"permission"}`: the answer holds the key, shown this once.
+#[utoipa::path(post, path = "/apiKeys", tag = "admin", security(("ModeCloud" = [])), request_body = ApiKeyBody,
+    responses((status = 201, description = "Created; `key` is shown only here", body = ApiKeyJson,
+        headers(("Location" = String))), Errors))]
 pub(crate) async fn create_api_key(State(app): State<Arc<App>>, _: AdminCaller, Body(body): Body) -> Result<Response> {
     let fields = Fields::parse(&body, &["name", "homes", "permission"])?;
     let name = fields.name(true)?.unwrap_or_default();
@@ -337,12 +385,15 @@ pub(crate) async fn create_api_key(State(app): State<Arc<App>>, _: AdminCaller, 
 }
 
 /// `GET /apiKeys` (never the secrets)
+#[utoipa::path(get, path = "/apiKeys", tag = "admin", security(("ModeCloud" = [])), responses((status = 200, body = Vec<ApiKeyJson>), Errors))]
 pub(crate) async fn list_api_keys(State(app): State<Arc<App>>, _: AdminCaller) -> Result<Response> {
     let keys = app.store.api_keys().await?;
     Ok(Json(keys.iter().map(|k| api_key_json(k, None)).collect::<Vec<_>>()).into_response())
 }
 
 /// `DELETE /apiKeys/{id}`: effective at once.
+#[utoipa::path(delete, path = "/apiKeys/{id}", tag = "admin", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The API key id", minimum = 1)),
+    responses((status = 204, description = "Revoked at once"), Errors))]
 pub(crate) async fn delete_api_key(
     State(app): State<Arc<App>>,
     _: AdminCaller,

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use ddp_protocol::DeviceId;
 
+use super::openapi::{CommandBody, Errors};
 use super::upgrade::Upgrade;
 use super::{Body, Caller};
 use crate::app::App;
@@ -19,6 +20,9 @@ fn device_id(text: &str) -> Result<DeviceId> {
 
 /// `PUT /devices/{id}/command` with `{"action","parameters"?}`: `204` once handed to every node;
 /// `409 DEVICE_OFFLINE` when the device has no live session.
+#[utoipa::path(put, path = "/devices/{id}/command", tag = "devices", operation_id = "send_command", params(("id" = u64, Path, description = "The device id", minimum = 1)),
+    request_body = CommandBody, security(("ModeCloud" = [])),
+    responses((status = 204, description = "Handed to every node; the device's live sessions get it"), Errors))]
 pub(crate) async fn send(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
@@ -31,6 +35,10 @@ pub(crate) async fn send(
 
 /// `GET /devices/{id}/command` upgraded to a WebSocket, with the device's own key in the
 /// `Authorization` header or `?authToken=`: one text frame `{"action","parameters"}` per command.
+#[utoipa::path(get, path = "/devices/{id}/command", tag = "streams", operation_id = "command_socket",
+    params(("id" = u64, Path, description = "The device id", minimum = 1), ("authToken" = Option<String>, Query, description = "The device's key")),
+    security(("ModeCloud" = [])),
+    responses((status = 101, description = "A WebSocket: one text frame `{\"action\",\"parameters\"}` per command"), Errors))]
 pub(crate) async fn socket(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
     let (mut parts, _body) = request.into_parts();
     let Path(id) = Path::<String>::from_request_parts(&mut parts, &app).await?;

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use ddp_protocol::{DeviceId, HomeId};
 
+use super::openapi::{Errors, EventBody};
 use super::upgrade::Upgrade;
 use super::{Body, Caller};
 use crate::app::App;
@@ -15,6 +16,9 @@ use crate::error::{Error, Result};
 
 /// `PUT /devices/{id}/event` with `{"eventType","eventData"}`: the device itself, the admin, or a
 /// read-write project key that may see the device.
+#[utoipa::path(put, path = "/devices/{id}/event", tag = "devices", operation_id = "raise_event", params(("id" = u64, Path, description = "The device id", minimum = 1)),
+    request_body = EventBody, security(("ModeCloud" = [])),
+    responses((status = 204, description = "Raised to the device's home"), Errors))]
 pub(crate) async fn raise(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
@@ -28,6 +32,11 @@ pub(crate) async fn raise(
 
 /// `GET /events/websocket[?homeId=…]`: every event of the homes the key may see, or of the listed
 /// ones (repeat `homeId` or separate ids with commas).
+#[utoipa::path(get, path = "/events/websocket", tag = "streams", operation_id = "event_stream",
+    params(("homeId" = Option<String>, Query, description = "Home ids (repeat, or separate with commas); absent: every home the key sees"),
+        ("authToken" = Option<String>, Query, description = "The token, for clients that cannot set headers")),
+    security(("ModeCloud" = [])),
+    responses((status = 101, description = "A WebSocket: one text frame per event (PROTOCOL.md §6)"), Errors))]
 pub(crate) async fn stream(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
     let (mut parts, _body) = request.into_parts();
     let Query(query) = Query::<Vec<(String, String)>>::from_request_parts(&mut parts, &app).await?;
@@ -44,4 +53,14 @@ pub(crate) async fn stream(State(app): State<Arc<App>>, request: axum::extract::
     };
     let (session, listener) = app.kv.open_events(auth, requested).await?;
     Ok(super::ws::accept_events(app, upgrade, session, listener))
+}
+
+/// `GET /userSession/websocket?authToken=…`: MODE's path of the same event stream (§9).
+#[utoipa::path(get, path = "/userSession/websocket", tag = "streams",
+    params(("homeId" = Option<String>, Query, description = "Home ids (repeat, or separate with commas)"),
+        ("authToken" = Option<String>, Query, description = "The token")),
+    security(("ModeCloud" = [])),
+    responses((status = 101, description = "A WebSocket: one text frame per event"), Errors))]
+pub(crate) async fn user_session(app: State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
+    stream(app, request).await
 }

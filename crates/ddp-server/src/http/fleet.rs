@@ -15,8 +15,9 @@ use ddp_store::{JobRecord, NewJob};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::admin::Live;
+use super::admin::{DeviceJson, Live};
 use super::kv::parse_object;
+use super::openapi::Errors;
 use super::{Body, Caller};
 use crate::app::App;
 use crate::auth::Principal;
@@ -25,6 +26,17 @@ use crate::fleet::{self, DEFAULT_LIMIT, MAX_LIMIT, Selection, parse_id};
 
 /// `GET /devices[?homeId=&deviceClass=&tag=&isConnected=&where=…&behind=&limit=&after=]`: a
 /// page of devices in id order, with `Link: <…>; rel="next"` when more remain.
+#[utoipa::path(get, path = "/devices", tag = "fleet", security(("ModeCloud" = [])),
+    params(("homeId" = Option<u64>, Query, description = "Devices of this home", minimum = 1),
+        ("deviceClass" = Option<String>, Query), ("tag" = Option<String>, Query),
+        ("isConnected" = Option<bool>, Query, description = "With (or without) a live session"),
+        ("where" = Option<Vec<String>>, Query, explode = true,
+            description = "`<key><op><JSON literal>` (op: = != < <= > >=), `<key>` (exists) or `!<key>` (absent); repeatable"),
+        ("behind" = Option<bool>, Query, description = "appliedRev below the store's rev (or not)"),
+        ("limit" = Option<u32>, Query, description = "1–1000, default 100", minimum = 1, maximum = 1000),
+        ("after" = Option<u64>, Query, description = "The last device id of the previous page", minimum = 1)),
+    responses((status = 200, body = Vec<DeviceJson>,
+        headers(("Link" = String, description = "`</devices?…&after=<last id>>; rel=\"next\"` when more remain"))), Errors))]
 pub(crate) async fn list_devices(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
@@ -80,19 +92,31 @@ pub(crate) async fn list_devices(
     Ok(response)
 }
 
-#[derive(Serialize)]
+/// A device a job could not write, and why.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct JobError<'a> {
+#[schema(as = JobError)]
+pub(crate) struct JobError<'a> {
+    #[schema(value_type = u64)]
     device_id: DeviceId,
+    /// `"<REASON>: <message>"`
     reason: &'a str,
 }
 
-#[derive(Serialize)]
+/// A job and its progress.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct JobJson<'a> {
+#[schema(as = Job)]
+pub(crate) struct JobJson<'a> {
+    #[schema(value_type = u64)]
     id: JobId,
+    /// `running`, `done` or `cancelled`.
     state: &'static str,
+    /// The selection, as given.
+    #[schema(value_type = Object)]
     select: &'a RawValue,
+    /// The ops, as given.
+    #[schema(value_type = Vec<Object>)]
     ops: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     rate: Option<f64>,
@@ -102,7 +126,9 @@ struct JobJson<'a> {
     delivered: u64,
     applied: u64,
     errors: Vec<JobError<'a>>,
+    #[schema(value_type = String, format = DateTime)]
     creation_time: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
     end_time: Option<Timestamp>,
 }
 
@@ -133,12 +159,19 @@ fn job_json(job: &JobRecord) -> JobJson<'_> {
     }
 }
 
-#[derive(Deserialize)]
+/// `POST /jobs`
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewJob)]
 struct JobBody<'a> {
+    /// Which devices: fixed when the job is created.
+    #[schema(value_type = super::openapi::JobSelect, required)]
     select: Option<serde_json::Value>,
+    /// The batch (PROTOCOL.md §11) each selected device's store gets.
     #[serde(borrow)]
+    #[schema(value_type = Vec<super::openapi::BatchOp>, required, min_items = 1)]
     ops: Option<&'a RawValue>,
+    /// Devices per second over all nodes (above 0, at most 1,000,000); absent: as fast as it goes.
     rate: Option<f64>,
 }
 
@@ -169,6 +202,8 @@ async fn visible_job(app: &App, who: &Principal, id: &str) -> Result<JobRecord> 
 
 /// `POST /jobs` `{"select": {…}, "ops": [op, …], "rate"?: devices per second}`: the devices
 /// are selected now, once; the job writes the ops to each as one batch.
+#[utoipa::path(post, path = "/jobs", tag = "fleet", security(("ModeCloud" = [])), request_body = JobBody,
+    responses((status = 201, body = JobJson, headers(("Location" = String))), Errors))]
 pub(crate) async fn create_job(State(app): State<Arc<App>>, Caller(who): Caller, Body(body): Body) -> Result<Response> {
     job_writer(&who)?;
     let body: JobBody<'_> = parse_object(&body, "{\"select\": {…}, \"ops\": [op, …], \"rate\"?: n}")?;
@@ -213,6 +248,7 @@ pub(crate) async fn create_job(State(app): State<Arc<App>>, Caller(who): Caller,
 }
 
 /// `GET /jobs`: the jobs the caller may see, by id.
+#[utoipa::path(get, path = "/jobs", tag = "fleet", security(("ModeCloud" = [])), responses((status = 200, body = Vec<JobJson>), Errors))]
 pub(crate) async fn list_jobs(State(app): State<Arc<App>>, Caller(who): Caller) -> Result<Response> {
     let jobs = match &who {
         Principal::Admin => app.store.jobs(None).await?,
@@ -223,6 +259,8 @@ pub(crate) async fn list_jobs(State(app): State<Arc<App>>, Caller(who): Caller) 
 }
 
 /// `GET /jobs/{id}`: a job and its progress.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "fleet", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The job id", minimum = 1)),
+    responses((status = 200, body = JobJson), Errors))]
 pub(crate) async fn get_job(
     State(app): State<Arc<App>>,
     Caller(who): Caller,
@@ -233,6 +271,8 @@ pub(crate) async fn get_job(
 }
 
 /// `DELETE /jobs/{id}`: cancels what the job has not written yet; the job as it ends.
+#[utoipa::path(delete, path = "/jobs/{id}", tag = "fleet", security(("ModeCloud" = [])), params(("id" = u64, Path, description = "The job id", minimum = 1)),
+    responses((status = 200, description = "Cancelled (an ended job stays as it was)", body = JobJson), Errors))]
 pub(crate) async fn cancel_job(
     State(app): State<Arc<App>>,
     Caller(who): Caller,

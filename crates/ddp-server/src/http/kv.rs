@@ -14,7 +14,7 @@ use ddp_store::{Condition, StoreRef};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::progress::{Wait, wait_param, waited};
+use super::progress::{Wait, Waited, WrittenJson, wait_param, waited};
 use super::{Body, Caller};
 use crate::app::App;
 use crate::error::{Error, Result};
@@ -43,11 +43,15 @@ impl FromRequestParts<Arc<App>> for KvPath {
 }
 
 /// One item as REST shows it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ItemJson<'a> {
+#[schema(as = Item)]
+pub(crate) struct ItemJson<'a> {
     key: &'a str,
+    /// Any JSON value but `null`, exactly as written (numbers keep their text).
+    #[schema(schema_with = super::openapi::any_value)]
     value: &'a Value,
+    #[schema(value_type = String, format = DateTime)]
     modification_time: Timestamp,
 }
 
@@ -141,15 +145,13 @@ pub(crate) async fn list_or_watch(State(app): State<Arc<App>>, request: axum::ex
     }
 }
 
-/// `GET …/kv[?keyPrefix=p]`
-pub(crate) async fn list(
-    State(app): State<Arc<App>>,
-    Caller(who): Caller,
-    path: KvPath,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-) -> Result<Response> {
-    list_store(&app, &who, path, &query, &headers).await
+/// `GET /homes/{id}/kv[?keyPrefix=p]` (a home's store has no sync session).
+pub(crate) async fn list(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
+    let (mut parts, _body) = request.into_parts();
+    let path = KvPath::from_request_parts(&mut parts, &app).await?;
+    let Query(query) = Query::<HashMap<String, String>>::from_request_parts(&mut parts, &app).await?;
+    let auth = super::authenticate(&app, &parts, None).await?;
+    list_store(&app, &auth.principal, path, &query, &parts.headers).await
 }
 
 async fn list_store(
@@ -187,9 +189,13 @@ pub(crate) async fn get(
     Ok(([(ETAG, etag(item.rev))], axum::Json(body)).into_response())
 }
 
-#[derive(Deserialize)]
+/// `PUT …/kv/{key}`
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = NewValue)]
 struct PutBody<'a> {
+    /// Any JSON value but `null`.
     #[serde(borrow)]
+    #[schema(schema_with = super::openapi::any_value, required)]
     value: Option<&'a RawValue>,
 }
 
@@ -268,17 +274,36 @@ fn store_condition(headers: &HeaderMap) -> Result<Option<Rev>> {
     }
 }
 
-#[derive(Deserialize)]
+/// `PATCH …/kv`
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = Batch)]
 struct PatchBody<'a> {
+    /// 1–100 ops (`--max-batch-ops`), applied in order, all or none.
     #[serde(borrow)]
+    #[schema(value_type = Vec<super::openapi::BatchOp>, required, min_items = 1)]
     ops: Option<&'a RawValue>,
 }
 
 /// One change of a batch, as its answer lists it.
-#[derive(Serialize)]
-struct ResultJson<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = BatchResult)]
+pub(crate) struct ResultJson<'a> {
     key: &'a str,
+    #[schema(value_type = u64)]
     rev: Rev,
+}
+
+/// The answer to a batch: its last rev and each change's.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = BatchAnswer)]
+pub(crate) struct BatchJson<'a> {
+    /// The rev of the batch's last change (the store's new rev).
+    #[schema(value_type = u64)]
+    rev: Rev,
+    results: Vec<ResultJson<'a>>,
+    /// With `?wait=`: how far the device got.
+    #[serde(flatten)]
+    waited: Waited,
 }
 
 /// `PATCH …/kv` with `{"ops":[…]}` (PROTOCOL.md §11): every op or none, consecutive revs;
@@ -300,17 +325,12 @@ pub(crate) async fn patch_store(
     let ops = Op::parse_list(ops)?;
     let changes = app.kv.batch(&who, Transport::Rest, path.store, ops, store_rev).await?;
     let rev = changes.last().map_or(Rev::ZERO, |c| c.rev);
-    let results: Vec<ResultJson<'_>> = changes.iter().map(|c| ResultJson { key: c.key.as_str(), rev: c.rev }).collect();
-    let mut answer = serde_json::json!({ "rev": rev, "results": results });
-    if let Some(wait) = wait
-        && let (Some(answer), serde_json::Value::Object(waited)) =
-            (answer.as_object_mut(), waited(&app, wait, rev).await)
-    {
-        for (k, v) in waited {
-            answer.entry(k).or_insert(v);
-        }
-    }
-    Ok(([(ETAG, etag(rev))], axum::Json(answer)).into_response())
+    let results = changes.iter().map(|c| ResultJson { key: c.key.as_str(), rev: c.rev }).collect();
+    let waited = match wait {
+        Some(wait) => waited(&app, wait, rev).await,
+        None => Waited::default(),
+    };
+    Ok(([(ETAG, etag(rev))], axum::Json(BatchJson { rev, results, waited })).into_response())
 }
 
 /// `PATCH …/kv/{key}` with `Content-Type: application/merge-patch+json`: RFC 7396 merge of the
@@ -347,7 +367,10 @@ pub(crate) async fn patch_key(
 async fn written(app: &App, rev: Rev, wait: Option<Wait>) -> Result<Response> {
     match wait {
         None => Ok((StatusCode::NO_CONTENT, [(ETAG, etag(rev))]).into_response()),
-        Some(wait) => Ok(([(ETAG, etag(rev))], axum::Json(waited(app, wait, rev).await)).into_response()),
+        Some(wait) => {
+            let answer = WrittenJson::new(rev, waited(app, wait, rev).await);
+            Ok(([(ETAG, etag(rev))], axum::Json(answer)).into_response())
+        }
     }
 }
 
@@ -355,6 +378,133 @@ async fn written(app: &App, rev: Rev, wait: Option<Wait>) -> Result<Response> {
 pub(crate) async fn empty_key(Caller(_who): Caller) -> Error {
     Error::new(Reason::InvalidKey, "key must not be empty")
 }
+
+/// The documented routes of one kind of store, `device` or `home`: the handlers above serve
+/// both (the matched path tells which), and these thin wrappers give each path its operation in
+/// the OpenAPI document. `$lister` answers `GET $kv`; `$id` describes its `{id}`.
+macro_rules! store_routes {
+    ($module:ident, $lister:ident, $tag:tt, $kv:tt, $key:tt, $id:tt) => {
+        /// The documented routes of one kind of store (see `store_routes!`).
+        pub(crate) mod $module {
+            use super::*;
+            use crate::http::openapi::Errors;
+
+            /// Every key, or those under `keyPrefix`. `If-None-Match` with the store's rev: `304`.
+            #[utoipa::path(get, path = $kv, tag = $tag, operation_id = concat!(stringify!($module), "List"), security(("ModeCloud" = [])),
+                params(("id" = u64, Path, description = $id, minimum = 1),
+                    ("keyPrefix" = Option<String>, Query, description = "Only keys starting with it"),
+                    ("If-None-Match" = Option<String>, Header, description = "A store rev (`\"5\"`): 304 if unchanged")),
+                responses((status = 200, body = Vec<ItemJson>,
+                        headers(("ETag" = String, description = "The store's rev, `\"<rev>\"`"))),
+                    (status = 304, description = "Not modified since the rev in If-None-Match"), Errors))]
+            pub(crate) async fn list(app: State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
+                super::$lister(app, request).await
+            }
+
+            /// An atomic batch (PROTOCOL.md §11): every op or none, consecutive revs.
+            #[utoipa::path(patch, path = $kv, tag = $tag, operation_id = concat!(stringify!($module), "Batch"), security(("ModeCloud" = [])),
+                params(("id" = u64, Path, description = $id, minimum = 1),
+                    ("If-Match" = Option<String>, Header, description = "The store's rev (`\"5\"`): all or nothing if it still is"),
+                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
+                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                request_body = PatchBody,
+                responses((status = 200, body = BatchJson,
+                        headers(("ETag" = String, description = "The batch's last rev"))), Errors))]
+            pub(crate) async fn batch(
+                app: State<Arc<App>>,
+                caller: Caller,
+                path: KvPath,
+                query: Query<HashMap<String, String>>,
+                headers: HeaderMap,
+                body: Body,
+            ) -> Result<Response> {
+                super::patch_store(app, caller, path, query, headers, body).await
+            }
+
+            /// One key's value.
+            #[utoipa::path(get, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Get"), security(("ModeCloud" = [])),
+                params(("id" = u64, Path, description = $id, minimum = 1),
+                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("If-None-Match" = Option<String>, Header, description = "The item's rev (`\"5\"`): 304 if unchanged")),
+                responses((status = 200, body = ItemJson,
+                        headers(("ETag" = String, description = "The item's rev, `\"<rev>\"`"))),
+                    (status = 304, description = "Not modified since the rev in If-None-Match"), Errors))]
+            pub(crate) async fn get(app: State<Arc<App>>, caller: Caller, path: KvPath, headers: HeaderMap) -> Result<Response> {
+                super::get(app, caller, path, headers).await
+            }
+
+            /// Sets a key. `If-Match: "<rev>"` (or `*`) or `If-None-Match: *` make it conditional (§3.2).
+            #[utoipa::path(put, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Set"), security(("ModeCloud" = [])),
+                params(("id" = u64, Path, description = $id, minimum = 1),
+                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
+                    ("If-None-Match" = Option<String>, Header, description = "`*`: only if the key is absent"),
+                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
+                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                request_body = PutBody,
+                responses((status = 204, description = "Written", headers(("ETag" = String, description = "The write's rev"))),
+                    (status = 200, description = "Written, after the wait it asked for", body = WrittenJson,
+                        headers(("ETag" = String, description = "The write's rev"))), Errors))]
+            pub(crate) async fn put(
+                app: State<Arc<App>>,
+                caller: Caller,
+                path: KvPath,
+                query: Query<HashMap<String, String>>,
+                headers: HeaderMap,
+                body: Body,
+            ) -> Result<Response> {
+                super::put(app, caller, path, query, headers, body).await
+            }
+
+            /// Deletes a key. `If-Match: "<rev>"` (or `*`) makes it conditional.
+            #[utoipa::path(delete, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Delete"), security(("ModeCloud" = [])),
+                params(("id" = u64, Path, description = $id, minimum = 1),
+                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
+                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
+                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                responses((status = 204, description = "Deleted", headers(("ETag" = String, description = "The delete's rev"))),
+                    (status = 200, description = "Deleted, after the wait it asked for", body = WrittenJson,
+                        headers(("ETag" = String, description = "The delete's rev"))), Errors))]
+            pub(crate) async fn delete(
+                app: State<Arc<App>>,
+                caller: Caller,
+                path: KvPath,
+                query: Query<HashMap<String, String>>,
+                headers: HeaderMap,
+            ) -> Result<Response> {
+                super::delete(app, caller, path, query, headers).await
+            }
+
+            /// RFC 7396 JSON merge patch of the key's value (§11).
+            #[utoipa::path(patch, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Merge"), security(("ModeCloud" = [])),
+                params(("id" = u64, Path, description = $id, minimum = 1),
+                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
+                    ("If-None-Match" = Option<String>, Header, description = "`*`: only if the key is absent"),
+                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
+                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                request_body(content = Object, content_type = "application/merge-patch+json",
+                    description = "The merge patch: an object; members set to null are removed"),
+                responses((status = 204, description = "Merged", headers(("ETag" = String, description = "The write's rev"))),
+                    (status = 200, description = "Merged, after the wait it asked for", body = WrittenJson,
+                        headers(("ETag" = String, description = "The write's rev"))), Errors))]
+            pub(crate) async fn merge(
+                app: State<Arc<App>>,
+                caller: Caller,
+                path: KvPath,
+                query: Query<HashMap<String, String>>,
+                headers: HeaderMap,
+                body: Body,
+            ) -> Result<Response> {
+                super::patch_key(app, caller, path, query, headers, body).await
+            }
+        }
+    };
+}
+
+store_routes!(device, list_or_watch, "stores", "/devices/{id}/kv", "/devices/{id}/kv/{*key}", "The device id");
+store_routes!(home, list, "stores", "/homes/{id}/kv", "/homes/{id}/kv/{*key}", "The home id");
 
 #[cfg(test)]
 mod tests {

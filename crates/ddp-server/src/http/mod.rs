@@ -12,6 +12,7 @@ mod events;
 mod fleet;
 mod kv;
 mod mqtt;
+mod openapi;
 mod ops;
 mod progress;
 mod serve;
@@ -32,51 +33,94 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use bytes::Bytes;
 use ddp_protocol::Reason;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::App;
 use crate::auth::{Authenticated, Principal, token_from_header};
 use crate::error::Error;
 
+/// The documented API: every route with its OpenAPI operation, from the handlers' annotations
+/// (see [`openapi`]).
+fn api() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(kv::device::list, kv::device::batch))
+        .routes(routes!(kv::device::get, kv::device::put, kv::device::delete, kv::device::merge))
+        .routes(routes!(kv::home::list, kv::home::batch))
+        .routes(routes!(kv::home::get, kv::home::put, kv::home::delete, kv::home::merge))
+        .routes(routes!(admin::create_home, admin::list_homes))
+        .routes(routes!(admin::get_home, admin::delete_home))
+        .routes(routes!(admin::create_device, fleet::list_devices))
+        .routes(routes!(admin::get_device, admin::update_device, admin::delete_device))
+        .routes(routes!(admin::rotate_device_key))
+        .routes(routes!(admin::create_api_key, admin::list_api_keys))
+        .routes(routes!(admin::delete_api_key))
+        .routes(routes!(fleet::create_job, fleet::list_jobs))
+        .routes(routes!(fleet::get_job, fleet::cancel_job))
+        .routes(routes!(progress::get))
+        .routes(routes!(commands::send, commands::socket))
+        .routes(routes!(events::raise))
+        .routes(routes!(events::stream))
+        .routes(routes!(events::user_session))
+        .routes(routes!(mqtt::upgrade))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi))
+}
+
+/// The OpenAPI document of [`api`] (served at `GET /openapi.json`).
+pub(crate) fn document() -> utoipa::openapi::OpenApi {
+    openapi::finish(api().into_openapi())
+}
+
 /// The router of the whole HTTP API.
 pub(crate) fn router(app: Arc<App>) -> Router {
-    let kv_routes = |prefix: &str| {
-        Router::new()
-            .route(
-                &format!("{prefix}/kv/"),
-                get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key).patch(kv::empty_key),
-            )
-            .route(&format!("{prefix}/kv/{{*key}}"), get(kv::get).put(kv::put).delete(kv::delete).patch(kv::patch_key))
-    };
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/homes", post(admin::create_home).get(admin::list_homes))
-        .route("/homes/{id}", get(admin::get_home).delete(admin::delete_home))
-        .route("/devices", post(admin::create_device).get(fleet::list_devices))
-        .route("/devices/{id}", get(admin::get_device).patch(admin::update_device).delete(admin::delete_device))
-        .route("/devices/{id}/apiKey", post(admin::rotate_device_key))
-        .route("/devices/{id}/sync", get(progress::get))
-        .route("/jobs", post(fleet::create_job).get(fleet::list_jobs))
-        .route("/jobs/{id}", get(fleet::get_job).delete(fleet::cancel_job))
-        .route("/apiKeys", post(admin::create_api_key).get(admin::list_api_keys))
-        .route("/apiKeys/{id}", axum::routing::delete(admin::delete_api_key))
-        .route("/devices/{id}/event", axum::routing::put(events::raise))
-        .route("/events/websocket", get(events::stream))
-        .route("/userSession/websocket", get(events::stream))
-        .route("/mqtt", get(mqtt::upgrade))
-        .route("/devices/{id}/command", axum::routing::put(commands::send).get(commands::socket))
-        .route("/devices/{id}/kv", get(kv::list_or_watch).patch(kv::patch_store))
-        .route("/homes/{id}/kv", get(kv::list).patch(kv::patch_store))
-        .merge(kv_routes("/devices/{id}"))
-        .merge(kv_routes("/homes/{id}"))
+    // `…/kv/` with an empty key: INVALID_KEY, as for any other bad key (not a route of its own
+    // in the document).
+    let empty_key = || get(kv::empty_key).put(kv::empty_key).delete(kv::empty_key).patch(kv::empty_key);
+    let cors = cors(&app.config.cors_origins);
+    let (documented, _) = api().split_for_parts();
+    let router = documented
+        .route("/devices/{id}/kv/", empty_key())
+        .route("/homes/{id}/kv/", empty_key())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(track))
-        .with_state(app)
+        .layer(middleware::from_fn(track));
+    // Outermost, so that preflights are answered before routing and every answer (errors
+    // included) carries the headers.
+    match cors {
+        Some(cors) => router.layer(cors).with_state(app),
+        None => router.with_state(app),
+    }
+}
+
+/// CORS for `--cors-origin` (PROTOCOL.md §13): `None` when no origin is configured. A listed
+/// origin is echoed back as itself (with `Vary: Origin`); `*` answers `*`. The request headers
+/// are named one by one: a wildcard does not cover `Authorization` in browsers.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::HEAD, Method::PUT, Method::POST, Method::PATCH, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::IF_MATCH, header::IF_NONE_MATCH, header::CONTENT_TYPE])
+            .expose_headers([header::ETAG, header::LINK, header::RETRY_AFTER, header::LOCATION])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn not_found(req: Request) -> Error {
@@ -122,16 +166,9 @@ async fn track(req: Request, next: Next) -> Response {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
-        #[derive(serde::Serialize)]
-        struct ErrorBody {
-            reason: Reason,
-            message: String,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            data: Option<serde_json::Value>,
-        }
         let status = StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let retry_after = self.retry_after_secs();
-        let body = ErrorBody { reason: self.reason, message: self.message, data: self.data };
+        let body = openapi::ErrorBody { reason: self.reason, message: self.message, data: self.data };
         let mut response = (status, axum::Json(body)).into_response();
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));

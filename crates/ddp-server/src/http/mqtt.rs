@@ -7,12 +7,15 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response;
 
+use super::openapi::Errors;
 use super::serve::ConnHandle;
 use super::upgrade::Upgrade;
 use crate::app::App;
 use crate::error::{Error, Result};
 
 /// `GET /mqtt` with `Upgrade: websocket` (subprotocol `mqtt` selected when offered).
+#[utoipa::path(get, path = "/mqtt", tag = "streams", operation_id = "mqtt_over_websocket",
+    responses((status = 101, description = "A WebSocket carrying one MQTT 3.1.1 or 5 connection (subprotocol `mqtt`)"), Errors))]
 pub(crate) async fn upgrade(State(app): State<Arc<App>>, request: axum::extract::Request) -> Result<Response> {
     let (mut parts, _body) = request.into_parts();
     let handle = parts

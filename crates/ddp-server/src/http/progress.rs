@@ -12,6 +12,7 @@ use ddp_store::{DeviceSync, StoreRef};
 use serde::Serialize;
 
 use super::Caller;
+use super::openapi::Errors;
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::progress::Awaited;
@@ -22,13 +23,23 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 const MAX_WAIT_SECS: f64 = 60.0;
 
 /// Where a device's sync stands, as REST shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = DeviceSync)]
 pub(crate) struct SyncJson {
+    /// The device store's rev.
+    #[schema(value_type = u64)]
     rev: Rev,
+    /// The highest rev sent to one of its sessions.
+    #[schema(value_type = u64)]
     delivered_rev: Rev,
+    /// The highest rev the device acknowledged (`{"action":"ack","rev"}`).
+    #[schema(value_type = u64)]
     applied_rev: Rev,
+    /// When `appliedRev` last advanced.
+    #[schema(value_type = Option<String>, format = DateTime)]
     applied_time: Option<Timestamp>,
+    /// A live session on some node.
     is_connected: bool,
 }
 
@@ -57,6 +68,9 @@ impl SyncJson {
 
 /// `GET /devices/{id}/sync`: for the admin, project keys that may read the device, and the
 /// device itself.
+#[utoipa::path(get, path = "/devices/{id}/sync", tag = "devices", operation_id = "get_device_sync",
+    params(("id" = u64, Path, description = "The device id", minimum = 1)), security(("ModeCloud" = [])),
+    responses((status = 200, body = SyncJson), Errors))]
 pub(crate) async fn get(State(app): State<Arc<App>>, Caller(who): Caller, Path(id): Path<String>) -> Result<Response> {
     let device: DeviceId = id.parse().map_err(|e| Error::invalid_parameter(format!("device {e}")))?;
     let (sync, connected) = app.kv.device_sync(&who, device).await?;
@@ -100,13 +114,51 @@ pub(crate) fn wait_param(query: &HashMap<String, String>, store: StoreRef) -> Re
     Ok(Some(Wait { what, timeout, device }))
 }
 
-/// After a write committed at `rev`: waits as asked, and gives the answer's body
-/// `{"rev","applied","appliedRev"}` or `{"rev","delivered","deliveredRev"}`.
-pub(crate) async fn waited(app: &App, wait: Wait, rev: Rev) -> serde_json::Value {
+/// What a write that waited for the device says of it: `"applied","appliedRev"` or
+/// `"delivered","deliveredRev"`.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Waited {
+    /// With `wait=applied`: the device acknowledged the write (or a later rev) in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<bool>,
+    /// With `wait=applied`: the device's acknowledged rev when the wait ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    applied_rev: Option<Rev>,
+    /// With `wait=delivered`: a session of the device was sent the write in time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivered: Option<bool>,
+    /// With `wait=delivered`: the device's delivered rev when the wait ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    delivered_rev: Option<Rev>,
+}
+
+/// The answer to a single-key write that waited: `{"rev", …Waited}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = WaitedWrite)]
+pub(crate) struct WrittenJson {
+    /// The write's rev.
+    #[schema(value_type = u64)]
+    rev: Rev,
+    #[serde(flatten)]
+    waited: Waited,
+}
+
+impl WrittenJson {
+    pub(crate) fn new(rev: Rev, waited: Waited) -> WrittenJson {
+        WrittenJson { rev, waited }
+    }
+}
+
+/// After a write committed at `rev`: waits as asked, and tells how far the device got.
+pub(crate) async fn waited(app: &App, wait: Wait, rev: Rev) -> Waited {
     let reached = app.kv.await_progress(wait.device, wait.what, rev, wait.timeout, &app.shutdown).await;
+    let (done, reached) = (Some(reached >= rev), Some(reached));
     match wait.what {
-        Awaited::Applied => serde_json::json!({ "rev": rev, "applied": reached >= rev, "appliedRev": reached }),
-        Awaited::Delivered => serde_json::json!({ "rev": rev, "delivered": reached >= rev, "deliveredRev": reached }),
+        Awaited::Applied => Waited { applied: done, applied_rev: reached, delivered: None, delivered_rev: None },
+        Awaited::Delivered => Waited { applied: None, applied_rev: None, delivered: done, delivered_rev: reached },
     }
 }
 

@@ -7,6 +7,7 @@ mod batches;
 #[cfg(feature = "postgres-tests")]
 mod cluster;
 mod commands;
+mod cors;
 mod delivery;
 mod errors;
 mod events;
@@ -15,6 +16,7 @@ mod fuzz;
 mod kv;
 mod mqtt;
 mod mqtt_ws;
+mod openapi;
 mod ops;
 mod tls;
 mod ws;
