@@ -8,6 +8,7 @@
 
 mod admin;
 mod commands;
+mod console;
 mod events;
 mod fleet;
 mod kv;
@@ -86,6 +87,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     let cors = cors(&app.config.cors_origins);
     let (documented, _) = api().split_for_parts();
     let router = documented
+        .merge(console::routes())
         .route("/devices/{id}/kv/", empty_key())
         .route("/homes/{id}/kv/", empty_key())
         .fallback(not_found)

@@ -7,6 +7,7 @@ mod batches;
 #[cfg(feature = "postgres-tests")]
 mod cluster;
 mod commands;
+mod console;
 mod cors;
 mod delivery;
 mod errors;
