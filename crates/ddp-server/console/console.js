@@ -999,19 +999,8 @@ function viewDevice(main, deviceId, homeIdHint) {
     );
   };
   let homeEvents = null;
-  // The admin reads the device object; a project key may not (GET /devices/{id} is the admin's),
-  // so it finds the device in the list (devices come in id order: after = id - 1, limit 1) and
-  // reads where its sync stands from GET /devices/{id}/sync.
-  let listed = null;
-  const fetchDevice = async () => {
-    if (session.role === 'admin') return session.client.getDevice(deviceId);
-    const sync = await session.client.deviceSync(deviceId);
-    if (!listed) {
-      const page = await session.client.listDevices({ home: homeIdHint || undefined, limit: 1, after: deviceId > 1 ? deviceId - 1 : undefined });
-      listed = page.devices.find((x) => x.id === deviceId) || { id: deviceId, name: `Device #${deviceId}`, homeId: homeIdHint };
-    }
-    return { ...listed, isConnected: sync.isConnected, sync };
-  };
+  // The device object (with its sync status): the admin and project keys that see the device.
+  const fetchDevice = () => session.client.getDevice(deviceId);
   const loadDevice = async () => {
     const d = await fetchDevice();
     const firstLoad = device === null;

@@ -635,8 +635,14 @@ impl Kv {
         Ok((sync, connected))
     }
 
-    /// The progress of `devices` (those that exist), for the admin API's device objects: the
-    /// caller holds the admin key (or is the device itself).
+    /// Checks (and counts against its rate) that `who` may read `device`'s record and store.
+    pub(crate) async fn may_read_device(&self, who: &Principal, device: DeviceId) -> Result<()> {
+        self.admit(who)?;
+        self.authorize(who, StoreRef::Device(device), false).await
+    }
+
+    /// The progress of `devices` (those that exist), for device objects: the caller may see
+    /// them (the admin, the device itself, or a project key that sees them).
     pub(crate) async fn progress_of(&self, devices: Vec<DeviceId>) -> Result<Vec<DeviceSync>> {
         self.progress.current(devices).await
     }

@@ -1,6 +1,6 @@
 //! The admin API (PROTOCOL.md §5): homes, devices and their keys, project API keys.
-//! Admin key only, except `GET /devices/{own id}` for a device and `GET /homes` for project keys
-//! (the homes they see). `GET /devices` with its filters is the fleet's (`fleet`).
+//! Admin key only, except `GET /devices/{own id}` for a device, and `GET /homes` and
+//! `GET /devices/{id}` for project keys (the homes and devices they see). `GET /devices` with its filters is the fleet's (`fleet`).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -307,7 +307,8 @@ pub(crate) async fn get_device(
         Principal::Admin => {}
         Principal::Device(me) if me == id => app.kv.admit(&who)?,
         Principal::Device(_) => return Err(Error::denied("a device may only read its own record")),
-        Principal::Project(_) => return Err(Error::denied("this needs the admin key")),
+        // As in `GET /devices`: a project key reads the devices it sees (PROTOCOL.md §12).
+        Principal::Project(_) => app.kv.may_read_device(&who, id).await?,
     }
     let device = app.store.device(id).await?;
     let live = Live::of(&app, std::slice::from_ref(&device)).await?;

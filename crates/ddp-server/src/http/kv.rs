@@ -424,7 +424,7 @@ macro_rules! store_routes {
             /// One key's value.
             #[utoipa::path(get, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Get"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
                     ("If-None-Match" = Option<String>, Header, description = "The item's rev (`\"5\"`): 304 if unchanged")),
                 responses((status = 200, body = ItemJson,
                         headers(("ETag" = String, description = "The item's rev, `\"<rev>\"`"))),
@@ -436,7 +436,7 @@ macro_rules! store_routes {
             /// Sets a key. `If-Match: "<rev>"` (or `*`) or `If-None-Match: *` make it conditional (§3.2).
             #[utoipa::path(put, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Set"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
                     ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
                     ("If-None-Match" = Option<String>, Header, description = "`*`: only if the key is absent"),
                     ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
@@ -459,7 +459,7 @@ macro_rules! store_routes {
             /// Deletes a key. `If-Match: "<rev>"` (or `*`) makes it conditional.
             #[utoipa::path(delete, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Delete"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
                     ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
                     ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
                     ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
@@ -479,7 +479,7 @@ macro_rules! store_routes {
             /// RFC 7396 JSON merge patch of the key's value (§11).
             #[utoipa::path(patch, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Merge"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key (1–255 characters; `/` as `%2F`)"),
+                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
                     ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
                     ("If-None-Match" = Option<String>, Header, description = "`*`: only if the key is absent"),
                     ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),

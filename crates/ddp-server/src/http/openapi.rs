@@ -7,10 +7,10 @@
 //! (`/console/…`) and `…/kv/` with an empty key (the same `INVALID_KEY` as any bad key). The error responses are generated from [`Reason`]: every status an error
 //! can have, each with the reasons that give it, so a new reason shows up here by itself.
 //!
-//! What the document adds by hand: the request bodies' shapes (the handlers read bodies as text,
-//! to give precise errors; the shapes are the types below), and the one route whose path is an
-//! axum wildcard (`…/kv/{*key}`), renamed `…/kv/{key}` in the document (OpenAPI has no
-//! wildcards; a key's `/` travels as `%2F`).
+//! What the document adds by hand: the shapes of the bodies that the admin API, commands and
+//! events check field by field (the types below; key writes, batches and jobs document the types
+//! they parse into), and the key routes' path: an axum wildcard (`…/kv/{*key}`), renamed
+//! `…/kv/{key}` in the document (OpenAPI has no wildcards).
 //!
 //! `scripts/test-openapi` runs schemathesis against a live server from this document: no `5xx`,
 //! every answer inside its schema.
@@ -210,6 +210,8 @@ fn permission_schema() -> ObjectBuilder {
 pub(crate) struct BatchOp {
     #[schema(schema_with = op_name_schema)]
     op: String,
+    /// 1–255 of `A-Z a-z 0-9 _ - : .`
+    #[schema(pattern = r"^[A-Za-z0-9_:.\-]{1,255}$")]
     key: String,
     /// The value to set, or the merge patch (an object); not for `delete`.
     #[schema(schema_with = any_value)]

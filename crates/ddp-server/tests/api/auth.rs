@@ -49,19 +49,16 @@ async fn the_matrix() {
     let drec = format!("/devices/{}", w.dev);
     use StatusCode as S;
     // (token, device kv read, device kv write, home kv read, home kv write, an admin-only list, device
-    // record). `GET /homes` is no longer admin-only: project keys list the homes they see (§12).
+    // record). `GET /homes` is no longer admin-only: project keys list the homes they see (§12),
+    // and read the records of the devices they see.
     let rows: Vec<(&str, Option<&str>, [StatusCode; 6])> = vec![
         ("admin", Some(ADMIN_KEY), [S::OK, S::NO_CONTENT, S::OK, S::NO_CONTENT, S::OK, S::OK]),
-        ("project read", Some(&w.read_key), [S::OK, S::FORBIDDEN, S::OK, S::FORBIDDEN, S::FORBIDDEN, S::FORBIDDEN]),
-        (
-            "project readWrite",
-            Some(&w.write_key),
-            [S::OK, S::NO_CONTENT, S::OK, S::NO_CONTENT, S::FORBIDDEN, S::FORBIDDEN],
-        ),
+        ("project read", Some(&w.read_key), [S::OK, S::FORBIDDEN, S::OK, S::FORBIDDEN, S::FORBIDDEN, S::OK]),
+        ("project readWrite", Some(&w.write_key), [S::OK, S::NO_CONTENT, S::OK, S::NO_CONTENT, S::FORBIDDEN, S::OK]),
         (
             "project scoped to home A, read",
             Some(&w.scoped_a_read),
-            [S::OK, S::FORBIDDEN, S::OK, S::FORBIDDEN, S::FORBIDDEN, S::FORBIDDEN],
+            [S::OK, S::FORBIDDEN, S::OK, S::FORBIDDEN, S::FORBIDDEN, S::OK],
         ),
         ("project scoped to another home", Some(&w.scoped_other_key), [S::FORBIDDEN; 6]),
         ("device own", Some(&w.dev_key), [S::OK, S::NO_CONTENT, S::FORBIDDEN, S::FORBIDDEN, S::FORBIDDEN, S::OK]),
