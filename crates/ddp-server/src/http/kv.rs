@@ -387,7 +387,7 @@ macro_rules! store_routes {
         /// The documented routes of one kind of store (see `store_routes!`).
         pub(crate) mod $module {
             use super::*;
-            use crate::http::openapi::Errors;
+            use crate::http::openapi::{Errors, IfMatch, KeyParam, Preconditions, WaitQuery};
 
             /// Every key, or those under `keyPrefix`. `If-None-Match` with the store's rev: `304`.
             #[utoipa::path(get, path = $kv, tag = $tag, operation_id = concat!(stringify!($module), "List"), security(("ModeCloud" = [])),
@@ -405,8 +405,7 @@ macro_rules! store_routes {
             #[utoipa::path(patch, path = $kv, tag = $tag, operation_id = concat!(stringify!($module), "Batch"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
                     ("If-Match" = Option<String>, Header, description = "The store's rev (`\"5\"`): all or nothing if it still is"),
-                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
-                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                    WaitQuery),
                 request_body = PatchBody,
                 responses((status = 200, body = BatchJson,
                         headers(("ETag" = String, description = "The batch's last rev"))), Errors))]
@@ -424,7 +423,7 @@ macro_rules! store_routes {
             /// One key's value.
             #[utoipa::path(get, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Get"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
+                    KeyParam,
                     ("If-None-Match" = Option<String>, Header, description = "The item's rev (`\"5\"`): 304 if unchanged")),
                 responses((status = 200, body = ItemJson,
                         headers(("ETag" = String, description = "The item's rev, `\"<rev>\"`"))),
@@ -436,11 +435,8 @@ macro_rules! store_routes {
             /// Sets a key. `If-Match: "<rev>"` (or `*`) or `If-None-Match: *` make it conditional (§3.2).
             #[utoipa::path(put, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Set"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
-                    ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
-                    ("If-None-Match" = Option<String>, Header, description = "`*`: only if the key is absent"),
-                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
-                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                    KeyParam,
+                    Preconditions, WaitQuery),
                 request_body = PutBody,
                 responses((status = 204, description = "Written", headers(("ETag" = String, description = "The write's rev"))),
                     (status = 200, description = "Written, after the wait it asked for", body = WrittenJson,
@@ -459,10 +455,8 @@ macro_rules! store_routes {
             /// Deletes a key. `If-Match: "<rev>"` (or `*`) makes it conditional.
             #[utoipa::path(delete, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Delete"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
-                    ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
-                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
-                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                    KeyParam,
+                    IfMatch, WaitQuery),
                 responses((status = 204, description = "Deleted", headers(("ETag" = String, description = "The delete's rev"))),
                     (status = 200, description = "Deleted, after the wait it asked for", body = WrittenJson,
                         headers(("ETag" = String, description = "The delete's rev"))), Errors))]
@@ -479,11 +473,8 @@ macro_rules! store_routes {
             /// RFC 7396 JSON merge patch of the key's value (§11).
             #[utoipa::path(patch, path = $key, tag = $tag, operation_id = concat!(stringify!($module), "Merge"), security(("ModeCloud" = [])),
                 params(("id" = u64, Path, description = $id, minimum = 1),
-                    ("key" = String, Path, description = "The key: 1–255 of `A-Z a-z 0-9 _ - : .`", pattern = r"^[A-Za-z0-9_:.\-]{1,255}$"),
-                    ("If-Match" = Option<String>, Header, description = "Revs (`\"5\"`, comma-separated) or `*`"),
-                    ("If-None-Match" = Option<String>, Header, description = "`*`: only if the key is absent"),
-                    ("wait" = Option<String>, Query, description = "`applied` or `delivered`: wait for the device (§10)"),
-                    ("waitTimeout" = Option<f64>, Query, description = "Seconds to wait, 0–60 (default 10)", minimum = 0, maximum = 60)),
+                    KeyParam,
+                    Preconditions, WaitQuery),
                 request_body(content = Object, content_type = "application/merge-patch+json",
                     description = "The merge patch: an object; members set to null are removed"),
                 responses((status = 204, description = "Merged", headers(("ETag" = String, description = "The write's rev"))),

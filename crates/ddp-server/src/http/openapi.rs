@@ -267,6 +267,50 @@ pub(crate) struct JobSelect {
     all: Option<bool>,
 }
 
+// ---- parameters shared by the key routes ----
+
+/// `{key}` of a key route.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("key"), parameter_in = Path)]
+#[allow(dead_code)]
+pub(crate) struct KeyParam(
+    /// The key: 1–255 of `A-Z a-z 0-9 _ - : .`
+    #[param(pattern = r"^[A-Za-z0-9_:.\-]{1,255}$")]
+    String,
+);
+
+/// The preconditions of a key write (§3.2).
+#[derive(utoipa::IntoParams)]
+#[into_params(names("If-Match", "If-None-Match"), parameter_in = Header)]
+#[allow(dead_code)]
+pub(crate) struct Preconditions(
+    /// Revs (`"5"`, comma-separated), or `*`: the key must exist
+    Option<String>,
+    /// `*`: only if the key is absent
+    Option<String>,
+);
+
+/// The precondition of a delete (§3.2).
+#[derive(utoipa::IntoParams)]
+#[into_params(names("If-Match"), parameter_in = Header)]
+#[allow(dead_code)]
+pub(crate) struct IfMatch(
+    /// Revs (`"5"`, comma-separated), or `*`: the key must exist
+    Option<String>,
+);
+
+/// `?wait=` of a write (§10).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub(crate) struct WaitQuery {
+    /// `applied` or `delivered`: answer once the device has (or the wait ends)
+    wait: Option<String>,
+    /// Seconds to wait, 0–60 (default 10)
+    #[param(minimum = 0, maximum = 60)]
+    wait_timeout: Option<f64>,
+}
+
 /// `GET /healthz`, `GET /readyz`
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Status {
