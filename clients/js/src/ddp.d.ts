@@ -1,7 +1,21 @@
 // Type declarations for ddp.js (Device Data Proxy client). Keep in step with ddp.js.
 
 /** Any JSON value except null (the server never stores null). */
-export type JsonValue = string | number | boolean | JsonValue[] | { [key: string]: JsonValue | null };
+export type JsonValue = string | number | boolean | RawJson | JsonValue[] | { [key: string]: JsonValue | null };
+
+/**
+ * JSON text sent exactly as written (`new RawJson('1.10')` keeps a number's text, which a
+ * JavaScript number would not). Compared and shown as its parsed value.
+ */
+export class RawJson {
+  /** Throws DdpError INVALID_JSON if `text` is not JSON. */
+  constructor(text: string);
+  readonly text: string;
+  toJSON(): any;
+}
+
+/** JSON text of `value`, every RawJson in it written as its own text. */
+export function toJsonText(value: any): string;
 
 /** A store: a device's or a home's. */
 export type Scope = { device: number | string } | { home: number | string };

@@ -32,6 +32,53 @@ export class DdpError extends Error {
 }
 
 /**
+ * JSON text sent exactly as written. JavaScript numbers are doubles, so `1.10` would go out as
+ * `1.1` and `12345678901234567890` rounded; the server keeps a value's text exactly, and
+ * `new RawJson('1.10')` (anywhere in a value, patch, op, command or job) sends it as given.
+ * Compared and shown as its parsed value.
+ */
+export class RawJson {
+  /** @param {string} text JSON text; throws DdpError INVALID_JSON if it is not JSON */
+  constructor(text) {
+    try {
+      JSON.parse(text);
+    } catch (e) {
+      throw new DdpError(`not JSON: ${e.message}`, { reason: 'INVALID_JSON' });
+    }
+    /** @type {string} */
+    this.text = String(text).trim();
+  }
+
+  /** The parsed value (what JSON.stringify sees). */
+  toJSON() {
+    return JSON.parse(this.text);
+  }
+}
+
+/**
+ * JSON text of `value` with every RawJson in it written as its own text (otherwise as
+ * JSON.stringify writes it).
+ * @param {any} value
+ * @returns {string}
+ */
+export function toJsonText(value) {
+  if (value instanceof RawJson) return value.text;
+  if (value !== null && typeof value === 'object') {
+    if (typeof value.toJSON === 'function') return toJsonText(value.toJSON());
+    if (Array.isArray(value)) {
+      return `[${value.map((v) => (v === undefined || typeof v === 'function' ? 'null' : toJsonText(v))).join(',')}]`;
+    }
+    const members = [];
+    for (const [k, v] of Object.entries(value)) {
+      if (v === undefined || typeof v === 'function' || typeof v === 'symbol') continue;
+      members.push(`${JSON.stringify(k)}:${toJsonText(v)}`);
+    }
+    return `{${members.join(',')}}`;
+  }
+  return JSON.stringify(value);
+}
+
+/**
  * Parses an ETag header (`"12"` or `W/"12"`) into a rev.
  * @param {string|null|undefined} etag
  * @returns {number|undefined}
@@ -168,7 +215,7 @@ export class Client {
     if (this.token) h.Authorization = `ModeCloud ${this.token}`;
     let payload;
     if (body !== undefined) {
-      payload = typeof body === 'string' ? body : JSON.stringify(body);
+      payload = typeof body === 'string' ? body : toJsonText(body);
       h['Content-Type'] = 'application/json';
     }
     Object.assign(h, headers || {});
@@ -268,7 +315,7 @@ export class Client {
     if (ifNoneMatch) headers['If-None-Match'] = '*';
     const r = await this.request('PATCH', `${scopePath(scope)}/kv/${seg(key)}`, {
       query: waitQuery(wait, waitTimeout),
-      body: JSON.stringify(patch),
+      body: toJsonText(patch),
       headers,
     });
     return { ...(r.body && typeof r.body === 'object' ? r.body : {}), rev: parseEtag(r.headers.get('etag')) };
@@ -728,6 +775,7 @@ export function applyMessage(mirror, message) {
 // ---- the live mirror ----
 
 function isValue(v) {
+  if (v instanceof RawJson) return v.text !== 'null';
   return v !== undefined && v !== null && typeof v !== 'function' && typeof v !== 'symbol';
 }
 
@@ -893,7 +941,7 @@ export class DeviceMirror extends EventTarget {
    */
   set(key, value) {
     if (!isValue(value)) return Promise.reject(new DdpError('a value is any JSON value but null', { reason: 'INVALID_VALUE' }));
-    return this._write({ kind: 'set', key, value, frame: JSON.stringify({ action: 'set', key, value }) });
+    return this._write({ kind: 'set', key, value, frame: toJsonText({ action: 'set', key, value }) });
   }
 
   /**
@@ -915,7 +963,7 @@ export class DeviceMirror extends EventTarget {
     if (!Array.isArray(ops) || ops.length === 0) {
       return Promise.reject(new DdpError('a batch needs at least one op', { reason: 'INVALID_PARAMETER' }));
     }
-    return this._write({ kind: 'batch', ops, frame: JSON.stringify({ action: 'batch', ops }) });
+    return this._write({ kind: 'batch', ops, frame: toJsonText({ action: 'batch', ops }) });
   }
 
   /** The mirror's snapshot (see Mirror.toJSON). */

@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:http';
-import { Client, DdpError } from '../src/ddp.js';
+import { Client, DdpError, RawJson } from '../src/ddp.js';
 import { startServer, waitFor } from './server.js';
 
 let server;
@@ -286,4 +286,31 @@ test('errors: a network failure is NETWORK_ERROR; a non-JSON error body keeps it
   assert.ok(raw.message.length > 0);
   const ok = await admin.request('GET', '/healthz');
   assert.equal(ok.status, 200);
+});
+
+test('RawJson keeps a number\'s exact text through REST writes, merges, batches and the mirror', async () => {
+  const dev = await admin.createDevice({ name: 'exact' });
+  const scope = { device: dev.id };
+  const raw = async (key) => {
+    const res = await fetch(`${server.url}/devices/${dev.id}/kv/${key}`, { headers: { Authorization: `ModeCloud ${server.adminKey}` } });
+    return res.text();
+  };
+  await admin.setKey(scope, 'price', new RawJson('1.10'));
+  assert.match(await raw('price'), /"value":1\.10[,}]/);
+  await admin.setKey(scope, 'big', { n: new RawJson('12345678901234567890') });
+  assert.match(await raw('big'), /"value":\{"n":12345678901234567890\}/);
+  await admin.mergeKey(scope, 'big', { m: new RawJson('2.50') });
+  assert.match(await raw('big'), /"m":2\.50/);
+  await admin.batch(scope, [{ op: 'set', key: 'a', value: new RawJson('3.000') }]);
+  assert.match(await raw('a'), /"value":3\.000[,}]/);
+  const mirror = admin.mirror(dev.id);
+  try {
+    await mirror.connect();
+    const rev = await mirror.set('viaSocket', new RawJson('4.20'));
+    assert.ok(rev > 0);
+    assert.match(await raw('viaSocket'), /"value":4\.20[,}]/);
+  } finally {
+    mirror.close();
+  }
+  assert.throws(() => new RawJson('{nope'), (e) => e instanceof DdpError && e.reason === 'INVALID_JSON');
 });
