@@ -630,6 +630,47 @@ function same(a, b) {
   return JSON.stringify(a) === JSON.stringify(b);
 }
 
+const KEY_RULE = /^[A-Za-z0-9_\-:.]{1,255}$/;
+const isRev = (r) => Number.isSafeInteger(r) && r >= 0;
+const isKey = (k) => typeof k === 'string' && KEY_RULE.test(k);
+const isObject = (o) => o !== null && typeof o === 'object' && !Array.isArray(o);
+
+/**
+ * Whether a parsed server message may be applied (conformance/README.md): a JSON object; a
+ * `set`/`delete` with an integer `rev`, a key of the key rule and (set) a non-null value; a
+ * `reload` with a `rev` and `items` an array (or null: empty) of such items; a `batch` with a
+ * `rev` and `changes` an array of such sets/deletes (refused whole otherwise); a `resume` with
+ * a `rev`. Other actions are ignored by the mirror anyway.
+ * @param {any} m
+ */
+function usableMessage(m) {
+  if (!isObject(m)) return false;
+  const change = (c) =>
+    isObject(c) &&
+    isRev(c.rev) &&
+    isKey(c.key) &&
+    (c.action === 'delete' || (c.action === 'set' && c.value !== undefined && c.value !== null));
+  switch (m.action) {
+    case 'set':
+    case 'delete':
+      return change(m);
+    case 'reload':
+      return (
+        isRev(m.rev) &&
+        (m.items === undefined ||
+          m.items === null ||
+          (Array.isArray(m.items) &&
+            m.items.every((i) => isObject(i) && isKey(i.key) && i.value !== undefined && i.value !== null)))
+      );
+    case 'batch':
+      return isRev(m.rev) && Array.isArray(m.changes) && m.changes.every(change);
+    case 'resume':
+      return isRev(m.rev);
+    default:
+      return typeof m.action === 'string';
+  }
+}
+
 /**
  * The local mirror of a store, without IO (the rules of the Rust SDK's `Mirror`):
  * set/delete apply only if their rev is greater than the key's; a delete leaves a tombstone;
@@ -682,7 +723,7 @@ export class Mirror {
    * @returns {Array<{key: string, value: any, rev: number, deleted: boolean, source: 'reload'|'live'}>}
    */
   apply(message) {
-    if (!message || typeof message !== 'object') return [];
+    if (!usableMessage(message)) return []; // a message of the wrong shape changes nothing
     switch (message.action) {
       case 'reload':
         return this._reload(Number(message.rev), message.items || []);
@@ -698,6 +739,9 @@ export class Mirror {
   }
 
   _change(rev, key, value) {
+    // Every change up to the mirror's rev is reflected already (seen, or inside a reload): one
+    // at or below it is a duplicate or older, even for a key the mirror does not hold.
+    if (rev <= this.rev) return [];
     this._advance(rev);
     const old = this.map.get(key);
     if (old && old.rev >= rev) return [];
@@ -716,6 +760,9 @@ export class Mirror {
   }
 
   _reload(rev, items) {
+    // The mirror reflects every change up to its rev already: a snapshot at or below it tells
+    // nothing new (and must not bring back keys deleted since).
+    if (rev <= this.rev) return [];
     const incoming = new Map();
     for (const i of items) incoming.set(i.key, i.value);
     const changes = [];
@@ -1046,6 +1093,10 @@ export class DeviceMirror extends EventTarget {
         message = JSON.parse(typeof m.data === 'string' ? m.data : String(m.data));
       } catch (e) {
         this._error(new DdpError(`unreadable message from the server: ${e.message}`, { reason: 'INVALID_JSON' }));
+        return;
+      }
+      if (!usableMessage(message)) {
+        this._error(new DdpError('unusable message from the server (wrong shape)', { reason: 'INVALID_JSON' }));
         return;
       }
       this._onMessage(message);

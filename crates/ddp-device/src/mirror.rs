@@ -114,6 +114,11 @@ impl Mirror {
     }
 
     fn change(&mut self, rev: Rev, key: &Key, value: Option<&Value>) -> Option<Change> {
+        if rev <= self.rev {
+            // Every change up to the mirror's rev is reflected already (seen, or inside a
+            // reload): this one is a duplicate or older, even for a key the mirror does not hold.
+            return None;
+        }
         self.advance(rev);
         if self.entries.get(key.as_str()).is_some_and(|e| e.rev >= rev) {
             return None; // a duplicate, or older than what the mirror knows
@@ -136,6 +141,11 @@ impl Mirror {
     }
 
     fn reload<'a>(&mut self, rev: Rev, items: impl Iterator<Item = (&'a Key, &'a Value)>) -> Vec<Change> {
+        if rev <= self.rev {
+            // The mirror reflects every change up to its rev already: a snapshot at or below it
+            // tells nothing new (and must not bring back keys deleted since).
+            return Vec::new();
+        }
         let incoming: BTreeMap<&Key, &Value> = items.collect();
         let mut changes = Vec::new();
         // Keys the reload holds: take them unless the mirror knows newer.

@@ -98,6 +98,21 @@ pub enum ServerMessage {
     },
 }
 
+impl ServerMessage {
+    /// The message's `action`, as on the wire.
+    pub fn action(&self) -> &'static str {
+        match self {
+            ServerMessage::Reload { .. } => "reload",
+            ServerMessage::Resume { .. } => "resume",
+            ServerMessage::Set { .. } => "set",
+            ServerMessage::Delete { .. } => "delete",
+            ServerMessage::Batch { .. } => "batch",
+            ServerMessage::Command { .. } => "command",
+            ServerMessage::Error { .. } => "error",
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for ServerMessage {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServerMessage, D::Error> {
         use serde::de::Error as _;
@@ -114,7 +129,19 @@ impl<'de> Deserialize<'de> for ServerMessage {
             changes: Option<Vec<ServerMessage>>,
             index: Option<usize>,
         }
-        let w = Wire::deserialize(d)?;
+        /// Reads `Wire` from a JSON object only: serde would also fill a struct from an array by
+        /// position, and `["set",2,"a",2]` is not a set.
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = Wire;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sync message: a JSON object with an \"action\"")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Wire, A::Error> {
+                Wire::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let w = d.deserialize_map(ObjectOnly)?;
         let rev = |what: &str| w.rev.ok_or_else(|| D::Error::custom(format!("{what} without rev")));
         let key = |what: &str| {
             let k = w.key.clone().ok_or_else(|| D::Error::custom(format!("{what} without key")))?;
@@ -132,10 +159,18 @@ impl<'de> Deserialize<'de> for ServerMessage {
                 value: w.value.clone().ok_or_else(|| D::Error::custom("set without value"))?,
             },
             "delete" => ServerMessage::Delete { rev: rev("delete")?, key: key("delete")? },
-            "batch" => ServerMessage::Batch {
-                rev: rev("batch")?,
-                changes: w.changes.clone().ok_or_else(|| D::Error::custom("batch without changes"))?,
-            },
+            "batch" => {
+                let changes = w.changes.clone().ok_or_else(|| D::Error::custom("batch without changes"))?;
+                if let Some(other) =
+                    changes.iter().find(|c| !matches!(c, ServerMessage::Set { .. } | ServerMessage::Delete { .. }))
+                {
+                    return Err(D::Error::custom(format!(
+                        "a batch holds set and delete messages only, not {:?}",
+                        other.action()
+                    )));
+                }
+                ServerMessage::Batch { rev: rev("batch")?, changes }
+            }
             "command" => ServerMessage::Command {
                 command: w.command.clone().ok_or_else(|| D::Error::custom("command without command"))?,
             },
@@ -296,6 +331,23 @@ impl DeviceRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_messages_are_objects_and_batches_hold_only_changes() {
+        let parse = |t: &str| serde_json::from_str::<ServerMessage>(t);
+        assert!(parse(r#"{"action":"set","rev":2,"key":"a","value":2}"#).is_ok());
+        // serde would fill the message from an array by position
+        assert!(parse(r#"["set",2,"a",2,null,null,null,null,null,null]"#).is_err());
+        assert!(
+            parse(r#"{"action":"batch","rev":3,"changes":[["set",2,"a",2,null,null,null,null,null,null]]}"#).is_err()
+        );
+        let reload = r#"{"action":"reload","rev":1,"numItems":0,"items":[]}"#;
+        assert!(parse(&format!(r#"{{"action":"batch","rev":3,"changes":[{reload}]}}"#)).is_err());
+        let ok = parse(
+            r#"{"action":"batch","rev":3,"changes":[{"action":"set","rev":2,"key":"a","value":1},{"action":"delete","rev":3,"key":"b"}]}"#,
+        );
+        assert_eq!(ok.map(|m| m.action()).ok(), Some("batch"));
+    }
 
     #[test]
     fn server_messages_have_the_mode_shape() {
