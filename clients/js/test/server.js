@@ -18,7 +18,8 @@ export const ddpBin = process.env.DDP_BIN || join(repoRoot, 'target', 'debug', '
  */
 export async function startServer({ extraArgs = [] } = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), 'ddp-js-test-'));
-  const adminKey = randomBytes(24).toString('base64url').slice(0, 32);
+  // hex: a base64url key may start with '-', which the command line would take for a flag
+  const adminKey = randomBytes(16).toString('hex');
   const server = { dataDir, adminKey, url: '', addr: '', proc: null, logs: [] };
 
   async function launch(listen) {
