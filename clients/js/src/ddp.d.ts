@@ -372,6 +372,8 @@ export class DeviceMirror extends EventTarget {
 
 /** Parses an ETag (`"12"`, `W/"12"`) into a rev. */
 export function parseEtag(etag: string | null | undefined): number | undefined;
+/** Whether `key` follows the key rule (PROTOCOL.md §3): 1–255 of `A-Z a-z 0-9 _ - : .`. */
+export function isValidKey(key: any): boolean;
 /** The `after` cursor of a `Link: <…>; rel="next"` header, or null. */
 export function parseNextLink(link: string | null | undefined): string | null;
 /** `http(s)://…` → `ws(s)://…` ('' = this page's origin). */

@@ -632,7 +632,15 @@ function same(a, b) {
 
 const KEY_RULE = /^[A-Za-z0-9_\-:.]{1,255}$/;
 const isRev = (r) => Number.isSafeInteger(r) && r >= 0;
-const isKey = (k) => typeof k === 'string' && KEY_RULE.test(k);
+
+/**
+ * Whether `key` follows the key rule (PROTOCOL.md §3): 1–255 of `A-Z a-z 0-9 _ - : .`.
+ * @param {any} key
+ * @returns {boolean}
+ */
+export function isValidKey(key) {
+  return typeof key === 'string' && KEY_RULE.test(key);
+}
 const isObject = (o) => o !== null && typeof o === 'object' && !Array.isArray(o);
 
 /**
@@ -648,7 +656,7 @@ function usableMessage(m) {
   const change = (c) =>
     isObject(c) &&
     isRev(c.rev) &&
-    isKey(c.key) &&
+    isValidKey(c.key) &&
     (c.action === 'delete' || (c.action === 'set' && c.value !== undefined && c.value !== null));
   switch (m.action) {
     case 'set':
@@ -660,7 +668,7 @@ function usableMessage(m) {
         (m.items === undefined ||
           m.items === null ||
           (Array.isArray(m.items) &&
-            m.items.every((i) => isObject(i) && isKey(i.key) && i.value !== undefined && i.value !== null)))
+            m.items.every((i) => isObject(i) && isValidKey(i.key) && i.value !== undefined && i.value !== null)))
       );
     case 'batch':
       return isRev(m.rev) && Array.isArray(m.changes) && m.changes.every(change);

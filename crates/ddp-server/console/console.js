@@ -6,10 +6,9 @@
 // Views are chosen by the location hash (#/homes/1/devices/2). Each view registers what it
 // must stop when it is left (sockets, timers) with `onLeave`.
 
-import { Client, DdpError, parseEtag, scopePath } from './ddp.js';
+import { Client, DdpError, isValidKey, parseEtag, scopePath } from './ddp.js';
 
 const TOKEN_KEY = 'ddp.console.key';
-const KEY_RE = /^[A-Za-z0-9_\-:.]{1,255}$/;
 const MAX_DEPTH = 32;
 const MAX_VALUE_BYTES = 64 * 1024;
 const MAX_EVENTS = 200;
@@ -197,7 +196,7 @@ window.addEventListener('unhandledrejection', (e) => showBanner(e.reason));
 /** Why `key` is not a key, or null. */
 function keyProblem(key) {
   if (key.length === 0) return 'A key must not be empty.';
-  if (!KEY_RE.test(key)) {
+  if (!isValidKey(key)) {
     if (key.length > 255) return `A key is at most 255 characters long (this one has ${key.length}).`;
     const bad = [...key].find((c) => !/[A-Za-z0-9_\-:.]/.test(c));
     return `A key may hold only letters A–Z and a–z, digits and _ - : . (not ${JSON.stringify(bad)}).`;
